@@ -1,0 +1,79 @@
+"""Typed errors. Every error names what was wrong and how to fix it.
+
+Users catch `LcmEdgeError` for everything this package raises on purpose; the narrower
+classes let an app react (re-export a bundle, ask for another prompt, ...).
+"""
+
+from __future__ import annotations
+
+
+class LcmEdgeError(Exception):
+    """Base class of every error lcm_edge raises on purpose."""
+
+
+class InvalidArgumentError(LcmEdgeError, ValueError):
+    """A caller-supplied argument cannot be used. `argument` names it."""
+
+    def __init__(self, argument: str, problem: str, fix: str):
+        self.argument = argument
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"{argument}: {problem}. Fix: {fix}")
+
+
+class BundleError(LcmEdgeError):
+    """A bundle on disk is unusable. `path` names the offending file or folder."""
+
+    def __init__(self, path: str, problem: str, fix: str):
+        self.path = str(path)
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"{self.path}: {problem}. Fix: {fix}")
+
+
+class BundleNotFoundError(BundleError, FileNotFoundError):
+    """The bundle folder, or a file the manifest lists, does not exist."""
+
+
+class BundleFormatError(BundleError):
+    """The manifest is unreadable, has an unknown format version, or misses keys."""
+
+
+class BundleIntegrityError(BundleError):
+    """A file's size or sha256 differs from the manifest (truncated, corrupt or altered)."""
+
+
+class BackendError(LcmEdgeError, ValueError):
+    """Unknown backend, device or execution provider, or one that is not installed."""
+
+
+class GraphInputError(LcmEdgeError, ValueError):
+    """Arrays handed to a graph do not match the graph's own input metadata."""
+
+
+class ParityError(LcmEdgeError):
+    """A numerical gate failed. `failures` lists every failing output."""
+
+    def __init__(self, stage: str, failures: list[str]):
+        self.stage = stage
+        self.failures = list(failures)
+        lines = "\n  ".join(self.failures)
+        super().__init__(f"parity gate '{stage}' failed for {len(self.failures)} output(s):\n  {lines}")
+
+
+class GenerationCancelled(LcmEdgeError):
+    """The caller's cancel event was set while a generation was running."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+        super().__init__(f"generation cancelled during {stage}")
+
+
+class MissingExtraError(LcmEdgeError, ImportError):
+    """An optional dependency group is not installed."""
+
+    def __init__(self, feature: str, extra: str, missing: str):
+        self.extra = extra
+        super().__init__(
+            f"{feature} needs the '{missing}' package. Fix: pip install 'lcm-edge[{extra}]'"
+        )
