@@ -1,0 +1,299 @@
+"""In-memory diffusers components -> a verified bundle folder.
+
+Recipe: 1. check the components fit together; 2. trace each graph to ONNX; 3. gate each
+against torch on onnxruntime at two frame counts and two resolutions; 4. optionally convert
+to OpenVINO IR and gate again; 5. write tokenizer, scheduler and configs; 6. hash every file
+into bundle.json; 7. read the bundle back with the runtime's own loader, then rename the
+temporary folder into place. A failure at any step leaves no folder under the final name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+import lcm_edge
+from lcm_edge.backends import create_backend
+from lcm_edge.bundle import (SCHEDULER_CONFIG, TOKENIZER_DIR, ComponentInfo, ModelInfo, load_bundle,
+                             write_manifest)
+from lcm_edge.errors import InvalidArgumentError, ParityError
+from lcm_edge.scheduler import SchedulerConfig
+from lcm_edge.tokenizer import CLIPTokenizer as RuntimeTokenizer
+
+from .onnx_io import OPSET, export_onnx
+from .openvino_ir import convert_to_openvino
+from .parity import ParityReport, check_parity
+from .specs import ComponentSpec, ShapeCase, sample_inputs, text_encoder_spec, unet_spec, vae_decoder_spec
+from .wrappers import TextEncoderWrapper, UNetWrapper, VaeDecoderWrapper
+
+TOKENIZER_GATE_PROMPTS = (
+    "", "a red circle moving right", "A photo of an astronaut riding a horse on Mars, 4k, highly detailed!",
+    "It's   a\tcafé — naïve façade, 3.14 & 1,000 <b>bold</b> &amp; emoji 🙂", "日本語のテキスト",
+    " ".join(["long"] * 90),
+)
+
+
+@dataclass
+class ExportReport:
+    bundle: Path
+    seconds: float
+    parity: dict[str, ParityReport] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        lines = [f"bundle {self.bundle} written in {self.seconds:.1f} s"]
+        for key, report in self.parity.items():
+            lines.append(f"  {key}: worst max abs {report.worst_abs():.3g} "
+                         f"(tolerance {report.tolerance.name}: atol {report.tolerance.atol}, "
+                         f"rtol {report.tolerance.rtol})")
+        return "\n".join(lines)
+
+
+def _json_default(value: Any):
+    if isinstance(value, (tuple, set)):
+        return list(value)
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, torch.dtype):
+        return str(value)
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dict(data), indent=2, sort_keys=True, default=_json_default) + "\n",
+                    encoding="utf-8")
+
+
+def write_tokenizer_files(tokenizer, folder: Path) -> None:
+    """vocab.json + merges.txt + tokenizer_config.json from a transformers CLIP tokenizer.
+
+    transformers 5.x saves only tokenizer.json, so the BPE tables are read from its backend.
+    """
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = state["model"]
+    if model.get("type") != "BPE":
+        raise InvalidArgumentError("tokenizer", f"tokenizer model is {model.get('type')}, not CLIP's BPE",
+                                   "pass the CLIPTokenizer from the model's tokenizer/ folder")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    _write_json(folder / "tokenizer_config.json", {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": int(tokenizer.model_max_length),
+        "bos_token": str(tokenizer.bos_token), "eos_token": str(tokenizer.eos_token),
+        "pad_token": str(tokenizer.pad_token), "unk_token": str(tokenizer.unk_token),
+        "do_lower_case": True,
+    })
+
+
+def _check_tokenizer(tokenizer, folder: Path) -> None:
+    """Gate: the runtime tokenizer gives transformers' ids on a fixed prompt set."""
+    runtime = RuntimeTokenizer.from_folder(folder)
+    failures = []
+    for prompt in TOKENIZER_GATE_PROMPTS:
+        expected = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length,
+                             truncation=True).input_ids
+        got = runtime.encode(prompt).input_ids.tolist()
+        if got != list(expected):
+            failures.append(f"tokenizer ids differ for {prompt!r}")
+    if failures:
+        raise ParityError("tokenizer runtime vs transformers", failures)
+
+
+def _as_motion_unet(unet: torch.nn.Module, motion_adapter: torch.nn.Module | None) -> torch.nn.Module:
+    from diffusers import UNet2DConditionModel, UNetMotionModel
+
+    if isinstance(unet, UNetMotionModel):
+        if motion_adapter is not None:
+            raise InvalidArgumentError("motion_adapter", "given with a UNetMotionModel that already has one",
+                                       "pass either a UNetMotionModel, or a UNet2DConditionModel + MotionAdapter")
+        return unet
+    if isinstance(unet, UNet2DConditionModel):
+        if motion_adapter is None:
+            raise InvalidArgumentError("motion_adapter", "missing for a 2D UNet",
+                                       "pass the MotionAdapter (e.g. AnimateLCM's) to inflate the UNet")
+        return UNetMotionModel.from_unet2d(unet, motion_adapter)
+    raise InvalidArgumentError("unet", f"{type(unet).__name__} is not a diffusers UNetMotionModel or "
+                               "UNet2DConditionModel", "load the UNet with diffusers")
+
+
+def _shape_cases(latent_multiple: int, max_frames: int) -> tuple[ShapeCase, dict[str, ShapeCase]]:
+    """A trace shape and two parity shapes that differ from it and each other in every axis."""
+    m = latent_multiple
+    trace = ShapeCase(batch=2, frames=min(3, max_frames), height=2 * m, width=3 * m)
+    cases = {
+        "b1-f2-3x2": ShapeCase(batch=1, frames=min(2, max_frames), height=3 * m, width=2 * m),
+        "b2-f4-2x2": ShapeCase(batch=2, frames=min(4, max_frames), height=2 * m, width=2 * m),
+    }
+    return trace, cases
+
+
+def _motion_max_frames(unet: torch.nn.Module) -> int:
+    config = unet.config
+    value = config.get("motion_max_seq_length")
+    if not isinstance(value, int) or value < 1:
+        raise InvalidArgumentError("unet", "its config has no motion_max_seq_length",
+                                   "pass a UNetMotionModel or a MotionAdapter from diffusers")
+    return value
+
+
+def _prepare_destination(out: Path, overwrite: bool) -> None:
+    if not out.parent.is_dir():
+        raise InvalidArgumentError("out", f"folder '{out.parent}' does not exist", "create it first")
+    if out.exists() and not overwrite:
+        raise InvalidArgumentError("out", f"'{out}' already exists", "choose a new folder or pass overwrite=True")
+
+
+def _place(tmp: Path, out: Path) -> None:
+    """Rename the finished bundle into place; an existing one is replaced only after that succeeds."""
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            os.replace(old, out)
+            raise
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+
+
+def export_bundle(out: str | os.PathLike, *, unet: torch.nn.Module, vae: torch.nn.Module,
+                  text_encoder: torch.nn.Module, tokenizer, scheduler_config: SchedulerConfig | Mapping[str, Any],
+                  motion_adapter: torch.nn.Module | None = None, openvino: bool = False,
+                  default_frames: int = 16, default_fps: int = 8, external_data: bool | None = None,
+                  provenance: Mapping[str, Any] | None = None, overwrite: bool = False,
+                  seed: int = 0) -> ExportReport:
+    """Export components to a bundle at `out`; every graph passes its parity gate or nothing is written."""
+    start = time.perf_counter()
+    out = Path(out)
+    _prepare_destination(out, overwrite)
+
+    # 1. Check the components fit together and derive the model facts the runtime needs.
+    if not isinstance(scheduler_config, SchedulerConfig):
+        scheduler_config = SchedulerConfig.from_dict(dict(scheduler_config), source="scheduler_config")
+    motion_unet = _as_motion_unet(unet, motion_adapter).eval().float()
+    vae = vae.eval().float()
+    text_encoder = text_encoder.eval().float()
+    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    unet_downsamplers = len(motion_unet.config.down_block_types) - 1
+    max_frames = _motion_max_frames(motion_unet)
+    hidden = int(text_encoder.config.hidden_size)
+    max_length = int(tokenizer.model_max_length)
+    latent_channels = int(motion_unet.config.in_channels)
+    if int(vae.config.latent_channels) != latent_channels:
+        raise InvalidArgumentError("vae", f"latent_channels {vae.config.latent_channels} differs from the UNet's "
+                                   f"in_channels {latent_channels}", "pass the VAE that belongs to this UNet")
+    if int(motion_unet.config.cross_attention_dim) != hidden:
+        raise InvalidArgumentError("text_encoder", f"hidden size {hidden} differs from the UNet's "
+                                   f"cross_attention_dim {motion_unet.config.cross_attention_dim}",
+                                   "pass the text encoder that belongs to this UNet")
+    if not 1 <= default_frames <= max_frames:
+        raise InvalidArgumentError("default_frames", f"{default_frames} is outside 1..{max_frames}",
+                                   "use at most the motion module's motion_max_seq_length")
+    sample_size = int(motion_unet.config.sample_size)
+    model = ModelInfo(
+        vae_scaling_factor=float(vae.config.scaling_factor), vae_scale_factor=vae_scale,
+        latent_channels=latent_channels, size_multiple=vae_scale * 2 ** unet_downsamplers,
+        max_frames=max_frames, default_frames=default_frames, default_height=sample_size * vae_scale,
+        default_width=sample_size * vae_scale, default_fps=default_fps, text_max_length=max_length,
+        text_hidden_size=hidden,
+    )
+    specs: dict[str, tuple[ComponentSpec, torch.nn.Module]] = {
+        "text_encoder": (text_encoder_spec(max_length, hidden), TextEncoderWrapper(text_encoder)),
+        "unet": (unet_spec(latent_channels, max_length, hidden), UNetWrapper(motion_unet)),
+        "vae_decoder": (vae_decoder_spec(latent_channels), VaeDecoderWrapper(vae)),
+    }
+    trace_case, cases = _shape_cases(2 ** unet_downsamplers, max_frames)
+    vocab_size = int(text_encoder.config.vocab_size)
+    rng = np.random.default_rng(seed)
+
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    report = ExportReport(bundle=out, seconds=0.0)
+    ort_backend = create_backend("onnxruntime", "cpu")
+    ov_backend = create_backend("openvino", "CPU") if openvino else None
+    try:
+        components = {}
+        for name, (spec, module) in specs.items():
+            # 2. Trace to ONNX.
+            onnx_path = tmp / name / "model.onnx"
+            example = sample_inputs(spec, trace_case, vocab_size=vocab_size, rng=rng)
+            data_path = export_onnx(module, spec, example, onnx_path, external_data=external_data)
+            feeds = {key: sample_inputs(spec, case, vocab_size=vocab_size, rng=rng) for key, case in cases.items()}
+            info = ComponentInfo(
+                name=name, onnx=f"{name}/model.onnx",
+                onnx_data=f"{name}/{data_path.name}" if data_path else None, openvino=None,
+                config=f"{name}/config.json", inputs=spec.inputs, outputs=spec.outputs, precision="fp32")
+            # 3. Gate on onnxruntime.
+            report.parity[f"{name}/onnxruntime"] = check_parity(
+                module, spec, ort_backend.open(tmp, info), "onnxruntime", feeds)
+            # 4. OpenVINO IR, gated the same way.
+            if ov_backend is not None:
+                convert_to_openvino(onnx_path, tmp / name / "openvino_model.xml")
+                info = dataclasses.replace(info, openvino=f"{name}/openvino_model.xml")
+                report.parity[f"{name}/openvino"] = check_parity(
+                    module, spec, ov_backend.open(tmp, info), "openvino-ir", feeds)
+            source_config = module_config(name, motion_unet, vae, text_encoder)
+            _write_json(tmp / info.config, source_config)
+            components[name] = info
+
+        # 5. Tokenizer, scheduler, optimum-style model index.
+        write_tokenizer_files(tokenizer, tmp / TOKENIZER_DIR)
+        _check_tokenizer(tokenizer, tmp / TOKENIZER_DIR)
+        _write_json(tmp / SCHEDULER_CONFIG, scheduler_config.to_dict())
+        _write_json(tmp / "model_index.json", {
+            "_class_name": "AnimateLCMPipeline", "_lcm_edge_version": lcm_edge.__version__,
+            "scheduler": ["lcm_edge", "LCMScheduler"], "tokenizer": ["lcm_edge", "CLIPTokenizer"],
+            **{name: ["lcm_edge", "OnnxGraph"] for name in components},
+        })
+
+        # 6. Manifest with checksums and provenance (parity figures included).
+        write_manifest(tmp, model=model, components=components, provenance={
+            "exporter": f"lcm_edge {lcm_edge.__version__}",
+            "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "versions": _versions(), "opset": OPSET, "source": dict(provenance or {}),
+            "parity": {key: r.to_dict() for key, r in report.parity.items()},
+        })
+
+        # 7. Prove the runtime reads it, then publish atomically.
+        load_bundle(tmp, verify_checksums=True)
+        _place(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def module_config(name: str, unet, vae, text_encoder) -> dict:
+    if name == "unet":
+        return dict(unet.config)
+    if name == "vae_decoder":
+        return dict(vae.config)
+    return text_encoder.config.to_dict()
+
+
+def _versions() -> dict[str, str]:
+    import diffusers
+    import onnx
+    import onnxruntime
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__}

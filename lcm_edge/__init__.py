@@ -1,0 +1,27 @@
+"""lcm_edge: AnimateLCM text-to-video on ONNX Runtime and OpenVINO, without torch.
+
+    import lcm_edge
+    pipe = lcm_edge.AnimateLCMPipeline.from_bundle("bundle/", backend="onnxruntime", device="cpu")
+    result = pipe("a red circle moving right", num_frames=16, seed=0)
+    result.save("clip.mp4")
+"""
+
+__version__ = "0.1.0"
+
+from .backends import BACKENDS, create_backend
+from .bundle import Bundle, load_bundle
+from .errors import (BackendError, BundleError, BundleFormatError, BundleIntegrityError, BundleNotFoundError,
+                     GenerationCancelled, GraphInputError, InvalidArgumentError, LcmEdgeError, MissingExtraError,
+                     ParityError)
+from .pipeline import AnimateLCMPipeline, GenerationResult, PromptTruncatedWarning, StepInfo, Timings
+from .scheduler import LCMScheduler, SchedulerConfig
+from .tokenizer import CLIPTokenizer
+from .video import save_video
+
+__all__ = [
+    "AnimateLCMPipeline", "BACKENDS", "BackendError", "Bundle", "BundleError", "BundleFormatError",
+    "BundleIntegrityError", "BundleNotFoundError", "CLIPTokenizer", "GenerationCancelled", "GenerationResult",
+    "GraphInputError", "InvalidArgumentError", "LCMScheduler", "LcmEdgeError", "MissingExtraError",
+    "ParityError", "PromptTruncatedWarning", "SchedulerConfig", "StepInfo", "Timings", "create_backend",
+    "load_bundle", "save_video", "__version__",
+]

@@ -1,0 +1,73 @@
+"""The backend interface: open a bundle component as a session that runs numpy arrays.
+
+Two implementations: onnxruntime (execution providers) and OpenVINO (devices). A session
+checks every call against the graph's own input metadata, so a shape or dtype mistake is
+a `GraphInputError` naming the input, not a crash deep inside a runtime.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from ..bundle import ComponentInfo, TensorSpec
+from ..errors import GraphInputError
+
+
+class Session(ABC):
+    """One compiled graph. `inputs`/`outputs` come from the graph file, not the manifest."""
+
+    def __init__(self, name: str, path: Path, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...]):
+        self.name = name
+        self.path = path
+        self.inputs = inputs
+        self.outputs = outputs
+
+    def input_dtype(self, name: str) -> np.dtype:
+        for spec in self.inputs:
+            if spec.name == name:
+                return np.dtype(spec.dtype)
+        raise GraphInputError(f"{self.name}: graph has no input '{name}' (inputs: {[s.name for s in self.inputs]})")
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        check_feeds(self.name, self.inputs, feeds)
+        return self._run(feeds)
+
+    @abstractmethod
+    def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+class Backend(ABC):
+    name: str
+
+    @abstractmethod
+    def open(self, bundle_root: Path, component: ComponentInfo) -> Session: ...
+
+    @abstractmethod
+    def describe(self) -> str:
+        """One line for logs and benchmark tables, e.g. 'onnxruntime 1.32.0 CPUExecutionProvider'."""
+
+
+def check_feeds(graph: str, specs: tuple[TensorSpec, ...], feeds: Mapping[str, np.ndarray]) -> None:
+    expected = {s.name for s in specs}
+    missing = sorted(expected - feeds.keys())
+    unknown = sorted(feeds.keys() - expected)
+    if missing or unknown:
+        raise GraphInputError(f"{graph}: missing inputs {missing}, unexpected inputs {unknown}; "
+                              f"the graph takes {sorted(expected)}")
+    for spec in specs:
+        array = feeds[spec.name]
+        if not isinstance(array, np.ndarray):
+            raise GraphInputError(f"{graph}.{spec.name}: expected a numpy array, got {type(array).__name__}")
+        if array.dtype != np.dtype(spec.dtype):
+            raise GraphInputError(f"{graph}.{spec.name}: dtype {array.dtype}, the graph takes {spec.dtype}")
+        if array.ndim != len(spec.shape):
+            raise GraphInputError(f"{graph}.{spec.name}: rank {array.ndim} (shape {array.shape}), "
+                                  f"the graph takes rank {len(spec.shape)} {list(spec.shape)}")
+        for axis, (got, want) in enumerate(zip(array.shape, spec.shape)):
+            if isinstance(want, int) and want >= 0 and got != want:
+                raise GraphInputError(f"{graph}.{spec.name}: axis {axis} is {got}, the graph fixes it to {want} "
+                                      f"(shape {list(spec.shape)})")

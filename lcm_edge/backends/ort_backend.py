@@ -1,0 +1,109 @@
+"""onnxruntime backend: one execution provider chosen by name, never a silent CPU fallback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import onnxruntime as ort
+
+from ..bundle import ComponentInfo, TensorSpec
+from ..errors import BackendError, BundleIntegrityError
+from .base import Backend, Session
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "directml": "DmlExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+}
+OPTIMIZATION_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+_ORT_DTYPES = {
+    "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+    "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(uint8)": "uint8", "tensor(bool)": "bool",
+}
+
+
+def _tensor_spec(arg) -> TensorSpec:
+    dtype = _ORT_DTYPES.get(arg.type)
+    if dtype is None:
+        raise BackendError(f"graph tensor '{arg.name}' has type {arg.type}, which lcm_edge does not handle")
+    shape = tuple(d if isinstance(d, int) else str(d) for d in arg.shape)
+    return TensorSpec(arg.name, dtype, shape)
+
+
+class OrtSession(Session):
+    def __init__(self, name: str, path: Path, session: ort.InferenceSession):
+        self._session = session
+        super().__init__(name, path, tuple(_tensor_spec(a) for a in session.get_inputs()),
+                         tuple(_tensor_spec(a) for a in session.get_outputs()))
+        self._output_names = [o.name for o in self.outputs]
+
+    def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = self._session.run(self._output_names, dict(feeds))
+        return dict(zip(self._output_names, results))
+
+
+class OnnxRuntimeBackend(Backend):
+    """`device` is a provider short name (cpu, cuda, tensorrt, directml, openvino) or its full name."""
+
+    name = "onnxruntime"
+
+    def __init__(self, device: str = "cpu", *, threads: int | None = None, optimization: str = "all",
+                 provider_options: Mapping[str, str] | None = None):
+        provider = PROVIDERS.get(device.lower(), device)
+        available = ort.get_available_providers()
+        if provider not in PROVIDERS.values():
+            raise BackendError(f"device: unknown onnxruntime provider '{device}'. Fix: use one of "
+                               f"{sorted(PROVIDERS)} (installed here: {available})")
+        if provider not in available:
+            hint = {"CUDAExecutionProvider": "pip install 'lcm-edge[gpu]'",
+                    "TensorrtExecutionProvider": "pip install 'lcm-edge[gpu]' and TensorRT",
+                    "DmlExecutionProvider": "pip install onnxruntime-directml (Windows)",
+                    "OpenVINOExecutionProvider": "pip install onnxruntime-openvino"}.get(provider, "")
+            raise BackendError(f"device: provider {provider} is not installed; available providers are "
+                               f"{available}. Fix: pick one of those, or {hint}")
+        if optimization not in OPTIMIZATION_LEVELS:
+            raise BackendError(f"optimization: unknown level '{optimization}'. Fix: use one of "
+                               f"{list(OPTIMIZATION_LEVELS)}")
+        if threads is not None and (not isinstance(threads, int) or threads < 0):
+            raise BackendError(f"threads: {threads!r} is not a non-negative int. Fix: pass e.g. 4, or 0 for "
+                               "onnxruntime's default")
+        self.provider = provider
+        self.threads = threads
+        self.optimization = optimization
+        self.provider_options = dict(provider_options or {})
+
+    def open(self, bundle_root: Path, component: ComponentInfo) -> Session:
+        path = bundle_root / component.onnx
+        options = ort.SessionOptions()
+        options.graph_optimization_level = OPTIMIZATION_LEVELS[self.optimization]
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        providers = [(self.provider, self.provider_options)]
+        if self.provider != "CPUExecutionProvider":
+            # Nodes an accelerator EP does not take run on CPU; that is onnxruntime's partitioning,
+            # not a fallback of the whole session, which is checked below.
+            providers.append(("CPUExecutionProvider", {}))
+        try:
+            session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        except Exception as exc:  # onnxruntime raises bare RuntimeError/Fail subclasses for bad files
+            if "Protobuf parsing failed" in str(exc) or "INVALID_PROTOBUF" in str(exc) or "INVALID_GRAPH" in str(exc):
+                raise BundleIntegrityError(path, f"onnxruntime cannot read the graph ({exc})",
+                                           "re-export the bundle") from exc
+            raise
+        active = session.get_providers()
+        if self.provider not in active:
+            raise BackendError(f"device: {self.provider} failed to initialise for {component.name} (active: "
+                               f"{active}). Fix: check the GPU driver/CUDA/TensorRT install, or use device='cpu'")
+        return OrtSession(component.name, path, session)
+
+    def describe(self) -> str:
+        return f"onnxruntime {ort.__version__} {self.provider}"

@@ -1,0 +1,252 @@
+"""The bundle: a self-describing folder, the only contract between export and runtime.
+
+Layout (optimum's saved-pipeline layout, plus a manifest that makes it verifiable):
+
+    bundle/
+      bundle.json                 manifest: format version, model facts, graphs, sha256 of every file
+      model_index.json            diffusers/optimum-style index of the components
+      scheduler/scheduler_config.json
+      tokenizer/vocab.json, merges.txt, tokenizer_config.json
+      text_encoder/model.onnx, config.json    [openvino_model.xml/.bin]
+      unet/model.onnx [model.onnx_data], config.json    [openvino_model.xml/.bin]
+      vae_decoder/model.onnx, config.json    [openvino_model.xml/.bin]
+
+The runtime reads everything it needs from here and never falls back to code defaults
+for schedule or model parameters: a missing key is a `BundleFormatError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import BundleFormatError, BundleIntegrityError, BundleNotFoundError
+from .scheduler import SchedulerConfig
+
+FORMAT_NAME = "lcm-edge-bundle"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "bundle.json"
+SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
+TOKENIZER_DIR = "tokenizer"
+REQUIRED_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+OPTIONAL_COMPONENTS = ("vae_encoder",)
+_HASH_CHUNK = 1 << 22
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output. Symbolic dimensions are strings ("batch", "frames")."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class ComponentInfo:
+    name: str
+    onnx: str
+    onnx_data: str | None
+    openvino: str | None
+    config: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    precision: str
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Facts about the model the runtime needs; all of them come from the exporter."""
+
+    vae_scaling_factor: float
+    vae_scale_factor: int
+    latent_channels: int
+    # Pixel height/width must be a multiple of this (VAE downscale x UNet downsamplers).
+    size_multiple: int
+    max_frames: int
+    default_frames: int
+    default_height: int
+    default_width: int
+    default_fps: int
+    text_max_length: int
+    text_hidden_size: int
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Bundle:
+    root: Path
+    format_version: int
+    model: ModelInfo
+    components: Mapping[str, ComponentInfo]
+    files: Mapping[str, FileEntry]
+    scheduler_config: SchedulerConfig
+    provenance: Mapping[str, Any]
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.root / TOKENIZER_DIR
+
+    def path(self, relative: str) -> Path:
+        return self.root / relative
+
+    def has_openvino(self) -> bool:
+        return all(c.openvino is not None for c in self.components.values())
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _strict(cls, data: Any, where: str):
+    """Build a frozen dataclass from a dict, rejecting missing and unknown keys."""
+    if not isinstance(data, dict):
+        raise BundleFormatError(where, f"expected an object for {cls.__name__}, got {type(data).__name__}",
+                                "re-export the bundle with `lcm-edge export`")
+    names = {f.name for f in dataclasses.fields(cls)}
+    missing = sorted(names - data.keys())
+    unknown = sorted(data.keys() - names)
+    if missing or unknown:
+        raise BundleFormatError(where, f"{cls.__name__} has missing keys {missing} and unknown keys {unknown}",
+                                "re-export the bundle with this version of lcm-edge")
+    return cls(**data)
+
+
+def _tensor_specs(items: Any, where: str) -> tuple[TensorSpec, ...]:
+    if not isinstance(items, list):
+        raise BundleFormatError(where, "expected a list of tensors", "re-export the bundle")
+    specs = []
+    for item in items:
+        spec = _strict(TensorSpec, item, where)
+        specs.append(TensorSpec(spec.name, spec.dtype, tuple(spec.shape)))
+    return tuple(specs)
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise BundleNotFoundError(path, "file is missing", "re-export the bundle or restore the file")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleFormatError(path, f"not valid JSON ({exc})", "re-export the bundle or restore the file") from exc
+
+
+def verify_files(root: Path, files: Mapping[str, FileEntry], *, checksums: bool = True) -> None:
+    """Every listed file exists with its recorded size (and sha256 when `checksums`)."""
+    for relative, entry in sorted(files.items()):
+        path = root / relative
+        if not path.is_file():
+            raise BundleNotFoundError(path, "file listed in bundle.json is missing",
+                                      "re-export the bundle or copy the whole folder again")
+        size = path.stat().st_size
+        if size != entry.size:
+            raise BundleIntegrityError(path, f"size {size} bytes, manifest says {entry.size} (truncated or replaced)",
+                                       "re-export the bundle or copy the whole folder again")
+        if checksums:
+            actual = sha256_file(path)
+            if actual != entry.sha256:
+                raise BundleIntegrityError(path, f"sha256 {actual[:16]}... differs from the manifest's "
+                                           f"{entry.sha256[:16]}... (file altered or corrupt)",
+                                           "re-export the bundle or copy the whole folder again")
+
+
+def load_bundle(path: str | os.PathLike, *, verify_checksums: bool = True) -> Bundle:
+    """Read and verify a bundle. Raises a `BundleError` subclass naming the bad file."""
+    root = Path(path)
+    if not root.is_dir():
+        raise BundleNotFoundError(root, "bundle folder does not exist",
+                                  "pass the folder written by `lcm-edge export` (it contains bundle.json)")
+    manifest_path = root / MANIFEST_NAME
+    manifest = _read_json(manifest_path)
+    where = str(manifest_path)
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise BundleFormatError(where, f"not an lcm-edge bundle manifest (format != '{FORMAT_NAME}')",
+                                "pass a folder written by `lcm-edge export`")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleFormatError(where, f"unknown format_version {version!r}; this lcm-edge reads version "
+                                f"{FORMAT_VERSION}", "upgrade lcm-edge, or re-export the bundle with this version")
+    expected = {"format", "format_version", "model", "components", "files", "provenance"}
+    if set(manifest) != expected:
+        raise BundleFormatError(where, f"manifest keys {sorted(manifest)} differ from {sorted(expected)}",
+                                "re-export the bundle")
+
+    files_raw = manifest["files"]
+    if not isinstance(files_raw, dict):
+        raise BundleFormatError(where, "'files' must be an object", "re-export the bundle")
+    files = {rel: _strict(FileEntry, entry, f"{where}: files[{rel}]") for rel, entry in files_raw.items()}
+    # Integrity first: every later read trusts the files it opens.
+    verify_files(root, files, checksums=verify_checksums)
+
+    model = _strict(ModelInfo, manifest["model"], f"{where}: model")
+    components_raw = manifest["components"]
+    if not isinstance(components_raw, dict):
+        raise BundleFormatError(where, "'components' must be an object", "re-export the bundle")
+    missing = [c for c in REQUIRED_COMPONENTS if c not in components_raw]
+    unknown = [c for c in components_raw if c not in REQUIRED_COMPONENTS + OPTIONAL_COMPONENTS]
+    if missing or unknown:
+        raise BundleFormatError(where, f"components missing {missing}, unknown {unknown}", "re-export the bundle")
+    components = {}
+    for name, raw in components_raw.items():
+        cwhere = f"{where}: components.{name}"
+        if not isinstance(raw, dict):
+            raise BundleFormatError(cwhere, "expected an object", "re-export the bundle")
+        raw = dict(raw, inputs=_tensor_specs(raw.get("inputs"), cwhere),
+                   outputs=_tensor_specs(raw.get("outputs"), cwhere))
+        info = _strict(ComponentInfo, raw, cwhere)
+        for rel in (info.onnx, info.onnx_data, info.openvino, info.config):
+            if rel is not None and rel not in files:
+                raise BundleFormatError(cwhere, f"'{rel}' is not listed in the manifest's files",
+                                        "re-export the bundle")
+        components[name] = info
+
+    for rel in (SCHEDULER_CONFIG, f"{TOKENIZER_DIR}/vocab.json", f"{TOKENIZER_DIR}/merges.txt",
+                f"{TOKENIZER_DIR}/tokenizer_config.json"):
+        if rel not in files:
+            raise BundleFormatError(where, f"'{rel}' is not listed in the manifest's files", "re-export the bundle")
+    scheduler_path = root / SCHEDULER_CONFIG
+    scheduler = SchedulerConfig.from_dict(_read_json(scheduler_path), source=str(scheduler_path))
+    return Bundle(root=root, format_version=version, model=model, components=components, files=files,
+                  scheduler_config=scheduler, provenance=manifest["provenance"])
+
+
+def write_manifest(root: Path, *, model: ModelInfo, components: Mapping[str, ComponentInfo],
+                   provenance: Mapping[str, Any]) -> Path:
+    """Hash every file under `root` and write bundle.json (used by the exporter)."""
+    files = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST_NAME):
+        rel = path.relative_to(root).as_posix()
+        files[rel] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "model": dataclasses.asdict(model),
+        "components": {
+            name: {**dataclasses.asdict(info),
+                   "inputs": [t.to_dict() for t in info.inputs],
+                   "outputs": [t.to_dict() for t in info.outputs]}
+            for name, info in components.items()
+        },
+        "files": files,
+        "provenance": dict(provenance),
+    }
+    out = root / MANIFEST_NAME
+    out.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return out

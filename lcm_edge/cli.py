@@ -1,0 +1,158 @@
+"""`lcm-edge` command line: generate, export, info. Argument parsing lives here only."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from . import __version__
+from .backends import BACKENDS
+from .errors import LcmEdgeError
+from .pipeline import PromptTruncatedWarning, StepInfo
+
+
+def _progress(info: StepInfo) -> None:
+    width = 24
+    done = int(width * (info.step + 1) / info.num_steps)
+    print(f"\r  UNet [{'#' * done}{'.' * (width - done)}] step {info.step + 1}/{info.num_steps} "
+          f"t={info.timestep} {info.seconds:.2f} s", end="" if info.step + 1 < info.num_steps else "\n",
+          file=sys.stderr, flush=True)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .pipeline import AnimateLCMPipeline
+    from .video import check_output_path
+
+    output = check_output_path(args.output, "--output")  # before minutes of work, not after
+    if args.bundle is None:
+        raise LcmEdgeError("--bundle: no bundle given. Fix: pass --bundle DIR (a folder written by "
+                           "`lcm-edge export`)")
+    options = {}
+    if args.threads is not None:
+        options["threads"] = args.threads
+    if args.cache_dir is not None:
+        options["cache_dir"] = args.cache_dir
+    t0 = time.perf_counter()
+    pipe = AnimateLCMPipeline.from_bundle(args.bundle, backend=args.backend, device=args.device, **options)
+    load_s = time.perf_counter() - t0
+    print(f"loaded {args.bundle} on {pipe.backend.describe()} in {load_s:.2f} s", file=sys.stderr)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PromptTruncatedWarning)
+        result = pipe(args.prompt, num_frames=args.frames, height=args.height, width=args.width,
+                      num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                      negative_prompt=args.negative_prompt, seed=args.seed, callback=_progress)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    saved = result.save(output, fps=args.fps)
+    f, h, w_, _ = result.frames.shape
+    print(f"wrote {saved} ({f} frames, {w_}x{h}, seed {result.seed})")
+    print(f"timings: {result.timings.summary()}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .errors import MissingExtraError
+
+    try:
+        from lcm_edge.export import export_bundle, load_diffusers_folder
+    except MissingExtraError as exc:
+        raise LcmEdgeError(str(exc)) from exc
+    overrides = {}
+    if args.original_inference_steps is not None:
+        overrides["original_inference_steps"] = args.original_inference_steps
+    if args.beta_schedule is not None:
+        overrides["beta_schedule"] = args.beta_schedule
+    components = load_diffusers_folder(args.model, scheduler_overrides=overrides)
+    report = export_bundle(args.out, **components.export_kwargs(), openvino=args.openvino,
+                           provenance=components.source, overwrite=args.overwrite)
+    print(report.summary())
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .backends import create_backend
+    from .bundle import load_bundle
+
+    bundle = load_bundle(args.bundle, verify_checksums=True)
+    total = sum(entry.size for entry in bundle.files.values())
+    m = bundle.model
+    sc = bundle.scheduler_config
+    print(f"bundle {bundle.root} (format {bundle.format_version}): {len(bundle.files)} files, "
+          f"{total / 1e6:.1f} MB, all sha256 verified")
+    print(f"  exporter: {bundle.provenance.get('exporter')}, created {bundle.provenance.get('created_utc')}")
+    print(f"  video: default {m.default_frames} frames at {m.default_width}x{m.default_height}, {m.default_fps} fps; "
+          f"max {m.max_frames} frames; height/width multiple of {m.size_multiple}")
+    print(f"  scheduler: LCM, {sc.beta_schedule} betas {sc.beta_start}..{sc.beta_end}, original_inference_steps "
+          f"{sc.original_inference_steps}, prediction {sc.prediction_type}, timestep scaling {sc.timestep_scaling}")
+    backend = create_backend("onnxruntime", "cpu")
+    for name, component in bundle.components.items():
+        session = backend.open(bundle.root, component)
+        if [(t.name, t.dtype, len(t.shape)) for t in session.inputs] != \
+                [(t.name, t.dtype, len(t.shape)) for t in component.inputs]:
+            raise LcmEdgeError(f"{bundle.root / component.onnx}: graph inputs {session.inputs} differ from the "
+                               "manifest. Fix: re-export the bundle")
+        ins = ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in session.inputs)
+        outs = ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in session.outputs)
+        ir = f" + OpenVINO IR {component.openvino}" if component.openvino else ""
+        print(f"  {name}: {component.onnx}{ir} ({component.precision}); in: {ins}; out: {outs}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lcm-edge", description="AnimateLCM text-to-video on the edge")
+    parser.add_argument("--version", action="version", version=f"lcm-edge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="make a clip from a prompt")
+    gen.add_argument("prompt")
+    gen.add_argument("--bundle", type=Path, default=None, help="bundle folder written by `lcm-edge export`")
+    gen.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
+    gen.add_argument("--device", default=None,
+                     help="onnxruntime: cpu|cuda|tensorrt|directml|openvino; openvino: CPU|GPU|NPU|AUTO")
+    gen.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    gen.add_argument("--cache-dir", type=Path, default=None, help="OpenVINO compile cache folder")
+    gen.add_argument("--frames", type=int, default=None)
+    gen.add_argument("--height", type=int, default=None)
+    gen.add_argument("--width", type=int, default=None)
+    gen.add_argument("--steps", type=int, default=4)
+    gen.add_argument("--guidance-scale", type=float, default=1.0)
+    gen.add_argument("--negative-prompt", default=None)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--fps", type=int, default=None)
+    gen.add_argument("-o", "--output", required=True, help="out.mp4 or out.gif")
+    gen.set_defaults(func=cmd_generate)
+
+    exp = sub.add_parser("export", help="export a saved diffusers model folder to a bundle")
+    exp.add_argument("model", type=Path, help="folder with unet/ (or unet/ + motion_adapter/), vae/, "
+                                              "text_encoder/, tokenizer/, scheduler/")
+    exp.add_argument("--out", type=Path, required=True)
+    exp.add_argument("--openvino", action="store_true", help="also write OpenVINO IR (FP32), gated")
+    exp.add_argument("--original-inference-steps", type=int, default=None,
+                     help="override the LCM schedule's original_inference_steps (AnimateLCM: 100)")
+    exp.add_argument("--beta-schedule", default=None, help="override beta_schedule (AnimateLCM: linear)")
+    exp.add_argument("--overwrite", action="store_true")
+    exp.set_defaults(func=cmd_export)
+
+    info = sub.add_parser("info", help="verify a bundle (files, checksums, graphs) and describe it")
+    info.add_argument("bundle", type=Path)
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LcmEdgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

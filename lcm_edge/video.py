@@ -1,0 +1,88 @@
+"""Write uint8 frames (frames, height, width, 3) RGB to .mp4 or .gif, atomically.
+
+The file appears under its final name only once it is complete: it is written beside
+the destination under a temporary name and renamed, so an interrupted save never leaves a
+half-written clip that looks finished.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .errors import InvalidArgumentError, LcmEdgeError
+
+VIDEO_EXTENSIONS = (".mp4", ".gif")
+
+
+def check_output_path(path: str | os.PathLike, argument: str = "output") -> Path:
+    """Validate before any work is done: a known extension in a folder that exists."""
+    out = Path(path)
+    if out.suffix.lower() not in VIDEO_EXTENSIONS:
+        raise InvalidArgumentError(argument, f"'{out}' has extension '{out.suffix}', which lcm_edge cannot write",
+                                   f"end the file name with one of {list(VIDEO_EXTENSIONS)}")
+    if not out.parent.is_dir():
+        raise InvalidArgumentError(argument, f"folder '{out.parent}' does not exist",
+                                   "create the folder first or write somewhere else")
+    if out.is_dir():
+        raise InvalidArgumentError(argument, f"'{out}' is a folder", "give a file name such as clip.mp4")
+    return out
+
+
+def _check_frames(frames: np.ndarray) -> None:
+    if not (isinstance(frames, np.ndarray) and frames.dtype == np.uint8 and frames.ndim == 4
+            and frames.shape[-1] == 3 and frames.shape[0] >= 1):
+        raise InvalidArgumentError("frames", f"expected uint8 array (frames, height, width, 3), got "
+                                   f"{getattr(frames, 'dtype', type(frames).__name__)} "
+                                   f"{getattr(frames, 'shape', '')}", "pass GenerationResult.frames")
+
+
+def save_video(frames: np.ndarray, path: str | os.PathLike, fps: int) -> Path:
+    out = check_output_path(path)
+    _check_frames(frames)
+    if not isinstance(fps, int) or fps < 1:
+        raise InvalidArgumentError("fps", f"{fps!r} is not a positive integer", "pass e.g. fps=8")
+    suffix = out.suffix.lower()
+    # A unique hidden name in the same folder (same filesystem, so the rename is atomic);
+    # the encoder creates it, so it gets the user's normal file permissions.
+    tmp = out.parent / f".{out.stem}.{uuid.uuid4().hex}.partial{suffix}"
+    try:
+        bgr = [cv2.cvtColor(frame, cv2.COLOR_RGB2BGR) for frame in frames]
+        if suffix == ".mp4":
+            _write_mp4(bgr, tmp, fps)
+        else:
+            _write_gif(bgr, tmp, fps)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out
+
+
+def _write_mp4(bgr: list[np.ndarray], path: Path, fps: int) -> None:
+    height, width = bgr[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (width, height))
+    if not writer.isOpened():
+        raise LcmEdgeError(f"{path}: OpenCV could not open an mp4 writer (no mp4v encoder in this OpenCV build). "
+                           "Fix: save as .gif, or install opencv-python-headless from PyPI")
+    try:
+        for frame in bgr:
+            writer.write(frame)
+    finally:
+        writer.release()
+    if path.stat().st_size == 0:
+        raise LcmEdgeError(f"{path}: OpenCV wrote an empty mp4. Fix: save as .gif")
+
+
+def _write_gif(bgr: list[np.ndarray], path: Path, fps: int) -> None:
+    # OpenCV >= 4.12 encodes animated GIF; duration is per frame in milliseconds.
+    animation = cv2.Animation()
+    animation.frames = bgr
+    animation.durations = [int(round(1000 / fps))] * len(bgr)
+    animation.loop_count = 0
+    if not cv2.imwriteanimation(str(path), animation):
+        raise LcmEdgeError(f"{path}: OpenCV failed to write the GIF. Fix: save as .mp4")

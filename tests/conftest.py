@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+import pytest
+
+from clip_vocab import write_sd15_tokenizer
+from tiny_models import make_tiny_components
+
+
+@pytest.fixture(scope="session")
+def sd15_tokenizer_dir(tmp_path_factory):
+    return write_sd15_tokenizer(tmp_path_factory.mktemp("sd15_tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_components(sd15_tokenizer_dir):
+    return make_tiny_components(sd15_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, tiny_components):
+    """One exported tiny bundle (ONNX + OpenVINO IR), shared read-only by the runtime tests."""
+    from lcm_edge.export import export_bundle
+
+    c = tiny_components
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    report = export_bundle(out, unet=c["unet"], vae=c["vae"], text_encoder=c["text_encoder"],
+                           tokenizer=c["tokenizer"], scheduler_config=dict(c["scheduler"].config),
+                           openvino=True, default_frames=8, provenance={"fixture": "tests/tiny_models.py"})
+    print(report.summary())
+    return out

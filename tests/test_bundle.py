@@ -1,0 +1,100 @@
+"""Reading a bundle: every kind of damage is a typed error naming the file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from lcm_edge import (AnimateLCMPipeline, BundleFormatError, BundleIntegrityError, BundleNotFoundError,
+                      load_bundle)
+from lcm_edge.bundle import FORMAT_VERSION, MANIFEST_NAME
+
+
+@pytest.fixture
+def bundle_copy(tiny_bundle, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(tiny_bundle, dst)
+    return dst
+
+
+def test_loads_and_describes_itself(tiny_bundle):
+    bundle = load_bundle(tiny_bundle)
+    assert set(bundle.components) == {"text_encoder", "unet", "vae_decoder"}
+    assert bundle.model.max_frames == 32 and bundle.model.size_multiple == 4
+    assert bundle.scheduler_config.original_inference_steps == 100
+    assert bundle.scheduler_config.beta_schedule == "linear"
+    assert bundle.has_openvino()
+    unet = bundle.components["unet"]
+    assert [t.name for t in unet.inputs] == ["sample", "timestep", "encoder_hidden_states"]
+    assert unet.inputs[0].shape == ("batch", 4, "frames", "height", "width")
+    # Every file on disk (but the manifest) is listed with its checksum.
+    on_disk = {p.relative_to(tiny_bundle).as_posix() for p in tiny_bundle.rglob("*") if p.is_file()}
+    assert on_disk - {MANIFEST_NAME} == set(bundle.files)
+    assert bundle.provenance["parity"]["unet/onnxruntime"]["worst_max_abs"] < 1e-4
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(BundleNotFoundError) as err:
+        load_bundle(tmp_path / "nope")
+    assert "nope" in str(err.value) and "Fix:" in str(err.value)
+
+
+def test_missing_file(bundle_copy):
+    (bundle_copy / "vae_decoder" / "model.onnx").unlink()
+    with pytest.raises(BundleNotFoundError) as err:
+        load_bundle(bundle_copy)
+    assert err.value.path.endswith("vae_decoder/model.onnx")
+
+
+def test_truncated_onnx(bundle_copy):
+    path = bundle_copy / "unet" / "model.onnx"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(BundleIntegrityError) as err:
+        load_bundle(bundle_copy)
+    assert err.value.path.endswith("unet/model.onnx") and "truncated" in str(err.value)
+
+
+def test_altered_file_same_size_fails_checksum(bundle_copy):
+    path = bundle_copy / "text_encoder" / "model.onnx"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(BundleIntegrityError) as err:
+        load_bundle(bundle_copy)
+    assert err.value.path.endswith("text_encoder/model.onnx") and "sha256" in str(err.value)
+
+
+def test_corrupt_onnx_without_checksums_is_still_typed(bundle_copy):
+    path = bundle_copy / "vae_decoder" / "model.onnx"
+    size = path.stat().st_size
+    path.write_bytes(b"\x00garbage" * (size // 8) + b"\x00" * (size % 8))
+    with pytest.raises(BundleIntegrityError) as err:
+        AnimateLCMPipeline.from_bundle(bundle_copy, verify_checksums=False)
+    assert err.value.path.endswith("vae_decoder/model.onnx")
+
+
+def test_unknown_format_version(bundle_copy):
+    manifest = json.loads((bundle_copy / MANIFEST_NAME).read_text())
+    manifest["format_version"] = FORMAT_VERSION + 1
+    (bundle_copy / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(BundleFormatError) as err:
+        load_bundle(bundle_copy)
+    assert err.value.path.endswith(MANIFEST_NAME) and "format_version" in str(err.value)
+
+
+def test_scheduler_key_missing_is_not_defaulted(bundle_copy):
+    path = bundle_copy / "scheduler" / "scheduler_config.json"
+    config = json.loads(path.read_text())
+    del config["original_inference_steps"]
+    path.write_text(json.dumps(config))
+    # Re-hash so the checksum passes and the schema check is what fails.
+    manifest = json.loads((bundle_copy / MANIFEST_NAME).read_text())
+    from lcm_edge.bundle import sha256_file
+
+    manifest["files"]["scheduler/scheduler_config.json"] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+    (bundle_copy / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(BundleFormatError) as err:
+        load_bundle(bundle_copy)
+    assert "original_inference_steps" in str(err.value)
