@@ -65,7 +65,7 @@ def _json_default(value: Any):
         return list(value)
     if isinstance(value, (np.integer, np.floating)):
         return value.item()
-    if isinstance(value, torch.dtype):
+    if isinstance(value, (torch.dtype, Path)):
         return str(value)
     raise TypeError(f"cannot serialise {type(value).__name__}")
 
@@ -281,11 +281,15 @@ def export_bundle(out: str | os.PathLike, *, unet: torch.nn.Module, vae: torch.n
 
 
 def module_config(name: str, unet, vae, text_encoder) -> dict:
+    """The source model's config, minus where it was loaded from (that is in the provenance)."""
     if name == "unet":
-        return dict(unet.config)
-    if name == "vae_decoder":
-        return dict(vae.config)
-    return text_encoder.config.to_dict()
+        config = dict(unet.config)
+    elif name == "vae_decoder":
+        config = dict(vae.config)
+    else:
+        config = text_encoder.config.to_dict()
+    config.pop("_name_or_path", None)
+    return config
 
 
 def _versions() -> dict[str, str]:

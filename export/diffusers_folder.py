@@ -11,6 +11,7 @@ a motion adapter):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +63,9 @@ def lcm_scheduler_config(config: Mapping[str, Any], overrides: Mapping[str, Any]
     """
     overrides = dict(overrides or {})
     if config.get("_class_name") == "LCMScheduler":
-        merged = {k: v for k, v in config.items() if not k.startswith("_")}
+        # An LCMScheduler made with from_config(other) carries the other's keys (skip_prk_steps...).
+        known = {f.name for f in dataclasses.fields(SchedulerConfig)}
+        merged = {k: v for k, v in config.items() if k in known}
     else:
         shared = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
                   "prediction_type", "clip_sample", "set_alpha_to_one", "rescale_betas_zero_snr")

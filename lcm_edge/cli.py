@@ -23,7 +23,9 @@ def _progress(info: StepInfo) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .pipeline import AnimateLCMPipeline
+    from .backends import create_backend
+    from .bundle import load_bundle
+    from .pipeline import AnimateLCMPipeline, check_inputs
     from .video import check_output_path
 
     output = check_output_path(args.output, "--output")  # before minutes of work, not after
@@ -36,14 +38,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.cache_dir is not None:
         options["cache_dir"] = args.cache_dir
     t0 = time.perf_counter()
-    pipe = AnimateLCMPipeline.from_bundle(args.bundle, backend=args.backend, device=args.device, **options)
+    bundle = load_bundle(args.bundle)
+    generation = dict(num_frames=args.frames, height=args.height, width=args.width, num_inference_steps=args.steps,
+                      guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt, seed=args.seed)
+    check_inputs(bundle, args.prompt, **generation)  # before compiling graphs, which can take minutes
+    pipe = AnimateLCMPipeline(bundle, create_backend(args.backend, args.device, **options))
     load_s = time.perf_counter() - t0
     print(f"loaded {args.bundle} on {pipe.backend.describe()} in {load_s:.2f} s", file=sys.stderr)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", PromptTruncatedWarning)
-        result = pipe(args.prompt, num_frames=args.frames, height=args.height, width=args.width,
-                      num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                      negative_prompt=args.negative_prompt, seed=args.seed, callback=_progress)
+        result = pipe(args.prompt, **generation, callback=_progress)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     saved = result.save(output, fps=args.fps)

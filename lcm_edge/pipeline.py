@@ -76,6 +76,63 @@ def _check_int(name: str, value, low: int, high: int, fix: str) -> int:
     return int(value)
 
 
+def check_inputs(bundle: Bundle, prompt, negative_prompt=None, num_frames=None, height=None, width=None,
+                 num_inference_steps=4, timesteps=None, guidance_scale=1.0, seed=None, latents=None,
+                 noise_fn=None, decode_chunk_size=4, callback=None, cancel_event=None) -> None:
+    """Every argument of a generation, checked against the bundle before any graph runs."""
+    model = bundle.model
+    ots = bundle.scheduler_config.original_inference_steps
+    num_frames = model.default_frames if num_frames is None else num_frames
+    height = model.default_height if height is None else height
+    width = model.default_width if width is None else width
+    if not isinstance(prompt, str):
+        raise InvalidArgumentError("prompt", f"expected text (str), got {type(prompt).__name__}",
+                                   "pass one prompt as a Python string")
+    if negative_prompt is not None and not isinstance(negative_prompt, str):
+        raise InvalidArgumentError("negative_prompt", f"expected text (str) or None, got "
+                                   f"{type(negative_prompt).__name__}", "pass a string or None")
+    _check_int("num_frames", num_frames, 1, model.max_frames,
+               f"the motion module takes 1 to {model.max_frames} frames; lower num_frames")
+    for name, value in (("height", height), ("width", width)):
+        _check_int(name, value, model.size_multiple, 16384, f"use a multiple of {model.size_multiple}")
+        if value % model.size_multiple:
+            lower = value - value % model.size_multiple
+            raise InvalidArgumentError(name, f"{value} is not a multiple of {model.size_multiple}, which this "
+                                       "model needs (VAE downscale x UNet downsamplers)",
+                                       f"use {lower} or {lower + model.size_multiple}")
+    if timesteps is None:
+        _check_int("num_inference_steps", num_inference_steps, 1, ots,
+                   f"use 1 to {ots} steps (original_inference_steps of this bundle); AnimateLCM recommends 4")
+    elif num_inference_steps is not None:
+        raise InvalidArgumentError("timesteps", "given together with num_inference_steps",
+                                   "pass num_inference_steps=None when giving custom timesteps")
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
+            or not np.isfinite(guidance_scale) or guidance_scale < 1.0:
+        raise InvalidArgumentError("guidance_scale", f"{guidance_scale!r} is below 1 (or not a number)",
+                                   "use 1.0 for AnimateLCM's CFG-free sampling, or e.g. 1.5-2.0 with guidance")
+    if negative_prompt is not None and guidance_scale <= 1.0:
+        raise InvalidArgumentError("negative_prompt", "has no effect without classifier-free guidance",
+                                   "set guidance_scale above 1 (e.g. 1.5), or drop negative_prompt")
+    if seed is not None:
+        _check_int("seed", seed, 0, 2**63 - 1, "use a non-negative integer seed, or None for a random one")
+    if latents is not None:
+        expected = (1, model.latent_channels, num_frames, height // model.vae_scale_factor,
+                    width // model.vae_scale_factor)
+        if not isinstance(latents, np.ndarray) or latents.shape != expected \
+                or not np.issubdtype(latents.dtype, np.floating):
+            raise InvalidArgumentError("latents", f"expected a float array of shape {expected}, got "
+                                       f"{getattr(latents, 'dtype', type(latents).__name__)} "
+                                       f"{getattr(latents, 'shape', '')}",
+                                       "match (1, latent_channels, num_frames, height/f, width/f)")
+    if noise_fn is not None and not callable(noise_fn):
+        raise InvalidArgumentError("noise_fn", "is not callable", "pass f(step_index, shape) -> ndarray")
+    _check_int("decode_chunk_size", decode_chunk_size, 1, 4096, "decode e.g. 4 frames at a time")
+    if callback is not None and not callable(callback):
+        raise InvalidArgumentError("callback", "is not callable", "pass f(StepInfo) or None")
+    if cancel_event is not None and not callable(getattr(cancel_event, "is_set", None)):
+        raise InvalidArgumentError("cancel_event", "has no is_set()", "pass a threading.Event or None")
+
+
 class AnimateLCMPipeline:
     """Text to video with an AnimateLCM bundle.
 
@@ -102,58 +159,6 @@ class AnimateLCMPipeline:
         runtime = create_backend(backend, device, **backend_options)
         return cls(load_bundle(path, verify_checksums=verify_checksums), runtime)
 
-    # ---------------------------------------------------------------- checks
-    def check_inputs(self, prompt, negative_prompt, num_frames, height, width, num_inference_steps, timesteps,
-                     guidance_scale, seed, latents, noise_fn, decode_chunk_size, callback, cancel_event):
-        model = self.bundle.model
-        ots = self.bundle.scheduler_config.original_inference_steps
-        if not isinstance(prompt, str):
-            raise InvalidArgumentError("prompt", f"expected text (str), got {type(prompt).__name__}",
-                                       "pass one prompt as a Python string")
-        if negative_prompt is not None and not isinstance(negative_prompt, str):
-            raise InvalidArgumentError("negative_prompt", f"expected text (str) or None, got "
-                                       f"{type(negative_prompt).__name__}", "pass a string or None")
-        _check_int("num_frames", num_frames, 1, model.max_frames,
-                   f"the motion module takes 1 to {model.max_frames} frames; lower num_frames")
-        for name, value in (("height", height), ("width", width)):
-            _check_int(name, value, model.size_multiple, 16384, f"use a multiple of {model.size_multiple}")
-            if value % model.size_multiple:
-                lower = value - value % model.size_multiple
-                raise InvalidArgumentError(name, f"{value} is not a multiple of {model.size_multiple}, which this "
-                                           "model needs (VAE downscale x UNet downsamplers)",
-                                           f"use {lower} or {lower + model.size_multiple}")
-        if timesteps is None:
-            _check_int("num_inference_steps", num_inference_steps, 1, ots,
-                       f"use 1 to {ots} steps (original_inference_steps of this bundle); AnimateLCM recommends 4")
-        elif num_inference_steps is not None:
-            raise InvalidArgumentError("timesteps", "given together with num_inference_steps",
-                                       "pass num_inference_steps=None when giving custom timesteps")
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
-                or not np.isfinite(guidance_scale) or guidance_scale < 1.0:
-            raise InvalidArgumentError("guidance_scale", f"{guidance_scale!r} is below 1 (or not a number)",
-                                       "use 1.0 for AnimateLCM's CFG-free sampling, or e.g. 1.5-2.0 with guidance")
-        if negative_prompt is not None and guidance_scale <= 1.0:
-            raise InvalidArgumentError("negative_prompt", "has no effect without classifier-free guidance",
-                                       "set guidance_scale above 1 (e.g. 1.5), or drop negative_prompt")
-        if seed is not None:
-            _check_int("seed", seed, 0, 2**63 - 1, "use a non-negative integer seed, or None for a random one")
-        if latents is not None:
-            expected = (1, model.latent_channels, num_frames, height // model.vae_scale_factor,
-                        width // model.vae_scale_factor)
-            if not isinstance(latents, np.ndarray) or latents.shape != expected \
-                    or not np.issubdtype(latents.dtype, np.floating):
-                raise InvalidArgumentError("latents", f"expected a float array of shape {expected}, got "
-                                           f"{getattr(latents, 'dtype', type(latents).__name__)} "
-                                           f"{getattr(latents, 'shape', '')}",
-                                           "match (1, latent_channels, num_frames, height/f, width/f)")
-        if noise_fn is not None and not callable(noise_fn):
-            raise InvalidArgumentError("noise_fn", "is not callable", "pass f(step_index, shape) -> ndarray")
-        _check_int("decode_chunk_size", decode_chunk_size, 1, 4096, "decode e.g. 4 frames at a time")
-        if callback is not None and not callable(callback):
-            raise InvalidArgumentError("callback", "is not callable", "pass f(StepInfo) or None")
-        if cancel_event is not None and not callable(getattr(cancel_event, "is_set", None)):
-            raise InvalidArgumentError("cancel_event", "has no is_set()", "pass a threading.Event or None")
-
     # ---------------------------------------------------------------- call
     def __call__(self, prompt: str, *, num_frames: int | None = None, height: int | None = None,
                  width: int | None = None, num_inference_steps: int | None = 4, guidance_scale: float = 1.0,
@@ -167,8 +172,8 @@ class AnimateLCMPipeline:
         width = model.default_width if width is None else width
 
         # 1. Check every input before any work is done.
-        self.check_inputs(prompt, negative_prompt, num_frames, height, width, num_inference_steps, timesteps,
-                          guidance_scale, seed, latents, noise_fn, decode_chunk_size, callback, cancel_event)
+        check_inputs(self.bundle, prompt, negative_prompt, num_frames, height, width, num_inference_steps,
+                     timesteps, guidance_scale, seed, latents, noise_fn, decode_chunk_size, callback, cancel_event)
         do_cfg = guidance_scale > 1.0
         timings = Timings()
         start = time.perf_counter()

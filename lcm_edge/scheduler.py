@@ -238,7 +238,7 @@ class LCMStepOutput:
 
 
 # ----------------------------------------------------------------------------------------------
-# float32 helpers that reproduce torch's CPU kernels bit for bit.
+# float32 helpers that reproduce torch's CPU kernels (all but sqrt bit for bit, see _sqrt).
 
 
 def _fma_f32(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
@@ -272,8 +272,9 @@ def _linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
     if steps == 1:
         return np.array([s], dtype=np.float32)
     # ATen's kernel is a scalar loop: start + step*i for the first half, end - step*(n-1-i) for
-    # the rest. The AVX2/AVX-512 builds PyTorch dispatches to on x86-64 compile both into fused
-    # multiply-adds; plain multiply-then-add differs in ~10% of the 1000 betas by one ulp.
+    # the rest. Its AVX2/AVX-512 builds (what PyTorch runs on any x86-64 CPU with AVX2) compile both
+    # into fused multiply-adds; multiply-then-add, as its no-AVX2 "DEFAULT" build does, differs in
+    # 10-15% of the 1000 betas by one ulp (~1.2e-7 relative in alphas_cumprod).
     step = (e - s) / np.float32(steps - 1)
     idx = np.arange(steps)
     head = idx < steps // 2
@@ -282,10 +283,12 @@ def _linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
     return np.where(head, lo, hi).astype(np.float32)
 
 
-# Square roots use IEEE np.sqrt (correctly rounded). torch's CPU sqrt goes through MKL VML, which is
-# within one ulp but not correctly rounded (about 1 in 5 float32 inputs differ by one ulp), so scalar
-# square roots here can differ from diffusers by one ulp: ~6e-8 relative in a step's outputs. Only
-# rescale_betas_zero_snr amplifies this, through the cancellation in sqrt(alphas_cumprod) - its last value.
+# Every square root goes through _sqrt: IEEE np.sqrt, correctly rounded. torch's CPU sqrt goes through
+# MKL VML, within one ulp but not correctly rounded (about 1 in 5 float32 inputs land one ulp off), so
+# scalar square roots can differ from diffusers by one ulp: ~1e-7 relative in a step's outputs. Only
+# rescale_betas_zero_snr amplifies it, via the cancellation in sqrt(alphas_cumprod) - its last value.
+# Tests swap in torch's sqrt through this name to show everything else matches bit for bit.
+_sqrt = np.sqrt
 
 
 def _cumprod_f32(x: np.ndarray) -> np.ndarray:
@@ -310,7 +313,7 @@ def _betas_for_alpha_bar(num_diffusion_timesteps: int, max_beta: float = 0.999) 
 def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     """Zero terminal SNR (arXiv 2305.08891, Algorithm 1), float32 like diffusers."""
     one = np.float32(1.0)
-    alphas_bar_sqrt = np.sqrt(_cumprod_f32(one - betas))
+    alphas_bar_sqrt = _sqrt(_cumprod_f32(one - betas))
     a0, aT = alphas_bar_sqrt[0], alphas_bar_sqrt[-1]
     # Shift so the last timestep has zero signal, then scale so the first is unchanged.
     alphas_bar_sqrt = (alphas_bar_sqrt - aT) * (a0 / (a0 - aT))
@@ -456,7 +459,7 @@ class LCMScheduler:
         s = np.float32(timestep) * np.float32(self.config.timestep_scaling)
         sd2 = np.float32(_SIGMA_DATA**2)
         c_skip = sd2 / (s * s + sd2)
-        c_out = s / np.sqrt(s * s + sd2)
+        c_out = s / _sqrt(s * s + sd2)
         return float(c_skip), float(c_out)
 
     def step(
@@ -525,8 +528,8 @@ class LCMScheduler:
         )
         beta_prod_t = np.float32(1.0) - alpha_prod_t
         beta_prod_t_prev = np.float32(1.0) - alpha_prod_t_prev
-        sqrt_alpha = np.sqrt(alpha_prod_t).astype(dtype)
-        sqrt_beta = np.sqrt(beta_prod_t).astype(dtype)
+        sqrt_alpha = _sqrt(alpha_prod_t).astype(dtype)
+        sqrt_beta = _sqrt(beta_prod_t).astype(dtype)
 
         # 3. Boundary-condition scalings c_skip, c_out (§4.1): they make f(x, 0) = x.
         c_skip, c_out = (np.float32(c).astype(dtype) for c in self.boundary_condition_scalings(timestep))
@@ -551,8 +554,8 @@ class LCMScheduler:
         # 7. Multistep sampling re-noises the estimate to the next timestep with fresh z ~ N(0, I);
         #    the last step (and so one-step sampling) returns the estimate itself.
         if not last:
-            sqrt_alpha_prev = np.sqrt(alpha_prod_t_prev).astype(dtype)
-            sqrt_beta_prev = np.sqrt(beta_prod_t_prev).astype(dtype)
+            sqrt_alpha_prev = _sqrt(alpha_prod_t_prev).astype(dtype)
+            sqrt_beta_prev = _sqrt(beta_prod_t_prev).astype(dtype)
             prev_sample = sqrt_alpha_prev * denoised + sqrt_beta_prev * noise.astype(dtype, copy=False)
         else:
             prev_sample = denoised
@@ -582,7 +585,7 @@ class LCMScheduler:
         # diffusers casts alphas_cumprod to the sample dtype before taking square roots.
         dtype = original.dtype
         alpha_prod = self.alphas_cumprod[int(timestep)].astype(dtype)
-        sqrt_alpha_prod = np.sqrt(alpha_prod)
-        sqrt_one_minus_alpha_prod = np.sqrt(dtype.type(1) - alpha_prod)
+        sqrt_alpha_prod = _sqrt(alpha_prod)
+        sqrt_one_minus_alpha_prod = _sqrt(dtype.type(1) - alpha_prod)
         noisy = sqrt_alpha_prod * original + sqrt_one_minus_alpha_prod * noise.astype(dtype, copy=False)
         return np.asarray(noisy, dtype=dtype)

@@ -292,8 +292,11 @@ class CLIPTokenizer:
     def from_folder(cls, folder) -> "CLIPTokenizer":
         """Load vocab.json, merges.txt and tokenizer_config.json as transformers does.
 
-        Special tokens come from tokenizer_config.json, overridden by special_tokens_map.json
-        where that file names them (transformers' precedence), else CLIP's defaults.
+        Special tokens and their flags follow transformers' precedence: a tokenizer_config.json
+        with `added_tokens_decoder` (the current format) is used alone, and its entries define
+        the flags of the special tokens they name. Without it (the legacy format SD1.5 ships),
+        special_tokens_map.json overrides tokenizer_config.json and added_tokens.json lists
+        extra tokens. Tokens named nowhere get CLIP's defaults.
         """
         folder = Path(folder)
         if not folder.is_dir():
@@ -301,24 +304,19 @@ class CLIPTokenizer:
                 str(folder), "tokenizer folder does not exist",
                 "point at the folder holding vocab.json, merges.txt and tokenizer_config.json",
             )
-        vocab = _read_json(folder / "vocab.json", required=True)
+        vocab_path = folder / "vocab.json"
+        config_path = folder / "tokenizer_config.json"
+        vocab = _read_json(vocab_path, required=True)
         if not isinstance(vocab, dict) or not all(
             isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in vocab.items()
         ):
             raise BundleFormatError(
-                str(folder / "vocab.json"), "must be a JSON object mapping token strings to integer ids",
-                "re-export the tokenizer",
+                str(vocab_path), "must be a JSON object mapping token strings to integer ids", "re-export the bundle"
             )
         merges = _read_merges(folder / "merges.txt")
-        config = _read_json(folder / "tokenizer_config.json", required=True)
-        special_map = _read_json(folder / "special_tokens_map.json", required=False) or {}
-        config_path = folder / "tokenizer_config.json"
+        config = _read_json(config_path, required=True)
         if not isinstance(config, dict):
-            raise BundleFormatError(str(config_path), "must be a JSON object", "re-export the tokenizer")
-        if not isinstance(special_map, dict):
-            raise BundleFormatError(
-                str(folder / "special_tokens_map.json"), "must be a JSON object", "re-export the tokenizer"
-            )
+            raise BundleFormatError(str(config_path), "must be a JSON object", "re-export the bundle")
 
         max_length = config.get("model_max_length")
         if not isinstance(max_length, int) or isinstance(max_length, bool) or not 2 <= max_length <= 1_000_000:
@@ -327,33 +325,56 @@ class CLIPTokenizer:
                 "set it to the text encoder's sequence length (77 for CLIP)",
             )
 
-        added: list[AddedToken] = []
-        decoder = config.get("added_tokens_decoder") or {}
-        if not isinstance(decoder, dict):
-            raise BundleFormatError(str(config_path), "added_tokens_decoder must be an object", "re-export the tokenizer")
-        for key in sorted(decoder, key=lambda k: _parse_id(k, config_path)):
-            added.append(_added_token(decoder[key], _parse_id(key, config_path), vocab, config_path, plain_special=False))
-        extra = _read_json(folder / "added_tokens.json", required=False) or {}
-        if not isinstance(extra, dict):
-            raise BundleFormatError(str(folder / "added_tokens.json"), "must be a JSON object", "re-export the tokenizer")
-        for content, token_id in sorted(extra.items(), key=lambda kv: kv[1]):
-            added.append(_added_token(content, token_id, vocab, folder / "added_tokens.json", plain_special=False))
+        # (content -> (id, flags dict)) of the tokens listed outside the bos/eos/unk/pad keys.
+        listed: dict[str, tuple[int, dict]] = {}
+        named: dict[str, tuple[object, Path]] = {
+            name: (config[name], config_path) for name in _SPECIAL_ORDER if config.get(name) is not None
+        }
+        if "added_tokens_decoder" in config:
+            decoder = config["added_tokens_decoder"]
+            if not isinstance(decoder, dict):
+                raise BundleFormatError(str(config_path), "added_tokens_decoder must be an object", "re-export the bundle")
+            for key in sorted(decoder, key=lambda k: _parse_id(k, config_path)):
+                entry = decoder[key]
+                if not isinstance(entry, dict):
+                    raise BundleFormatError(
+                        str(config_path), f"added_tokens_decoder[{key!r}] must be an object", "re-export the bundle"
+                    )
+                listed[_token_content(entry, config_path, "added token")] = (_parse_id(key, config_path), entry)
+        else:
+            map_path = folder / "special_tokens_map.json"
+            special_map = _read_json(map_path, required=False) or {}
+            if not isinstance(special_map, dict):
+                raise BundleFormatError(str(map_path), "must be a JSON object", "re-export the bundle")
+            named.update((name, (special_map[name], map_path)) for name in _SPECIAL_ORDER if special_map.get(name))
+            extra_path = folder / "added_tokens.json"
+            extra = _read_json(extra_path, required=False) or {}
+            if not isinstance(extra, dict):
+                raise BundleFormatError(str(extra_path), "must be a JSON object", "re-export the bundle")
+            special_texts = {_token_content(v, p, n) for n, (v, p) in named.items()}
+            for content, token_id in sorted(extra.items(), key=lambda kv: _parse_id(kv[1], extra_path)):
+                listed[content] = (_parse_id(token_id, extra_path), {"special": content in special_texts})
 
-        known = {t.content: t.id for t in added}
+        added = [
+            _added_token(content, token_id, flags, vocab, config_path, named_special=False)
+            for content, (token_id, flags) in listed.items()
+        ]
         specials: dict[str, str] = {}
         for name in _SPECIAL_ORDER:
-            value = special_map.get(name, config.get(name, _DEFAULT_SPECIALS[name]))
-            source = folder / ("special_tokens_map.json" if name in special_map else "tokenizer_config.json")
-            if value is None:
-                value = _DEFAULT_SPECIALS[name]
+            value, source = named.get(name, (_DEFAULT_SPECIALS[name], config_path))
             content = _token_content(value, source, name)
-            token_id = vocab.get(content, known.get(content))
-            if token_id is None:
-                raise BundleFormatError(
-                    str(source), f"{name} {content!r} is not in vocab.json",
-                    "use the special tokens of the tokenizer this vocab.json came from",
-                )
-            added.append(_added_token(value, token_id, vocab, source, plain_special=True))
+            if content in listed:
+                # transformers swaps a named special for the listed token of the same text.
+                token_id, flags = listed[content]
+                source = config_path if "added_tokens_decoder" in config else folder / "added_tokens.json"
+            else:
+                token_id, flags = vocab.get(content), (value if isinstance(value, dict) else {})
+                if token_id is None:
+                    raise BundleFormatError(
+                        str(source), f"{name} {content!r} is neither in vocab.json nor an added token",
+                        "use the special tokens of the tokenizer this vocab.json came from",
+                    )
+            added.append(_added_token(content, token_id, flags, vocab, source, named_special=True))
             specials[name] = content
         return cls(vocab, merges, model_max_length=max_length, added_tokens=added, **specials)
 
@@ -538,28 +559,25 @@ def _token_content(value, path: Path, name: str) -> str:
     )
 
 
-def _added_token(value, token_id, vocab: dict[str, int], path: Path, *, plain_special: bool) -> AddedToken:
-    """An AddedToken with transformers' defaults for the flags a file leaves out.
+def _added_token(content: str, token_id, flags: dict, vocab: dict[str, int], path: Path, *,
+                 named_special: bool) -> AddedToken:
+    """An AddedToken with the flags transformers and tokenizers end up with.
 
-    bos/eos/unk/pad are special and, unless the file says otherwise, normalized=False; other
-    added tokens default to special=False and then to normalized=True (tokenizers' `not special`).
+    bos/eos/unk/pad are always special. `normalized`, when a file leaves it out, is resolved
+    by tokenizers as `not special` once the special flag is final: False for those four, True
+    for a plain added token.
     """
-    content = _token_content(value, path, "added token")
     if not isinstance(token_id, int) or isinstance(token_id, bool):
         raise BundleFormatError(str(path), f"added token {content!r} has a non-integer id {token_id!r}",
                                 "re-export the bundle")
     if content in vocab:
         token_id = vocab[content]  # tokenizers keeps the model's id for text already in the vocab
-    if isinstance(value, str):
-        special = plain_special
-        normalized = not plain_special
-    else:
-        special = bool(value.get("special", plain_special))
-        normalized = bool(value.get("normalized", not special))
-        unsupported = [flag for flag in ("lstrip", "rstrip", "single_word") if value.get(flag)]
-        if unsupported:
-            raise BundleFormatError(
-                str(path), f"added token {content!r} sets {', '.join(unsupported)}, which this tokenizer does not emulate",
-                "re-export the tokenizer with those flags false (CLIP tokenizers never set them)",
-            )
+    special = True if named_special else bool(flags.get("special", False))
+    normalized = bool(flags.get("normalized", not special))
+    unsupported = [flag for flag in ("lstrip", "rstrip", "single_word") if flags.get(flag)]
+    if unsupported:
+        raise BundleFormatError(
+            str(path), f"added token {content!r} sets {', '.join(unsupported)}, which this tokenizer does not emulate",
+            "re-export the tokenizer with those flags false (CLIP tokenizers never set them)",
+        )
     return AddedToken(content=content, id=token_id, special=special, normalized=normalized)
