@@ -37,6 +37,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         options["threads"] = args.threads
     if args.cache_dir is not None:
         options["cache_dir"] = args.cache_dir
+    if args.low_memory:
+        if args.backend != "onnxruntime":
+            raise LcmEdgeError("--low-memory: only the onnxruntime backend has a memory arena to turn off. "
+                               "Fix: drop --low-memory, or use --backend onnxruntime")
+        options["memory_arena"] = False
     t0 = time.perf_counter()
     bundle = load_bundle(args.bundle)
     generation = dict(num_frames=args.frames, height=args.height, width=args.width, num_inference_steps=args.steps,
@@ -118,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="onnxruntime: cpu|cuda|tensorrt|directml|openvino; openvino: CPU|GPU|NPU|AUTO")
     gen.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     gen.add_argument("--cache-dir", type=Path, default=None, help="OpenVINO compile cache folder")
+    gen.add_argument("--low-memory", action="store_true",
+                     help="onnxruntime: no CPU memory arena (about half the peak RAM, slower steps)")
     gen.add_argument("--frames", type=int, default=None)
     gen.add_argument("--height", type=int, default=None)
     gen.add_argument("--width", type=int, default=None)

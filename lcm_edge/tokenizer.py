@@ -25,7 +25,7 @@ import functools
 import json
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -246,10 +246,16 @@ class CLIPTokenizer:
             if not token.content:
                 raise InvalidArgumentError("added_tokens", "an added token has empty content", "drop it")
             by_content[token.content] = token
+        # Like transformers, special tokens given only by name are matched verbatim in the text.
+        for text in (bos_token, eos_token, unk_token, pad_token):
+            if text not in by_content and text in self._vocab:
+                by_content[text] = AddedToken(content=text, id=self._vocab[text], special=True, normalized=False)
         self._added = by_content
         self._raw_patterns = [t.content for t in by_content.values() if not t.normalized]
         # Normalised tokens are matched in normalised text, so their own text is normalised too.
         self._normalized_patterns = {normalize(t.content): t for t in by_content.values() if t.normalized}
+        self._normalized_patterns.pop("", None)
+        self._normalized_pattern_list = list(self._normalized_patterns)
         self._special_ids = frozenset(t.id for t in by_content.values() if t.special)
 
         self._id_to_token: dict[int, str] = {i: tok for tok, i in self._vocab.items()}
@@ -292,11 +298,9 @@ class CLIPTokenizer:
     def from_folder(cls, folder) -> "CLIPTokenizer":
         """Load vocab.json, merges.txt and tokenizer_config.json as transformers does.
 
-        Special tokens and their flags follow transformers' precedence: a tokenizer_config.json
-        with `added_tokens_decoder` (the current format) is used alone, and its entries define
-        the flags of the special tokens they name. Without it (the legacy format SD1.5 ships),
-        special_tokens_map.json overrides tokenizer_config.json and added_tokens.json lists
-        extra tokens. Tokens named nowhere get CLIP's defaults.
+        Which special tokens exist, and whether each is matched in raw or normalised text,
+        follows transformers' loading rules (see `_collect_added_tokens`); special_tokens_map.json
+        and added_tokens.json are read where transformers reads them.
         """
         folder = Path(folder)
         if not folder.is_dir():
@@ -317,66 +321,20 @@ class CLIPTokenizer:
         config = _read_json(config_path, required=True)
         if not isinstance(config, dict):
             raise BundleFormatError(str(config_path), "must be a JSON object", "re-export the bundle")
-
         max_length = config.get("model_max_length")
         if not isinstance(max_length, int) or isinstance(max_length, bool) or not 2 <= max_length <= 1_000_000:
             raise BundleFormatError(
                 str(config_path), f"model_max_length must be an int between 2 and 1e6, got {max_length!r}",
                 "set it to the text encoder's sequence length (77 for CLIP)",
             )
-
-        # (content -> (id, flags dict)) of the tokens listed outside the bos/eos/unk/pad keys.
-        listed: dict[str, tuple[int, dict]] = {}
-        named: dict[str, tuple[object, Path]] = {
-            name: (config[name], config_path) for name in _SPECIAL_ORDER if config.get(name) is not None
-        }
-        if "added_tokens_decoder" in config:
-            decoder = config["added_tokens_decoder"]
-            if not isinstance(decoder, dict):
-                raise BundleFormatError(str(config_path), "added_tokens_decoder must be an object", "re-export the bundle")
-            for key in sorted(decoder, key=lambda k: _parse_id(k, config_path)):
-                entry = decoder[key]
-                if not isinstance(entry, dict):
-                    raise BundleFormatError(
-                        str(config_path), f"added_tokens_decoder[{key!r}] must be an object", "re-export the bundle"
-                    )
-                listed[_token_content(entry, config_path, "added token")] = (_parse_id(key, config_path), entry)
-        else:
-            map_path = folder / "special_tokens_map.json"
-            special_map = _read_json(map_path, required=False) or {}
-            if not isinstance(special_map, dict):
-                raise BundleFormatError(str(map_path), "must be a JSON object", "re-export the bundle")
-            named.update((name, (special_map[name], map_path)) for name in _SPECIAL_ORDER if special_map.get(name))
-            extra_path = folder / "added_tokens.json"
-            extra = _read_json(extra_path, required=False) or {}
-            if not isinstance(extra, dict):
-                raise BundleFormatError(str(extra_path), "must be a JSON object", "re-export the bundle")
-            special_texts = {_token_content(v, p, n) for n, (v, p) in named.items()}
-            for content, token_id in sorted(extra.items(), key=lambda kv: _parse_id(kv[1], extra_path)):
-                listed[content] = (_parse_id(token_id, extra_path), {"special": content in special_texts})
-
-        added = [
-            _added_token(content, token_id, flags, vocab, config_path, named_special=False)
-            for content, (token_id, flags) in listed.items()
-        ]
-        specials: dict[str, str] = {}
-        for name in _SPECIAL_ORDER:
-            value, source = named.get(name, (_DEFAULT_SPECIALS[name], config_path))
-            content = _token_content(value, source, name)
-            if content in listed:
-                # transformers swaps a named special for the listed token of the same text.
-                token_id, flags = listed[content]
-                source = config_path if "added_tokens_decoder" in config else folder / "added_tokens.json"
-            else:
-                token_id, flags = vocab.get(content), (value if isinstance(value, dict) else {})
-                if token_id is None:
-                    raise BundleFormatError(
-                        str(source), f"{name} {content!r} is neither in vocab.json nor an added token",
-                        "use the special tokens of the tokenizer this vocab.json came from",
-                    )
-            added.append(_added_token(content, token_id, flags, vocab, source, named_special=True))
-            specials[name] = content
-        return cls(vocab, merges, model_max_length=max_length, added_tokens=added, **specials)
+        added, specials = _collect_added_tokens(folder, config, vocab)
+        try:
+            return cls(vocab, merges, model_max_length=max_length, added_tokens=added, **specials)
+        except InvalidArgumentError as err:
+            # The constructor checks merges against the vocab; name the files, not the argument.
+            raise BundleFormatError(
+                str(folder / "merges.txt"), f"{err.argument}: {err.problem}", "re-export the bundle"
+            ) from err
 
     # -- encoding ----------------------------------------------------------------------------
 
@@ -399,7 +357,7 @@ class CLIPTokenizer:
                 ids.append(token.id)
                 continue
             normalized = normalize(segment)
-            patterns = list(self._normalized_patterns)
+            patterns = self._normalized_pattern_list
             for piece, norm_token in self._split_added(normalized, patterns, self._normalized_patterns.__getitem__):
                 if norm_token is not None:
                     ids.append(norm_token.id)
@@ -559,25 +517,117 @@ def _token_content(value, path: Path, name: str) -> str:
     )
 
 
-def _added_token(content: str, token_id, flags: dict, vocab: dict[str, int], path: Path, *,
-                 named_special: bool) -> AddedToken:
-    """An AddedToken with the flags transformers and tokenizers end up with.
+@dataclass(frozen=True)
+class _Candidate:
+    """An added token as transformers holds it while loading (a str or an AddedToken)."""
 
-    bos/eos/unk/pad are always special. `normalized`, when a file leaves it out, is resolved
-    by tokenizers as `not special` once the special flag is final: False for those four, True
-    for a plain added token.
-    """
-    if not isinstance(token_id, int) or isinstance(token_id, bool):
-        raise BundleFormatError(str(path), f"added token {content!r} has a non-integer id {token_id!r}",
-                                "re-export the bundle")
-    if content in vocab:
-        token_id = vocab[content]  # tokenizers keeps the model's id for text already in the vocab
-    special = True if named_special else bool(flags.get("special", False))
-    normalized = bool(flags.get("normalized", not special))
-    unsupported = [flag for flag in ("lstrip", "rstrip", "single_word") if flags.get(flag)]
+    content: str
+    special: bool
+    normalized: bool | None  # None: unset, tokenizers resolves it as `not special`
+    plain: bool  # given as a plain string
+    token_id: int | None = None
+
+    def same_as(self, other: "_Candidate") -> bool:
+        # Python's `in` as transformers uses it: str == str by text, AddedToken == AddedToken
+        # field by field, and a str never equals an AddedToken.
+        if self.plain or other.plain:
+            return self.plain and other.plain and self.content == other.content
+        return (self.content, self.special, self.resolved(self.special)) == (
+            other.content, other.special, other.resolved(other.special))
+
+    def resolved(self, special: bool) -> bool:
+        return self.normalized if self.normalized is not None else not special
+
+
+def _candidate(value, path: Path, name: str, *, special_default: bool, token_id=None) -> _Candidate:
+    content = _token_content(value, path, name)
+    if isinstance(value, str):
+        return _Candidate(content, special=True, normalized=False, plain=True, token_id=token_id)
+    unsupported = [flag for flag in ("lstrip", "rstrip", "single_word") if value.get(flag)]
     if unsupported:
         raise BundleFormatError(
-            str(path), f"added token {content!r} sets {', '.join(unsupported)}, which this tokenizer does not emulate",
+            str(path), f"{name} {content!r} sets {', '.join(unsupported)}, which this tokenizer does not emulate",
             "re-export the tokenizer with those flags false (CLIP tokenizers never set them)",
         )
-    return AddedToken(content=content, id=token_id, special=special, normalized=normalized)
+    normalized = value.get("normalized")
+    return _Candidate(content, special=bool(value.get("special", special_default)),
+                      normalized=None if normalized is None else bool(normalized), plain=False, token_id=token_id)
+
+
+def _collect_added_tokens(folder: Path, config: dict, vocab: dict[str, int]) -> tuple[list[AddedToken], dict[str, str]]:
+    """The added tokens, with the flags transformers (5.x) ends up giving them, and bos/eos/pad/unk.
+
+    transformers' rules, which decide whether e.g. "<|ENDOFTEXT|>" typed in a prompt becomes the
+    eos id (normalized=True) or five BPE tokens (normalized=False):
+    - a config with `added_tokens_decoder` (current format) is used alone; otherwise (legacy,
+      as SD1.5 ships) special_tokens_map.json overrides it and added_tokens.json lists tokens;
+    - listed tokens come first; then bos, eos, unk, pad, each skipped when its text is listed
+      or when an equal value was already taken; for the same text the last one taken wins;
+    - every token named bos/eos/unk/pad is special; an unset `normalized` means `not special`.
+    """
+    config_path = folder / "tokenizer_config.json"
+    named: dict[str, _Candidate] = {}
+    for name in _SPECIAL_ORDER:
+        value = config.get(name)
+        if value is not None:
+            named[name] = _candidate(value, config_path, name, special_default=False)
+    listed: list[_Candidate] = []
+    if "added_tokens_decoder" in config:
+        decoder = config["added_tokens_decoder"]
+        if not isinstance(decoder, dict):
+            raise BundleFormatError(str(config_path), "added_tokens_decoder must be an object", "re-export the bundle")
+        for key in sorted(decoder, key=lambda k: _parse_id(k, config_path)):
+            entry = decoder[key]
+            if not isinstance(entry, dict):
+                raise BundleFormatError(
+                    str(config_path), f"added_tokens_decoder[{key!r}] must be an object", "re-export the bundle"
+                )
+            listed.append(_candidate(entry, config_path, "added token", special_default=False,
+                                     token_id=_parse_id(key, config_path)))
+    else:
+        map_path = folder / "special_tokens_map.json"
+        special_map = _read_json(map_path, required=False) or {}
+        if not isinstance(special_map, dict):
+            raise BundleFormatError(str(map_path), "must be a JSON object", "re-export the bundle")
+        from_map = set()
+        for name in _SPECIAL_ORDER:
+            if special_map.get(name) is not None:
+                named[name] = _candidate(special_map[name], map_path, name, special_default=True)
+                named[name] = replace(named[name], special=True)
+                from_map.add(name)
+        extra_path = folder / "added_tokens.json"
+        extra = _read_json(extra_path, required=False) or {}
+        if not isinstance(extra, dict):
+            raise BundleFormatError(str(extra_path), "must be a JSON object", "re-export the bundle")
+        # At this point transformers still holds tokenizer_config's token objects as raw dicts,
+        # so only plain strings and special_tokens_map entries count as "special" here.
+        special_texts = {c.content for n, c in named.items() if c.plain or n in from_map}
+        for content, token_id in sorted(extra.items(), key=lambda kv: _parse_id(kv[1], extra_path)):
+            is_special = content in special_texts
+            listed.append(_Candidate(content, special=is_special, normalized=not is_special, plain=False,
+                                     token_id=_parse_id(token_id, extra_path)))
+
+    for name in _SPECIAL_ORDER:  # tokens named nowhere get CLIPTokenizer's defaults
+        named.setdefault(name, _candidate(_DEFAULT_SPECIALS[name], config_path, name, special_default=True))
+    listed_ids = {c.content: c.token_id for c in listed}
+    taken: list[_Candidate] = []
+    for name in _SPECIAL_ORDER:
+        candidate = named[name]
+        if candidate.content in listed_ids or any(candidate.same_as(t) for t in taken):
+            continue
+        taken.append(candidate)
+
+    named_texts = {c.content for c in named.values()}
+    by_content: dict[str, AddedToken] = {}
+    for candidate in listed + taken:
+        special = candidate.special or candidate.content in named_texts
+        token_id = vocab.get(candidate.content, candidate.token_id)  # tokenizers keeps a vocab id
+        if token_id is None:
+            raise BundleFormatError(
+                str(config_path), f"special token {candidate.content!r} is neither in vocab.json nor an added token",
+                "use the special tokens of the tokenizer this vocab.json came from",
+            )
+        by_content[candidate.content] = AddedToken(
+            content=candidate.content, id=token_id, special=special, normalized=candidate.resolved(special)
+        )
+    return list(by_content.values()), {name: named[name].content for name in _SPECIAL_ORDER}

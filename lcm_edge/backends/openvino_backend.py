@@ -87,7 +87,7 @@ class OpenVinoBackend(Backend):
         if self.cache_dir is not None:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
             self.config["CACHE_DIR"] = str(self.cache_dir)
-        self._version = ov.__version__
+        self._version = ov.__version__.split("-")[0]
 
     def open(self, bundle_root: Path, component: ComponentInfo) -> Session:
         path = bundle_root / (component.openvino or component.onnx)

@@ -57,7 +57,7 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, device: str = "cpu", *, threads: int | None = None, optimization: str = "all",
-                 provider_options: Mapping[str, str] | None = None):
+                 memory_arena: bool = True, provider_options: Mapping[str, str] | None = None):
         provider = PROVIDERS.get(device.lower(), device)
         available = ort.get_available_providers()
         if provider not in PROVIDERS.values():
@@ -80,6 +80,9 @@ class OnnxRuntimeBackend(Backend):
         self.threads = threads
         self.optimization = optimization
         self.provider_options = dict(provider_options or {})
+        # The CPU arena keeps peak activations reserved: measured on the tiny UNet at 16 frames,
+        # 2.2 GB peak RSS with it, 1.2 GB without, at 1.45x the step time. Off for low-RAM devices.
+        self.memory_arena = memory_arena
 
     def open(self, bundle_root: Path, component: ComponentInfo) -> Session:
         path = bundle_root / component.onnx
@@ -87,6 +90,7 @@ class OnnxRuntimeBackend(Backend):
         options.graph_optimization_level = OPTIMIZATION_LEVELS[self.optimization]
         if self.threads:
             options.intra_op_num_threads = self.threads
+        options.enable_cpu_mem_arena = self.memory_arena
         providers = [(self.provider, self.provider_options)]
         if self.provider != "CPUExecutionProvider":
             # Nodes an accelerator EP does not take run on CPU; that is onnxruntime's partitioning,

@@ -1,0 +1,1 @@
+"""lcm_edge.distill: decoupled consistency learning (AnimateLCM) on Hugging Face Accelerate."""
