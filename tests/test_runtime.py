@@ -165,3 +165,23 @@ print("LEAKED", leaked)
     assert out.returncode == 0, out.stderr
     assert "LEAKED []" in out.stdout
     assert (tmp_path / "clip.gif").stat().st_size > 0
+
+
+def test_openvino_compile_cache_and_precision(tiny_bundle, tmp_path):
+    cache = tmp_path / "ov_cache"
+    pipe = AnimateLCMPipeline.from_bundle(tiny_bundle, backend="openvino", device="CPU", cache_dir=cache,
+                                          performance_hint="THROUGHPUT")
+    assert any(cache.iterdir()), "OpenVINO wrote no compiled blobs to cache_dir"
+    assert "THROUGHPUT f32" in pipe.backend.describe()
+    assert pipe.unet.path.name == "openvino_model.xml"  # the bundle's IR, not the ONNX graph
+    with pytest.raises(BackendError, match="inference_precision"):
+        create_backend("openvino", "CPU", inference_precision="int4")
+    with pytest.raises(BackendError, match="performance_hint"):
+        create_backend("openvino", "CPU", performance_hint="FASTEST")
+
+
+def test_onnxruntime_options(tiny_bundle):
+    pipe = AnimateLCMPipeline.from_bundle(tiny_bundle, threads=1, optimization="basic", memory_arena=False)
+    assert small(pipe, num_inference_steps=1).frames.shape == (4, 16, 16, 3)
+    with pytest.raises(BackendError, match="optimization"):
+        create_backend("onnxruntime", "cpu", optimization="max")

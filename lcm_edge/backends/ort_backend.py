@@ -7,6 +7,7 @@ from typing import Mapping
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidGraph, InvalidProtobuf, NoSuchFile
 
 from ..bundle import ComponentInfo, TensorSpec
 from ..errors import BackendError, BundleIntegrityError
@@ -98,11 +99,9 @@ class OnnxRuntimeBackend(Backend):
             providers.append(("CPUExecutionProvider", {}))
         try:
             session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
-        except Exception as exc:  # onnxruntime raises bare RuntimeError/Fail subclasses for bad files
-            if "Protobuf parsing failed" in str(exc) or "INVALID_PROTOBUF" in str(exc) or "INVALID_GRAPH" in str(exc):
-                raise BundleIntegrityError(path, f"onnxruntime cannot read the graph ({exc})",
-                                           "re-export the bundle") from exc
-            raise
+        except (InvalidProtobuf, InvalidGraph, NoSuchFile) as exc:
+            raise BundleIntegrityError(path, f"onnxruntime cannot read the graph ({exc})",
+                                       "re-export the bundle") from exc
         active = session.get_providers()
         if self.provider not in active:
             raise BackendError(f"device: {self.provider} failed to initialise for {component.name} (active: "
