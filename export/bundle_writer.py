@@ -41,7 +41,7 @@ from .wrappers import TextEncoderWrapper, UNetWrapper, VaeDecoderWrapper
 TOKENIZER_GATE_PROMPTS = (
     "", "a red circle moving right", "A photo of an astronaut riding a horse on Mars, 4k, highly detailed!",
     "It's   a\tcafé — naïve façade, 3.14 & 1,000 <b>bold</b> &amp; emoji 🙂", "日本語のテキスト",
-    " ".join(["long"] * 90),
+    " ".join(["long"] * 90), "<|STARTOFTEXT|> <|ENDOFTEXT|> hi!",
 )
 
 
@@ -96,6 +96,13 @@ def write_tokenizer_files(tokenizer, folder: Path) -> None:
         "bos_token": str(tokenizer.bos_token), "eos_token": str(tokenizer.eos_token),
         "pad_token": str(tokenizer.pad_token), "unk_token": str(tokenizer.unk_token),
         "do_lower_case": True,
+        # How each special token is matched in a prompt (e.g. after lowercasing or not) lives
+        # here; plain strings above would lose it and change ids for prompts that type them.
+        "added_tokens_decoder": {
+            str(a["id"]): {key: a[key] for key in ("content", "normalized", "special", "lstrip", "rstrip",
+                                                   "single_word")}
+            for a in state["added_tokens"]
+        },
     })
 
 

@@ -44,17 +44,16 @@ _DEFAULT_SPECIALS = {
     "unk_token": "<|endoftext|>",
     "pad_token": "<|endoftext|>",
 }
-# transformers registers special tokens in this order; a later one overrides the flags of an
-# earlier one with the same text (SD1.5's plain-string pad makes <|endoftext|> normalized=False).
+# The named special tokens, in the order transformers registers them (see _collect_added_tokens).
 _SPECIAL_ORDER = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 # Unicode White_Space, which is what `\s` means in the tokenizers regex engine. Python's
 # str.isspace() also accepts U+001C..U+001F; tokenizers treats those as punctuation.
-_WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
-_WHITESPACE_RUN = re.compile(f"[{_WHITESPACE}]+")
-_WHITESPACE_SET = frozenset(
-    "\t\n\x0b\x0c\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000" + "".join(map(chr, range(0x2000, 0x200B)))
+_WHITESPACE_CHARS = (
+    "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000"
 )
+_WHITESPACE_SET = frozenset(_WHITESPACE_CHARS)
+_WHITESPACE_RUN = re.compile("[" + re.escape(_WHITESPACE_CHARS) + "]+")
 
 # Code points Python 3.11 calls "Cn" (unassigned) but tokenizers' regex engine (Unicode 16) puts
 # in \p{L} / \p{N}. Newer Pythons know them already, so the table is only consulted for "Cn".
@@ -331,9 +330,10 @@ class CLIPTokenizer:
         try:
             return cls(vocab, merges, model_max_length=max_length, added_tokens=added, **specials)
         except InvalidArgumentError as err:
-            # The constructor checks merges against the vocab; name the files, not the argument.
+            # The constructor validates what the files hold; report the file, not the argument.
+            bad_file = "merges.txt" if err.argument == "merges" else "tokenizer_config.json"
             raise BundleFormatError(
-                str(folder / "merges.txt"), f"{err.argument}: {err.problem}", "re-export the bundle"
+                str(folder / bad_file), f"{err.argument}: {err.problem}", "re-export the bundle"
             ) from err
 
     # -- encoding ----------------------------------------------------------------------------

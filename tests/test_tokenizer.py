@@ -12,7 +12,7 @@ import shutil
 import numpy as np
 import pytest
 
-from clip_vocab import write_sd15_tokenizer
+from clip_vocab import sd15_vocab_and_merges, write_sd15_tokenizer
 from lcm_edge.errors import BundleFormatError, BundleNotFoundError, InvalidArgumentError
 from lcm_edge.tokenizer import CLIPTokenizer, TokenizedPrompt
 
@@ -22,9 +22,7 @@ BOS, EOS = 49406, 49407
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(scope="session")
-def sd15_tokenizer_dir(tmp_path_factory):
-    return write_sd15_tokenizer(tmp_path_factory.mktemp("sd15_tokenizer"))
+# `sd15_tokenizer_dir` (SD1.5's real tokenizer files) comes from tests/conftest.py.
 
 
 @pytest.fixture(scope="session")
@@ -81,6 +79,7 @@ HAND_WRITTEN = [
     # special token strings typed by the user
     "<|startoftext|>", "<|endoftext|>", "<|ENDOFTEXT|>", "<|StartOfText|>", "a<|endoftext|>b",
     "a <|endoftext|> b", "x<|startoftext|>!", "!<|endoftext|>!", "<|endoftext|>\u0338", "<|endoftext",
+    "a<|ENDOFTEXT|>!", "x <|EndOfText|>?? y", "<|ENDOFTEXT|><|ENDOFTEXT|>",
     # accents, NFC composition, combining marks
     "café", "cafe\u0301", "CAFÉ", "CAFE\u0301", "naïve résumé", "Ångström", "A\u030angstrom",
     "\u0301leading combining", "e\u0301\u0301", "ñandú", "Zürich", "São Paulo", "Kraków", "İstanbul",
@@ -156,15 +155,13 @@ def test_corpus_matches_transformers(ours, reference):
 def test_sampled_code_points_match_transformers(ours, reference):
     # Every character class decision (letter / number / whitespace / other, lowercase, NFC)
     # over a spread of code points, in contexts that expose run merging and digit splitting.
-    backend = reference.backend_tokenizer
+    tokenizers = pytest.importorskip("tokenizers")
+    backend = tokenizers.Tokenizer.from_str(reference.backend_tokenizer.to_str())  # a copy to reconfigure
     backend.no_padding()
     backend.no_truncation()
-    try:
-        chars = [chr(cp) for cp in range(0, 0x110000, 173) if not 0xD800 <= cp < 0xE000]
-        texts = [t for c in chars for t in (f"a{c}b", f"{c}{c}1'{c}", f"!{c}x{c.upper()}")]
-        expected = [enc.ids[1:-1] for enc in backend.encode_batch(texts)]
-    finally:
-        reference.backend_tokenizer.enable_truncation(MAX_LEN)
+    chars = [chr(cp) for cp in range(0, 0x110000, 173) if not 0xD800 <= cp < 0xE000]
+    texts = [t for c in chars for t in (f"a{c}b", f"{c}{c}1'{c}", f"!{c}x{c.upper()}")]
+    expected = [enc.ids[1:-1] for enc in backend.encode_batch(texts)]
     bad = [f"{t!r}: {e} != {ours.tokenize(t)}" for t, e in zip(texts, expected) if ours.tokenize(t) != e]
     assert not bad, f"{len(bad)} of {len(texts)} differ:\n" + "\n".join(bad[:50])
 
@@ -217,7 +214,7 @@ def test_num_tokens_counts_prompt_tokens_only(ours, reference):
 
 
 def test_decode_round_trip(ours, reference):
-    for prompt in ["a photo of a cat", "astronaut riding a horse on mars", "hello world 123",
+    for prompt in ["a photo of a cat", "astronaut riding a horse on mars", "hello world",
                    "café au lait", "一只猫"]:
         ids = ours.encode(prompt).input_ids
         assert ours.decode(ids) == prompt
@@ -231,6 +228,19 @@ def test_decode_rejects_unknown_ids(ours):
     with pytest.raises(InvalidArgumentError) as err:
         ours.decode([320, 10**6])
     assert err.value.argument == "ids"
+
+
+def test_constructor_registers_named_special_tokens(ours):
+    vocab, merges = sd15_vocab_and_merges()
+    direct = CLIPTokenizer(vocab, merges, model_max_length=MAX_LEN, bos_token="<|startoftext|>",
+                           eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    prompt = "a <|endoftext|> cat <|startoftext|>"
+    assert direct.encode(prompt).input_ids.tolist() == ours.encode(prompt).input_ids.tolist()
+    assert direct.tokenize(prompt) == [320, EOS, 2368, BOS]
+    with pytest.raises(InvalidArgumentError) as err:
+        CLIPTokenizer(vocab, merges, model_max_length=1, bos_token="<|startoftext|>",
+                      eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    assert err.value.argument == "model_max_length"
 
 
 def test_vocab_size(ours):
@@ -281,12 +291,9 @@ def test_malformed_files_raise_bundle_format_error(sd15_tokenizer_dir, tmp_path,
     folder = tmp_path / "tok"
     shutil.copytree(sd15_tokenizer_dir, folder)
     (folder / filename).write_text(content, encoding="utf-8")
-    with pytest.raises((BundleFormatError, InvalidArgumentError)) as err:
+    with pytest.raises(BundleFormatError) as err:
         CLIPTokenizer.from_folder(folder)
-    if isinstance(err.value, BundleFormatError):
-        assert err.value.path == str(folder / filename)
-    else:
-        assert err.value.argument == "merges"
+    assert err.value.path == str(folder / filename)
 
 
 def test_merges_starting_with_hash_are_kept(ours, reference):
