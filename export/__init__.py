@@ -14,11 +14,19 @@ except ImportError as exc:  # re-raised as the install command the user needs
     raise MissingExtraError("lcm_edge.export", "export", exc.name or "torch") from exc
 
 from .bundle_writer import ExportReport, export_bundle, write_tokenizer_files
+from .checkpoints import load_ldm_checkpoint
 from .diffusers_folder import DiffusersComponents, load_diffusers_folder
+from .lora import LORA_FUSION_TOLERANCE, FusionReport, LoraFile, LoraRequest, fuse_loras, load_lora
+from .motion_module import load_motion_module
 from .parity import ParityReport, check_parity
+from .precision import ONNX_FP16_TOLERANCE, OPENVINO_FP16_TOLERANCE
+from .sources import load_components
 from .specs import ONNX_FP32_TOLERANCE, Tolerance
+from .weights import WeightsMismatchError
 
 __all__ = [
-    "DiffusersComponents", "ExportReport", "ONNX_FP32_TOLERANCE", "ParityReport", "Tolerance", "check_parity",
-    "export_bundle", "load_diffusers_folder", "write_tokenizer_files",
+    "DiffusersComponents", "ExportReport", "FusionReport", "LORA_FUSION_TOLERANCE", "LoraFile", "LoraRequest",
+    "ONNX_FP16_TOLERANCE", "ONNX_FP32_TOLERANCE", "OPENVINO_FP16_TOLERANCE", "ParityReport", "Tolerance",
+    "WeightsMismatchError", "check_parity", "export_bundle", "fuse_loras", "load_components", "load_diffusers_folder",
+    "load_ldm_checkpoint", "load_lora", "load_motion_module", "write_tokenizer_files",
 ]

@@ -32,9 +32,11 @@ from lcm_edge.errors import InvalidArgumentError, ParityError
 from lcm_edge.scheduler import SchedulerConfig
 from lcm_edge.tokenizer import CLIPTokenizer as RuntimeTokenizer
 
-from .onnx_io import OPSET, export_onnx
+from .onnx_io import EXTERNAL_DATA_THRESHOLD_BYTES, OPSET, export_onnx, parameter_bytes
 from .openvino_ir import convert_to_openvino
-from .parity import ParityReport, check_parity
+from .parity import ParityReport, check_parity, reference_outputs
+from .precision import (FP16_COMPONENTS, ONNX_FP16_TOLERANCE, OPENVINO_FP16_TOLERANCE, check_precision,
+                        convert_onnx_to_fp16)
 from .specs import ComponentSpec, ShapeCase, sample_inputs, text_encoder_spec, unet_spec, vae_decoder_spec
 from .wrappers import TextEncoderWrapper, UNetWrapper, VaeDecoderWrapper
 
@@ -184,10 +186,19 @@ def export_bundle(out: str | os.PathLike, *, unet: torch.nn.Module, vae: torch.n
                   motion_adapter: torch.nn.Module | None = None, openvino: bool = False,
                   default_frames: int = 16, default_fps: int = 8, external_data: bool | None = None,
                   provenance: Mapping[str, Any] | None = None, overwrite: bool = False,
-                  seed: int = 0) -> ExportReport:
-    """Export components to a bundle at `out`; every graph passes its parity gate or nothing is written."""
+                  seed: int = 0, precision: str = "fp32", release_torch: bool = False) -> ExportReport:
+    """Export components to a bundle at `out`; every graph passes its parity gate or nothing is written.
+
+    precision: "fp32", or "fp16" (UNet and text encoder as fp16 graphs, OpenVINO IR with fp16
+    weights; the VAE decoder stays fp32, see precision.py). Each fp16 graph is gated against
+    fp32 torch with its own tolerance, after the fp32 graph it comes from passed the fp32 gate.
+    release_torch: move each torch model to the `meta` device once its graph is traced and its
+    reference outputs are computed, so torch's copy of the weights is freed before onnxruntime
+    and OpenVINO load theirs (halves peak memory at full size). The models are unusable afterwards.
+    """
     start = time.perf_counter()
     out = Path(out)
+    check_precision(precision)
     _prepare_destination(out, overwrite)
 
     # 1. Check the components fit together and derive the model facts the runtime needs.
@@ -236,26 +247,47 @@ def export_bundle(out: str | os.PathLike, *, unet: torch.nn.Module, vae: torch.n
     ov_backend = create_backend("openvino", "CPU") if openvino else None
     try:
         components = {}
+        details = {}
         for name, (spec, module) in specs.items():
-            # 2. Trace to ONNX.
+            # 2. Trace to ONNX (fp32), and compute torch's outputs once for every gate below.
             onnx_path = tmp / name / "model.onnx"
             example = sample_inputs(spec, trace_case, vocab_size=vocab_size, rng=rng)
             data_path = export_onnx(module, spec, example, onnx_path, external_data=external_data)
             feeds = {key: sample_inputs(spec, case, vocab_size=vocab_size, rng=rng) for key, case in cases.items()}
+            expected = reference_outputs(module, spec, feeds)
+            source_config = module_config(name, motion_unet, vae, text_encoder)
+            weight_bytes = parameter_bytes(module)
+            if release_torch:
+                module.to("meta")
+            half = precision == "fp16" and name in FP16_COMPONENTS
             info = ComponentInfo(
                 name=name, onnx=f"{name}/model.onnx",
                 onnx_data=f"{name}/{data_path.name}" if data_path else None, openvino=None,
-                config=f"{name}/config.json", inputs=spec.inputs, outputs=spec.outputs, precision="fp32")
-            # 3. Gate on onnxruntime.
+                config=f"{name}/config.json", inputs=spec.inputs, outputs=spec.outputs,
+                precision="fp16" if half else "fp32")
+            # 3. Gate the fp32 graph on onnxruntime.
             report.parity[f"{name}/onnxruntime"] = check_parity(
-                module, spec, ort_backend.open(tmp, info), "onnxruntime", feeds)
-            # 4. OpenVINO IR, gated the same way.
+                module, spec, ort_backend.open(tmp, info), "onnxruntime", feeds, expected=expected)
+            # 4. OpenVINO IR from the fp32 graph (fp16-compressed weights in fp16 bundles), gated the same way.
             if ov_backend is not None:
-                convert_to_openvino(onnx_path, tmp / name / "openvino_model.xml")
+                convert_to_openvino(onnx_path, tmp / name / "openvino_model.xml", compress_to_fp16=half)
                 info = dataclasses.replace(info, openvino=f"{name}/openvino_model.xml")
                 report.parity[f"{name}/openvino"] = check_parity(
-                    module, spec, ov_backend.open(tmp, info), "openvino-ir", feeds)
-            source_config = module_config(name, motion_unet, vae, text_encoder)
+                    module, spec, ov_backend.open(tmp, info), "openvino-ir-fp16" if half else "openvino-ir", feeds,
+                    OPENVINO_FP16_TOLERANCE if half else None, expected=expected)
+            # 4b. fp16 graph replaces the gated fp32 one, gated against fp32 torch.
+            if half:
+                keep_external = data_path is not None and (external_data or
+                                                           weight_bytes // 2 > EXTERNAL_DATA_THRESHOLD_BYTES)
+                data_path = convert_onnx_to_fp16(onnx_path, external_data=keep_external)
+                info = dataclasses.replace(info, onnx_data=f"{name}/{data_path.name}" if data_path else None)
+                report.parity[f"{name}/onnxruntime-fp16"] = check_parity(
+                    module, spec, ort_backend.open(tmp, info), "onnxruntime-fp16", feeds, ONNX_FP16_TOLERANCE,
+                    expected=expected)
+            details[name] = {
+                "onnx": "fp16 compute, fp32 inputs/outputs" if half else "fp32",
+                "openvino": None if ov_backend is None else ("FP16-compressed weights" if half else "FP32"),
+            }
             _write_json(tmp / info.config, source_config)
             components[name] = info
 
@@ -274,6 +306,7 @@ def export_bundle(out: str | os.PathLike, *, unet: torch.nn.Module, vae: torch.n
             "exporter": f"lcm_edge {lcm_edge.__version__}",
             "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "versions": _versions(), "opset": OPSET, "source": dict(provenance or {}),
+            "precision": {"requested": precision, "components": details},
             "parity": {key: r.to_dict() for key, r in report.parity.items()},
         })
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from lcm_edge.backends import Session
-from lcm_edge.errors import ParityError
+from lcm_edge.errors import InvalidArgumentError, ParityError
 
 from .specs import ComponentSpec, Tolerance
 
@@ -56,17 +56,29 @@ def run_torch(module: torch.nn.Module, spec: ComponentSpec, feeds: dict[str, np.
     return {name: o.float().numpy() for name, o in zip(spec.output_names, outs)}
 
 
-def check_parity(module: torch.nn.Module, spec: ComponentSpec, session: Session, runtime: str,
-                 cases: dict[str, dict[str, np.ndarray]], tolerance: Tolerance | None = None) -> ParityReport:
-    """Run every case through torch and the session; raise ParityError listing every failing output."""
+def reference_outputs(module: torch.nn.Module, spec: ComponentSpec,
+                      cases: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, np.ndarray]]:
+    """Torch outputs for every case, computed once and reused by every gate of a component."""
+    return {case_name: run_torch(module, spec, feeds) for case_name, feeds in cases.items()}
+
+
+def check_parity(module: torch.nn.Module | None, spec: ComponentSpec, session: Session, runtime: str,
+                 cases: dict[str, dict[str, np.ndarray]], tolerance: Tolerance | None = None, *,
+                 expected: dict[str, dict[str, np.ndarray]] | None = None) -> ParityReport:
+    """Run every case through torch (or take `expected`, from reference_outputs) and the session;
+    raise ParityError listing every failing output."""
     tolerance = tolerance or spec.tolerance
+    if expected is None:
+        if module is None:
+            raise InvalidArgumentError("module", "None while no expected outputs are given",
+                                       "pass the torch module, or expected=reference_outputs(...)")
+        expected = reference_outputs(module, spec, cases)
     checks = []
     for case_name, feeds in cases.items():
-        expected = run_torch(module, spec, feeds)
         actual = session.run(feeds)
         for name in spec.output_names:
             got = actual[name].astype(np.float32)
-            max_abs, max_rel, ok = compare(expected[name], got, tolerance)
+            max_abs, max_rel, ok = compare(expected[case_name][name], got, tolerance)
             checks.append(OutputCheck(spec.name, runtime, case_name, name, max_abs, max_rel, ok))
     failures = [f"{c.component}[{c.runtime}, {c.case}].{c.output}: max abs {c.max_abs:.3g}, max rel "
                 f"{c.max_rel:.3g} > tolerance {tolerance.name} (atol {tolerance.atol}, rtol {tolerance.rtol})"

@@ -66,17 +66,41 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .errors import MissingExtraError
 
     try:
-        from lcm_edge.export import export_bundle, load_diffusers_folder
+        from lcm_edge.export import LoraRequest, export_bundle, load_components
     except MissingExtraError as exc:
         raise LcmEdgeError(str(exc)) from exc
+    if args.model is not None and args.base is not None:
+        raise LcmEdgeError("MODEL_DIR and --base: both given. Fix: pass the model once, as --base DIR|FILE")
+    base = args.base if args.base is not None else args.model
+    if base is None:
+        raise LcmEdgeError("--base: no model given. Fix: pass --base DIR (SD1.5 diffusers folder) or "
+                           "--base FILE (single-file checkpoint, with --base-folder DIR for its tokenizer)")
     overrides = {}
     if args.original_inference_steps is not None:
         overrides["original_inference_steps"] = args.original_inference_steps
     if args.beta_schedule is not None:
         overrides["beta_schedule"] = args.beta_schedule
-    components = load_diffusers_folder(args.model, scheduler_overrides=overrides)
+    motion_config = None
+    if args.motion_config is not None:
+        import json
+
+        try:
+            motion_config = json.loads(Path(args.motion_config).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise LcmEdgeError(f"--motion-config: cannot read '{args.motion_config}' ({exc}). Fix: pass a JSON "
+                               "object of MotionAdapter config keys") from exc
+    t0 = time.perf_counter()
+    components = load_components(base, base_folder=args.base_folder, motion_module=args.motion_module,
+                                 motion_config=motion_config, motion_variant=args.motion_variant,
+                                 loras=[LoraRequest.parse(text) for text in args.lora],
+                                 scheduler_overrides=overrides)
+    print(f"loaded {base} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    for check in components.source.get("loras", {}).get("checks", []):
+        print(f"  LoRA fusion gate {check['component']}: fused vs unfused max abs {check['max_abs']:.3g} "
+              f"(LoRA effect {check['effect_max_abs']:.3g})", file=sys.stderr)
     report = export_bundle(args.out, **components.export_kwargs(), openvino=args.openvino,
-                           provenance=components.source, overwrite=args.overwrite)
+                           provenance=components.source, overwrite=args.overwrite, precision=args.precision,
+                           release_torch=True)
     print(report.summary())
     return 0
 
@@ -136,11 +160,26 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-o", "--output", required=True, help="out.mp4 or out.gif")
     gen.set_defaults(func=cmd_generate)
 
-    exp = sub.add_parser("export", help="export a saved diffusers model folder to a bundle")
-    exp.add_argument("model", type=Path, help="folder with unet/ (or unet/ + motion_adapter/), vae/, "
-                                              "text_encoder/, tokenizer/, scheduler/")
+    exp = sub.add_parser("export", help="export SD1.5 (+ AnimateLCM motion module, LoRAs) to a bundle, offline")
+    exp.add_argument("model", type=Path, nargs="?", default=None,
+                     help="same as --base DIR (kept for existing scripts)")
+    exp.add_argument("--base", type=Path, default=None,
+                     help="SD1.5 diffusers folder (or saved AnimateDiff pipeline), or a single-file LDM checkpoint "
+                          "(.safetensors/.ckpt)")
+    exp.add_argument("--base-folder", type=Path, default=None,
+                     help="with a single-file --base: SD1.5 diffusers folder for tokenizer/ (and configs)")
+    exp.add_argument("--motion-module", type=Path, default=None,
+                     help="AnimateLCM_sd15_t2v.ckpt (original layout) or a diffusers MotionAdapter folder")
+    exp.add_argument("--motion-config", type=Path, default=None,
+                     help="JSON of MotionAdapter config keys overriding those inferred from the weights")
+    exp.add_argument("--motion-variant", default=None, help="MotionAdapter folder weight variant, e.g. fp16")
+    exp.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                     help="LoRA to fuse (repeatable), e.g. AnimateLCM_sd15_t2v_lora.safetensors:0.8")
     exp.add_argument("--out", type=Path, required=True)
-    exp.add_argument("--openvino", action="store_true", help="also write OpenVINO IR (FP32), gated")
+    exp.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
+                     help="fp16: UNet and text encoder in fp16 (VAE decoder stays fp32), gated against fp32")
+    exp.add_argument("--openvino", action="store_true",
+                     help="also write OpenVINO IR (FP32, or FP16-compressed weights with --precision fp16), gated")
     exp.add_argument("--original-inference-steps", type=int, default=None,
                      help="override the LCM schedule's original_inference_steps (AnimateLCM: 100)")
     exp.add_argument("--beta-schedule", default=None, help="override beta_schedule (AnimateLCM: linear)")

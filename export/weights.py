@@ -1,0 +1,217 @@
+"""Reading weight files and loading them strictly: every key accounted for, or a typed error.
+
+Rules shared by every loader in lcm_edge.export:
+- `.safetensors` is read lazily with safetensors; `.ckpt`/`.pt`/`.bin` are pickles and are read
+  with `torch.load(weights_only=True)`, which refuses to run code hidden in the pickle.
+- Weights are loaded into a model built on the `meta` device with `assign=True`, so a 5 GB UNet
+  is never allocated twice (random init + copy) and nothing of it stays uninitialised: a
+  tensor left on `meta` after loading is a partial load and raises.
+- Missing, unexpected and wrongly shaped keys are all listed in one `WeightsMismatchError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import torch
+
+from lcm_edge.errors import BundleFormatError, BundleNotFoundError, InvalidArgumentError
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+# How many keys of each kind an error message shows; the exception keeps the full lists.
+_SHOWN_KEYS = 12
+
+
+class WeightsMismatchError(InvalidArgumentError):
+    """A weight file does not fit the architecture it is loaded into.
+
+    `missing`, `unexpected` and `mismatched` ("key: file shape vs model shape") are complete lists.
+    """
+
+    def __init__(self, argument: str, what: str, *, missing: Iterable[str] = (), unexpected: Iterable[str] = (),
+                 mismatched: Iterable[str] = (), fix: str):
+        self.missing = sorted(missing)
+        self.unexpected = sorted(unexpected)
+        self.mismatched = sorted(mismatched)
+        parts = []
+        for label, keys in (("missing", self.missing), ("unexpected", self.unexpected),
+                            ("wrong shape", self.mismatched)):
+            if keys:
+                shown = ", ".join(keys[:_SHOWN_KEYS])
+                more = f", ... ({len(keys) - _SHOWN_KEYS} more)" if len(keys) > _SHOWN_KEYS else ""
+                parts.append(f"{len(keys)} {label} key(s): {shown}{more}")
+        super().__init__(argument, f"{what} does not fit: " + "; ".join(parts), fix)
+
+
+@dataclass
+class LoadedWeights:
+    """A state dict read from one file (or one diffusers sub-folder), with where it came from."""
+
+    tensors: dict[str, torch.Tensor]
+    files: list[Path]
+    metadata: dict[str, str] = field(default_factory=dict)  # safetensors header metadata
+
+    def dtypes(self) -> list[str]:
+        return sorted({str(t.dtype).replace("torch.", "") for t in self.tensors.values()})
+
+
+def file_record(path: Path) -> dict:
+    """Provenance entry of a source file: name, size and sha256 (the id model sites publish)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            digest.update(chunk)
+    return {"file": str(path.resolve()), "size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _require_file(path: Path, argument: str) -> Path:
+    if not path.is_file():
+        raise BundleNotFoundError(path, f"{argument}: file does not exist", "check the path")
+    return path
+
+
+def _unwrap(obj, path: Path, argument: str) -> dict:
+    # Lightning/LDM checkpoints wrap the weights in {"state_dict": {...}, "global_step": ...}.
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise InvalidArgumentError(argument, f"'{path}' holds a {type(obj).__name__}, not a dict of tensors",
+                                   "pass a state-dict checkpoint (.safetensors or .ckpt)")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    others = sorted(str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor))
+    if others:
+        raise InvalidArgumentError(argument, f"'{path}' has non-tensor entries {others[:_SHOWN_KEYS]}",
+                                   "pass a file that holds only weights")
+    return tensors
+
+
+def read_weight_file(path: str | Path, argument: str, *,
+                     keep: Callable[[str], bool] = lambda key: True) -> LoadedWeights:
+    """All tensors of one file whose key passes `keep` (others are never read into memory)."""
+    path = _require_file(Path(path), argument)
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                metadata = dict(fh.metadata() or {})
+                tensors = {key: fh.get_tensor(key) for key in fh.keys() if keep(key)}
+        except (SafetensorError, OSError) as exc:
+            raise InvalidArgumentError(argument, f"'{path}' is not a readable safetensors file ({exc})",
+                                       "re-download the file; check it is complete") from exc
+        return LoadedWeights(tensors, [path], metadata)
+    if suffix in PICKLE_SUFFIXES:
+        try:
+            # weights_only: never execute code from a pickle; mmap: do not read what `keep` drops.
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as exc:
+            raise InvalidArgumentError(
+                argument, f"'{path}' contains Python objects besides tensors, which lcm-edge refuses to "
+                f"unpickle ({str(exc).splitlines()[0]})",
+                "convert the checkpoint to .safetensors with a tool you trust, or use the .safetensors "
+                "release of the model") from exc
+        except (RuntimeError, OSError, EOFError) as exc:
+            raise InvalidArgumentError(argument, f"'{path}' is not a readable torch checkpoint ({exc})",
+                                       "re-download the file; check it is complete") from exc
+        tensors = {k: v for k, v in _unwrap(obj, path, argument).items() if keep(k)}
+        return LoadedWeights(tensors, [path])
+    raise InvalidArgumentError(argument, f"'{path}' has suffix '{path.suffix}'",
+                               f"pass a {'/'.join(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)} file")
+
+
+def read_config_json(path: Path) -> dict:
+    if not path.is_file():
+        raise BundleNotFoundError(path, "config.json is missing", "pass a complete diffusers folder")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleFormatError(path, f"not valid JSON ({exc})", "restore the file") from exc
+
+
+def read_diffusers_weights(folder: Path, argument: str, *, stem: str = "diffusion_pytorch_model",
+                           variant: str | None = None) -> LoadedWeights:
+    """The weights of one diffusers/transformers sub-folder.
+
+    Order of preference: `<stem>.safetensors`, its sharded index, `<stem>.fp16.safetensors`,
+    then the `.bin` pickles. `variant="fp16"` asks for the fp16 file explicitly.
+    """
+    names = [f"{stem}.safetensors", f"{stem}.safetensors.index.json", f"{stem}.fp16.safetensors",
+             f"{stem}.fp16.safetensors.index.json", f"{stem}.bin", f"{stem}.fp16.bin"]
+    if variant is not None:
+        names = [n for n in names if f".{variant}." in n]
+    for name in names:
+        path = folder / name
+        if not path.is_file():
+            continue
+        if name.endswith(".index.json"):
+            index = read_config_json(path)
+            shards = sorted(set(index.get("weight_map", {}).values()))
+            if not shards:
+                raise BundleFormatError(path, "weight_map is empty", "restore the index file")
+            merged: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                merged.update(read_weight_file(folder / shard, argument).tensors)
+            return LoadedWeights(merged, [path] + [folder / s for s in shards])
+        return read_weight_file(path, argument)
+    raise BundleNotFoundError(folder, f"{argument}: no weight file ({', '.join(names)})",
+                              "pass a complete diffusers folder (save_pretrained writes one)")
+
+
+def as_float32(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """fp16/bf16 checkpoints are upcast once: export traces and gates in fp32."""
+    return {k: (v.to(torch.float32) if v.is_floating_point() and v.dtype != torch.float32 else v)
+            for k, v in tensors.items()}
+
+
+def match_text_encoder_keys(tensors: Mapping[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """CLIP keys as `model` names them: transformers 5 dropped the `text_model.` level that
+    SD1.5 folders and LDM checkpoints (saved with transformers 4) still carry."""
+    prefixed = any(k.startswith("text_model.") for k in model.state_dict())
+    out = {}
+    for key, value in tensors.items():
+        bare = key.removeprefix("text_model.")
+        out["text_model." + bare if prefixed else bare] = value
+    return out
+
+
+def expected_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def compare_keys(expected: Mapping[str, tuple[int, ...]], provided: Mapping[str, torch.Tensor], *,
+                 optional: Callable[[str], bool] = lambda key: False) -> tuple[list[str], list[str], list[str]]:
+    """(missing, unexpected, mismatched): `optional` keys may be absent (regenerated buffers)."""
+    missing = [k for k in expected if k not in provided and not optional(k)]
+    unexpected = [k for k in provided if k not in expected]
+    mismatched = [f"{k}: file {list(provided[k].shape)} vs model {list(shape)}"
+                  for k, shape in expected.items() if k in provided and tuple(provided[k].shape) != shape]
+    return missing, unexpected, mismatched
+
+
+def load_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *, argument: str, what: str,
+                fix: str) -> torch.nn.Module:
+    """Load every key or raise. A model built on `meta` gets the tensors assigned, not copied."""
+    missing, unexpected, mismatched = compare_keys(expected_shapes(model), state_dict)
+    if missing or unexpected or mismatched:
+        raise WeightsMismatchError(argument, what, missing=missing, unexpected=unexpected, mismatched=mismatched,
+                                   fix=fix)
+    assign = any(t.is_meta for t in model.state_dict().values())
+    model.load_state_dict(dict(state_dict), strict=True, assign=assign)
+    # A non-persistent buffer is in no state dict; on `meta` it would stay uninitialised.
+    left = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise WeightsMismatchError(argument, what, missing=left, fix=fix)
+    return model.eval()
+
+
+def on_meta(factory: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """Build a model without allocating or initialising its weights."""
+    with torch.device("meta"):
+        return factory()
