@@ -69,7 +69,7 @@ class TrainResult:
     losses: dict[int, float]  # optimizer step -> loss, for the steps this call ran
     artifacts: dict[str, Path]
     seconds_per_step: float
-    info: dict
+    stage: Stage  # the trained models in memory (online unwrapped), for evaluation
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,7 +372,7 @@ def train(cfg: DistillConfig, *, base: BaseModels | None = None,
         artifacts = save_artifacts(cfg, stage, base, accelerator.unwrap_model(online), out)
     accelerator.end_training()
     stage.online = accelerator.unwrap_model(online)
-    return TrainResult(out, global_step, losses, artifacts, seconds_per_step, stage.info)
+    return TrainResult(out, global_step, losses, artifacts, seconds_per_step, stage)
 
 
 def _prepare_batch(cfg: DistillConfig, batch: dict, tokenizer, text_encoder, vae, g: torch.Generator,

@@ -1,0 +1,87 @@
+"""`distill image|video|adapter --config FILE`: the command line of lcm_edge.distill.
+
+`add_distill_parser(subparsers)` registers the `distill` command on an existing argparse parser (the
+`lcm-edge` CLI); `main(argv)` is the stand-alone entry point of `python -m lcm_edge.distill` and
+`accelerate launch -m lcm_edge.distill`. Argument parsing lives here only; the library takes a
+DistillConfig.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lcm_edge.errors import LcmEdgeError
+
+STAGE_HELP = {
+    "image": "stage 1: distil the image model into a consistency LoRA (teacher: the 2-D model with CFG)",
+    "video": "stage 2: distil the video teacher into temporal layers on top of the frozen stage-1 model",
+    "adapter": "teacher-free consistency training of an image-to-video adapter or a LoRA fine-tune",
+}
+
+
+def _add_stages(parser: argparse.ArgumentParser) -> None:
+    stages = parser.add_subparsers(dest="stage", required=True, metavar="{image,video,adapter}")
+    for stage, help_text in STAGE_HELP.items():
+        p = stages.add_parser(stage, help=help_text, description=help_text)
+        p.add_argument("--config", type=Path, required=True, help="training config (.json or .toml)")
+        p.add_argument("--resume", default=None,
+                       help="override train.resume: 'latest', 'auto' or a checkpoint folder")
+        p.add_argument("--max-train-steps", type=int, default=None, help="override train.max_train_steps")
+    parser.set_defaults(func=cmd_distill)
+
+
+def add_distill_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `distill image|video|adapter --config FILE` on an argparse subparsers object."""
+    parser = subparsers.add_parser("distill", help="train AnimateLCM consistency models (needs lcm-edge[distill])",
+                                   description="Decoupled consistency learning (AnimateLCM) on Accelerate.")
+    _add_stages(parser)
+    return parser
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from lcm_edge.errors import MissingExtraError
+
+    try:
+        import accelerate  # noqa: F401
+        import peft  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError as exc:
+        raise MissingExtraError("lcm-edge distill", "distill", exc.name or "torch") from exc
+    from .config import load_config
+    from .train import train
+
+    config = load_config(args.config, stage=args.stage)
+    overrides = {}
+    if args.resume is not None:
+        overrides["resume"] = args.resume
+    if args.max_train_steps is not None:
+        overrides["max_train_steps"] = args.max_train_steps
+    if overrides:
+        config = config.replace(train=overrides)
+    result = train(config)
+    for name, path in result.artifacts.items():
+        print(f"{name}: {path}")
+    print(f"done: {result.global_step} steps, {result.seconds_per_step:.3f} s/step, output in {result.output_dir}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lcm_edge.distill",
+                                     description="Decoupled consistency learning (AnimateLCM) on Accelerate.")
+    _add_stages(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LcmEdgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: resume with --resume latest (the steps since the last checkpoint are lost)",
+              file=sys.stderr)
+        return 130

@@ -1,0 +1,340 @@
+"""Every stage of lcm_edge.distill on tiny real diffusers models, a few CPU steps each.
+
+One tiny SD-style base (random weights, saved as a diffusers folder) and a synthetic shapes dataset are
+shared by the module; stage 1 runs once and its LoRA feeds stage 2 and the adapter stages, as in a real run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from lcm_edge.distill import consistency as C
+from lcm_edge.distill.config import ScheduleConfig, config_from_dict
+from lcm_edge.distill.errors import CheckpointError, ConfigError
+from lcm_edge.distill.lora_io import save_lora
+from lcm_edge.distill.models import (Denoiser, EMATarget, load_base, tiny_components, save_base,
+                                     zero_motion_outputs_)
+from lcm_edge.distill.synthetic import synthetic_clips, write_image_dataset, write_video_dataset
+from lcm_edge.distill.train import build_stage, train
+
+SCHEDULE = {"beta_schedule": "linear", "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "epsilon",
+            "num_ddim_timesteps": 50}
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distill")
+    base = tiny_components(root / "tokenizer")
+    with torch.no_grad():  # a motion module that acts, so teacher != inflated image model
+        for name, p in base.motion_adapter.named_parameters():
+            if "proj_out" in name:
+                p.normal_(0.0, 0.2)
+    save_base(base, root / "base", ScheduleConfig(**SCHEDULE))
+    clips = synthetic_clips(6, seed=0, size=16, num_frames=6)
+    write_video_dataset(root / "videos", clips)
+    write_image_dataset(root / "images", clips)
+    return root
+
+
+def make_config(workspace, stage, name, **sections):
+    root = workspace
+    d = {
+        "stage": stage,
+        "schedule": dict(SCHEDULE),
+        "model": {"pretrained": str(root / "base")},
+        "data": {"kind": "images", "root": str(root / "images"), "resolution": 16},
+        "train": {"output_dir": str(root / name), "max_train_steps": 3, "batch_size": 2, "checkpointing_steps": 2,
+                  "log_every": 1, "report_to": "none", "seed": 0},
+        "lora": {"rank": 4, "alpha": 4.0},
+        "consistency": {"w_min": 2.0, "w_max": 6.0},
+    }
+    if stage != "image":
+        d["data"] = {"kind": "videos", "root": str(root / "videos"), "resolution": 16, "num_frames": 4,
+                     "frame_stride": 1}
+    for key, value in sections.items():
+        d[key] = {**d.get(key, {}), **value} if isinstance(value, dict) else value
+    return config_from_dict(d)
+
+
+def params(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def stage1(workspace):
+    """Stage 1 with an EMA target (the LCM-LoRA default, online target, runs in the resume test)."""
+    cfg = make_config(workspace, "image", "stage1", consistency={"target": "ema"})
+    base = load_base(cfg.model, need_vae=True)
+    teacher_before = params(base.unet)
+    result = train(cfg, base=base)
+    return cfg, result, teacher_before
+
+
+def test_stage1_image_distillation(stage1, workspace):
+    cfg, result, teacher_before = stage1
+    assert result.global_step == 3 and sorted(result.losses) == [1, 2, 3]
+    assert all(math.isfinite(v) and v > 0 for v in result.losses.values())
+    stage = result.stage
+    # The teacher is never trained: bit-identical to the weights it was loaded with.
+    for name, p in stage.teacher.unet.named_parameters():
+        assert torch.equal(p, teacher_before[name]), name
+    # In the student only LoRA weights moved; the base layers under them are bit-identical.
+    lora_moved = False
+    for name, p in stage.online.unet.named_parameters():
+        if "lora_" in name:
+            lora_moved |= "lora_B" in name and bool(p.abs().sum() > 0)  # B starts at zero
+        else:
+            assert torch.equal(p, teacher_before[name.replace(".base_layer", "")]), name
+    assert lora_moved
+    # Artifacts: both LoRA layouts, the LCM scheduler config for the runtime, config beside the checkpoints.
+    lora = result.artifacts["lora"]
+    assert (lora / "pytorch_lora_weights.safetensors").is_file() and (lora / "lora_kohya.safetensors").is_file()
+    scheduler = json.loads(result.artifacts["scheduler"].read_text())
+    assert scheduler["_class_name"] == "LCMScheduler" and scheduler["original_inference_steps"] == 50
+    ckpts = sorted(p.name for p in (result.output_dir / "checkpoints").iterdir())
+    assert ckpts == ["checkpoint-2", "checkpoint-3"]
+    for ck in ckpts:
+        saved = json.loads((result.output_dir / "checkpoints" / ck / "config.json").read_text())
+        assert saved == cfg.to_dict()
+    log = [json.loads(line) for line in (result.output_dir / "losses.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [1, 2, 3]
+
+
+def test_saved_lora_fuses_through_exporter_and_diffusers_like_peft_merge(stage1):
+    """Both saved layouts, fused by the exporter's loader and by diffusers, give peft's own merge."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from lcm_edge.export.lora import fuse_loras, load_lora
+    from lcm_edge.distill.lora_io import unet_probe
+
+    cfg, result, teacher_before = stage1
+    online = result.stage.online.unet
+    reference = copy.deepcopy(online)
+    for module in reference.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+    expected = {k.replace(".base_layer", ""): v for k, v in reference.state_dict().items() if "lora_" not in k}
+    fresh = UNet2DConditionModel.from_pretrained(f"{cfg.model.pretrained}/unet")
+    lora_dir = result.artifacts["lora"]
+    for name in ("lora_kohya.safetensors", "pytorch_lora_weights.safetensors"):
+        unet = copy.deepcopy(fresh)
+        loaded = load_lora(lora_dir / name, {"unet": unet})
+        assert len(loaded.layers) == result.stage.info["lora_layers"]
+        report = fuse_loras({"unet": unet}, [loaded], {"unet": unet_probe})
+        assert report.checks[0].passed and report.checks[0].effect_max_abs > 0
+        for key, value in unet.state_dict().items():
+            torch.testing.assert_close(value, expected[key], rtol=1e-6, atol=1e-7, msg=f"{name}: {key}")
+
+        sd, alphas, metadata = StableDiffusionPipeline.lora_state_dict(str(lora_dir / name), return_lora_metadata=True)
+        unet = copy.deepcopy(fresh)
+        StableDiffusionPipeline.load_lora_into_unet(sd, alphas, unet, adapter_name="lcm", metadata=metadata)
+        unet.fuse_lora()
+        fused = {k.replace(".base_layer", ""): v for k, v in unet.state_dict().items() if "lora_" not in k}
+        for key, value in expected.items():
+            torch.testing.assert_close(fused[key], value, rtol=1e-6, atol=1e-7, msg=f"diffusers {name}: {key}")
+
+
+def test_kohya_keys_follow_the_documented_layout(stage1):
+    from safetensors.torch import load_file
+
+    _, result, _ = stage1
+    keys = load_file(str(result.artifacts["lora"] / "lora_kohya.safetensors"))
+    q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    assert {f"{q}.lora_down.weight", f"{q}.lora_up.weight", f"{q}.alpha"} <= set(keys)
+    assert keys[f"{q}.alpha"].item() == 4.0 and keys[f"{q}.lora_down.weight"].shape[0] == 4
+    conv = [k for k in keys if k.endswith("resnets_0_conv1.lora_down.weight")]
+    assert conv and keys[conv[0]].ndim == 4  # conv LoRA: down [r, in, k, k]
+    assert keys[conv[0].replace("lora_down", "lora_up")].shape[2:] == (1, 1)
+
+
+@pytest.fixture(scope="module")
+def stage2(workspace, stage1):
+    cfg = make_config(workspace, "video", "stage2",
+                      model={"motion_adapter": str(workspace / "base" / "motion_adapter"),
+                             "lora": str(stage1[1].artifacts["lora"])},
+                      consistency={"ema_decay": 0.5, "w_min": 1.0, "w_max": 1.0})
+    return cfg, train(cfg)
+
+
+def test_stage2_target_starts_without_lora_and_takes_it_up_at_the_ema_rate(workspace, stage1, stage2):
+    cfg, result = stage2
+    # Step 0: build the stage as train() does and compare online and target.
+    base = load_base(cfg.model, need_vae=True)
+    unmerged = params(base.unet)
+    stage0 = build_stage(cfg, base)
+    online0, target0 = params(stage0.online), params(stage0.ema.target)
+    lora_touched = [n for n in online0 if not torch.equal(online0[n], target0[n])]
+    assert lora_touched and not any("motion_modules" in n for n in lora_touched)
+    for n in lora_touched:  # the target holds the pre-LoRA weights, the online model the merged ones
+        assert torch.equal(target0[n], unmerged[n.removeprefix("unet.")])
+    # The student's temporal layers start as the identity: zero output projections.
+    proj_out = [n for n in online0 if "motion_modules" in n and "proj_out" in n]
+    assert proj_out and all(not online0[n].any() for n in proj_out)
+    assert zero_motion_outputs_(copy.deepcopy(stage0.online)) == len(proj_out) // 2
+
+    # After K = 3 steps of EMA with decay mu, a frozen LoRA'd weight has |target - online| = mu^K |target_0 - online|.
+    K, mu = result.global_step, cfg.consistency.ema_decay
+    online, target = params(result.stage.online), params(result.stage.ema.target)
+    for n in lora_touched:
+        assert torch.equal(online[n], online0[n]), n  # frozen in the online model
+        before = (target0[n] - online0[n]).norm()
+        after = (target[n] - online[n]).norm()
+        assert after / before == pytest.approx(mu**K, rel=1e-3), n
+    # Frozen, non-LoRA spatial weights are bit-identical in online, target and the original.
+    for n in online0:
+        if n not in lora_touched and "motion_modules" not in n:
+            assert torch.equal(online[n], online0[n]) and torch.equal(target[n], target0[n]), n
+    # Only the temporal layers trained.
+    moved = [n for n in online if not torch.equal(online[n], online0[n])]
+    assert moved and all("motion_modules" in n for n in moved)
+    assert all(math.isfinite(v) for v in result.losses.values())
+
+
+def test_stage2_artifacts_load_and_teacher_is_untouched(stage2):
+    from diffusers import MotionAdapter, UNetMotionModel
+
+    from lcm_edge.export import load_diffusers_folder
+
+    cfg, result = stage2
+    teacher_motion = MotionAdapter.from_pretrained(cfg.model.motion_adapter)
+    teacher_unet = result.stage.teacher.unet
+    for name, p in teacher_motion.named_parameters():
+        assert torch.equal(dict(teacher_unet.named_parameters())[name].float(), p), name
+    adapter = MotionAdapter.from_pretrained(result.artifacts["motion_adapter"])
+    online = dict(result.stage.online.unet.named_parameters())
+    for name, p in adapter.named_parameters():
+        assert torch.equal(p, online[name]), name
+    # The export-ready folder: what `lcm-edge export` reads.
+    components = load_diffusers_folder(result.artifacts["model"])
+    assert isinstance(components.unet, UNetMotionModel)
+    assert components.scheduler_config.original_inference_steps == cfg.schedule.num_ddim_timesteps
+    for name, p in components.unet.named_parameters():
+        assert torch.equal(p, online[name]), name
+
+
+def test_adapter_image_to_video_teacher_free(workspace, stage1, stage2):
+    """Adapter trained from scratch on the distilled video model; gradient accumulation and checkpointing on."""
+    cfg = make_config(workspace, "adapter", "i2v",
+                      adapter={"kind": "image_to_video", "hidden_channels": 8, "condition_dropout": 0.5},
+                      model={"motion_adapter": str(stage2[1].artifacts["motion_adapter"]),
+                             "lora": str(stage1[1].artifacts["lora"])},
+                      train={"gradient_accumulation_steps": 2, "gradient_checkpointing": True, "batch_size": 1})
+    base = load_base(cfg.model, need_vae=True)
+    stage0 = build_stage(cfg, copy.deepcopy(base))
+    # Zero-initialised outputs: the untrained adapter leaves the distilled video model unchanged.
+    x = torch.randn(1, 4, 4, 8, 8)
+    t = torch.tensor([499])
+    text = torch.randn(1, 77, 32)
+    with torch.no_grad():
+        with_adapter = stage0.online(x, t, text, torch.randn(1, 4, 8, 8))
+        without = Denoiser(stage0.online.unet)(x, t, text)
+    torch.testing.assert_close(with_adapter, without, rtol=0, atol=0)
+    before = params(stage0.online.unet)
+
+    result = train(cfg, base=base)
+    assert all(math.isfinite(v) for v in result.losses.values())
+    after = params(result.stage.online.unet)
+    for n in before:
+        assert torch.equal(before[n], after[n]), n  # the video model is frozen; only the adapter trains
+    assert any(p.abs().sum() > 0 for n, p in result.stage.online.image_adapter.named_parameters() if "skips" in n)
+    from lcm_edge.distill.models import FirstFrameAdapter
+
+    reloaded = FirstFrameAdapter.from_pretrained(result.artifacts["i2v_adapter"])
+    for n, p in reloaded.named_parameters():
+        assert torch.equal(p, dict(result.stage.online.image_adapter.named_parameters())[n])
+
+
+def test_adapter_lora_finetune_of_distilled_model(workspace, stage1, stage2):
+    cfg = make_config(workspace, "adapter", "adapter_lora", adapter={"kind": "lora"},
+                      model={"motion_adapter": str(stage2[1].artifacts["motion_adapter"]),
+                             "lora": str(stage1[1].artifacts["lora"])},
+                      train={"max_train_steps": 2})
+    result = train(cfg)
+    assert all(math.isfinite(v) for v in result.losses.values())
+    names = [n for n, p in result.stage.online.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n and "motion_modules" not in n for n in names)
+    assert (result.artifacts["lora"] / "lora_kohya.safetensors").is_file()
+    assert (result.artifacts["lora_ema"] / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_interrupted_and_resumed_run_repeats_the_uninterrupted_losses(workspace):
+    """LCM-LoRA recipe (online target), v-prediction, cosine LR with warm-up: 4 steps, checkpoint every 2."""
+    overrides = dict(schedule={"prediction_type": "v_prediction"},
+                     train={"max_train_steps": 4, "lr_scheduler": "cosine", "lr_warmup_steps": 1,
+                            "learning_rate": 1e-3})
+    full = train(make_config(workspace, "image", "resume_full", **overrides))
+
+    cfg = make_config(workspace, "image", "resume_cut", **overrides)
+
+    def stop_at_3(step, loss):
+        if step == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(cfg, callback=stop_at_3)
+    cfg_out = workspace / "resume_cut" / "checkpoints"
+    ckpts = sorted(p.name for p in cfg_out.iterdir())
+    assert ckpts == ["checkpoint-2"]  # step 3 was never checkpointed: it is the step that is lost
+
+    # Starting over in a folder that holds a checkpoint is refused; resuming with other settings too.
+    with pytest.raises(ConfigError, match="train.resume"):
+        train(cfg)
+    changed = cfg.replace(train={"resume": "latest", "learning_rate": 5e-4})
+    with pytest.raises(ConfigError, match="train.learning_rate"):
+        train(changed)
+
+    resumed = train(cfg.replace(train={"resume": "latest"}))
+    assert sorted(resumed.losses) == [3, 4]
+    for step in (3, 4):
+        assert resumed.losses[step] == pytest.approx(full.losses[step], rel=1e-6, abs=1e-9), step
+    assert sorted(p.name for p in cfg_out.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    for n, p in resumed.stage.online.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p, dict(full.stage.online.named_parameters())[n], rtol=1e-6, atol=1e-8)
+    with pytest.raises(CheckpointError):
+        train(cfg.replace(train={"resume": str(workspace / "nowhere")}))
+
+
+def test_ema_target_tracks_only_what_can_differ():
+    online = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    target = copy.deepcopy(online)
+    online[0].weight.requires_grad_(False)
+    online[0].bias.requires_grad_(False)
+    with torch.no_grad():
+        online[0].bias.add_(1.0)  # a frozen weight that differs (a merged LoRA)
+    ema = EMATarget(target, online, decay=0.9)
+    assert ema.names == ["0.bias", "1.weight", "1.bias"]
+    before = target[0].weight.clone()
+    for _ in range(5):
+        ema.update(online)
+    assert torch.equal(target[0].weight, before)
+    torch.testing.assert_close(target[0].bias - online[0].bias, (before.new_tensor(-1.0) * 0.9**5).expand(2))
+    with pytest.raises(CheckpointError):
+        ema.load_state_dict({"0.bias": torch.zeros(2)}, "test")
+
+
+def test_image_stage_rejects_video_settings(workspace):
+    with pytest.raises(ConfigError, match="model.motion_adapter"):
+        make_config(workspace, "image", "x", model={"motion_adapter": "m"})
+    with pytest.raises(ConfigError, match="model.lora"):
+        make_config(workspace, "video", "x", model={"motion_adapter": "m"})
+    with pytest.raises(ConfigError, match="consistency.target"):
+        make_config(workspace, "video", "x", model={"motion_adapter": "m", "lora": "l"},
+                    consistency={"target": "online"})
+
+
+def test_consistency_function_is_identity_at_the_boundary():
+    acp = C.make_alphas_cumprod("linear", 0.00085, 0.012, 1000)
+    x = torch.randn(2, 4, 3, 4, 4)
+    out = C.consistency_function(torch.randn_like(x), x, torch.tensor([0, 0]), acp, "epsilon")
+    torch.testing.assert_close(out, x, rtol=0, atol=0)
