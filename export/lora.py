@@ -253,7 +253,8 @@ def load_lora(path: str | Path, models: Mapping[str, nn.Module], *, weight: floa
             if set(entry.keys) == {"alpha"}:
                 unexpected.extend(present)
             else:
-                missing.append(f"partner of {present[0]} (a LoRA layer needs both down/lora_A and up/lora_B)")
+                lacking = " and ".join(r for r in ("down", "up") if r not in entry.keys)
+                missing.append(f"{lacking} weight of '{entry.name}' (the file has only {present})")
             continue
         if entry.component not in models:
             unexpected.extend(entry.keys.values())
