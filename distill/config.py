@@ -307,6 +307,9 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         _choice("stage", self.stage, STAGES)
+        if self.consistency.target is None:  # the stage's default, written out so saved configs state it
+            default = "online" if self.stage == "image" else "ema"
+            object.__setattr__(self, "consistency", dataclasses.replace(self.consistency, target=default))
         self.schedule.validate("schedule")
         self.model.validate("model")
         self.data.validate("data")
@@ -359,10 +362,8 @@ class DistillConfig:
 
     @property
     def target(self) -> str:
-        """The consistency target network, with the stage's default resolved."""
-        if self.consistency.target is not None:
-            return self.consistency.target
-        return "online" if self.stage == "image" else "ema"
+        """The consistency target network ("online" or "ema"), the stage's default resolved."""
+        return self.consistency.target
 
     @property
     def is_video(self) -> bool:
@@ -370,7 +371,6 @@ class DistillConfig:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["consistency"]["target"] = self.target  # record the value actually used
         d["lora"]["target_modules"] = list(self.lora.target_modules)
         return d
 

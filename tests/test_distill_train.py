@@ -338,3 +338,70 @@ def test_consistency_function_is_identity_at_the_boundary():
     x = torch.randn(2, 4, 3, 4, 4)
     out = C.consistency_function(torch.randn_like(x), x, torch.tensor([0, 0]), acp, "epsilon")
     torch.testing.assert_close(out, x, rtol=0, atol=0)
+
+
+def test_command_line_entry_point_bf16_toml(workspace):
+    """`python -m lcm_edge.distill image --config FILE.toml` in a fresh process: bf16 autocast, v-prediction."""
+    import subprocess
+    import sys
+
+    out = workspace / "cli_run"
+    config = workspace / "cli.toml"
+    config.write_text(f"""
+[schedule]
+beta_schedule = "scaled_linear"
+beta_start = 0.00085
+beta_end = 0.012
+prediction_type = "v_prediction"
+
+[model]
+pretrained = "{workspace / 'base'}"
+
+[data]
+kind = "images"
+root = "{workspace / 'images'}"
+resolution = 16
+
+[train]
+output_dir = "{out}"
+max_train_steps = 5
+batch_size = 2
+mixed_precision = "bf16"
+report_to = "tensorboard"
+log_every = 1
+
+[lora]
+rank = 4
+alpha = 2.0
+""", encoding="utf-8")
+    run = subprocess.run([sys.executable, "-m", "lcm_edge.distill", "image", "--config", str(config),
+                          "--max-train-steps", "2"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "done: 2 steps" in run.stdout
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["train"]["max_train_steps"] == 2 and saved["stage"] == "image"
+    assert saved["train"]["mixed_precision"] == "bf16"
+    log = [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(math.isfinite(e["loss"]) for e in log)
+    assert list((out / "logs").rglob("events.out.tfevents.*")), "no TensorBoard event file"
+    assert (out / "lora" / "lora_kohya.safetensors").is_file()
+    # A second start in the same folder is refused with the fix, exit code 2.
+    again = subprocess.run([sys.executable, "-m", "lcm_edge.distill", "image", "--config", str(config)],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "train.resume" in again.stderr
+
+
+def test_add_distill_parser_registers_the_three_stages(tmp_path):
+    import argparse
+
+    from lcm_edge.distill.cli import add_distill_parser, cmd_distill
+
+    parser = argparse.ArgumentParser(prog="lcm-edge")
+    add_distill_parser(parser.add_subparsers(dest="command", required=True))
+    for stage in ("image", "video", "adapter"):
+        args = parser.parse_args(["distill", stage, "--config", str(tmp_path / "c.json"), "--resume", "latest"])
+        assert args.stage == stage and args.func is cmd_distill and args.resume == "latest"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["distill", "audio", "--config", "x"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        cmd_distill(parser.parse_args(["distill", "image", "--config", str(tmp_path / "c.json")]))
