@@ -117,7 +117,10 @@ def _build_adapter(config: Mapping, state: dict[str, torch.Tensor], position: Ma
     try:
         adapter = on_meta(lambda: MotionAdapter.from_config(dict(config)))
     except (ValueError, TypeError) as exc:
-        raise InvalidArgumentError(argument, f"motion adapter config is not valid ({exc})", FIX_MOTION) from exc
+        raise InvalidArgumentError(argument, f"motion adapter config is not valid ({exc})",
+                                   "heads and GroupNorm groups cannot be read from the weights (defaults 8 and 32): "
+                                   "pass --motion-config with motion_num_attention_heads / motion_norm_num_groups "
+                                   "that fit") from exc
     expected = expected_shapes(adapter)
     missing, unexpected, mismatched = compare_keys(expected, state, optional=lambda k: k.endswith(POSITION_KEY))
     if missing or unexpected or mismatched:

@@ -42,6 +42,27 @@ def check_precision(precision: str) -> str:
     return precision
 
 
+def _sort_nodes(graph: onnx.GraphProto) -> None:
+    """Topological node order. The converter appends its input casts at the end of the node
+    list; onnxruntime sorts by itself, but the ONNX spec (and onnx.checker) require the order."""
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        deferred = []
+        for node in pending:
+            if all(name in available for name in node.input):
+                ordered.append(node)
+                available.update(node.output)
+            else:
+                deferred.append(node)
+        if len(deferred) == len(pending):
+            raise InvalidArgumentError("onnx graph", f"{len(deferred)} node(s) read values no node produces, "
+                                       f"e.g. {deferred[0].name}", "re-export the fp32 graph")
+        pending = deferred
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
 def convert_onnx_to_fp16(onnx_path: Path, *, external_data: bool) -> Path | None:
     """Replace the fp32 graph at `onnx_path` (and its external data) by its fp16 version.
 
@@ -57,6 +78,7 @@ def convert_onnx_to_fp16(onnx_path: Path, *, external_data: bool) -> Path | None
     model = onnx.load(str(inferred), load_external_data=True)
     model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
     os.remove(inferred)
+    _sort_nodes(model.graph)
     old_data = folder / EXTERNAL_DATA_NAME
     if old_data.exists():
         os.remove(old_data)  # the fp32 weights now live (as fp16) in `model`
