@@ -32,7 +32,7 @@ from lcm_edge.errors import InvalidArgumentError, ParityError
 from lcm_edge.scheduler import SchedulerConfig
 from lcm_edge.tokenizer import CLIPTokenizer as RuntimeTokenizer
 
-from .onnx_io import EXTERNAL_DATA_THRESHOLD_BYTES, OPSET, export_onnx, parameter_bytes
+from .onnx_io import EXTERNAL_DATA_THRESHOLD_BYTES, OPSET, consolidate, parameter_bytes, trace_onnx
 from .openvino_ir import convert_to_openvino
 from .parity import ParityReport, check_parity, reference_outputs
 from .precision import (FP16_COMPONENTS, ONNX_FP16_TOLERANCE, OPENVINO_FP16_TOLERANCE, check_precision,
@@ -249,16 +249,20 @@ def export_bundle(out: str | os.PathLike, *, unet: torch.nn.Module, vae: torch.n
         components = {}
         details = {}
         for name, (spec, module) in specs.items():
-            # 2. Trace to ONNX (fp32), and compute torch's outputs once for every gate below.
+            # 2. Trace to ONNX (fp32), and compute torch's outputs once for every gate below; only
+            #    then merge the traced weights, so torch's copy can be released first.
             onnx_path = tmp / name / "model.onnx"
             example = sample_inputs(spec, trace_case, vocab_size=vocab_size, rng=rng)
-            data_path = export_onnx(module, spec, example, onnx_path, external_data=external_data)
+            traced = trace_onnx(module, spec, example, tmp / name / "_trace")
             feeds = {key: sample_inputs(spec, case, vocab_size=vocab_size, rng=rng) for key, case in cases.items()}
             expected = reference_outputs(module, spec, feeds)
             source_config = module_config(name, motion_unet, vae, text_encoder)
             weight_bytes = parameter_bytes(module)
             if release_torch:
                 module.to("meta")
+            data_path = consolidate(traced, onnx_path, external_data=external_data if external_data is not None
+                                    else weight_bytes > EXTERNAL_DATA_THRESHOLD_BYTES)
+            shutil.rmtree(traced.parent)
             half = precision == "fp16" and name in FP16_COMPONENTS
             info = ComponentInfo(
                 name=name, onnx=f"{name}/model.onnx",

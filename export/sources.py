@@ -221,6 +221,9 @@ def load_components(base: str | Path, *, base_folder: str | Path | None = None,
         motion: LoadedMotionModule = load_motion_module(path, config=motion_config, variant=motion_variant)
         check_fits_unet(motion.config, unet.config, argument=f"--motion-module {path}")
         unet = assemble_motion_unet(unet, motion.adapter)
+        # The 2D UNet and the adapter share their tensors with `unet`: drop them, so that
+        # export_bundle(release_torch=True) really frees the memory.
+        spatial.unet = None
         source["motion_module"] = {**motion.source, "config": motion.config,
                                    "record": file_record(Path(path)) if Path(path).is_file() else None}
         del motion

@@ -140,3 +140,33 @@ def test_cli_refuses_weights_that_do_not_fit(layouts, tmp_path, capsys, argv, me
     assert err.startswith("error: ") and message in err and "Fix:" in err, err
     assert not (tmp_path / "out").exists()
     assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+
+
+def test_spilled_trace_is_merged_into_one_data_file(tmp_path):
+    """Full-size traces spill one file per tensor; the merge streams them into one aligned file."""
+    import onnxruntime as ort
+
+    from lcm_edge.export.onnx_io import EXTERNAL_DATA_NAME, consolidate, trace_onnx
+    from lcm_edge.export.specs import ShapeCase, sample_inputs, text_encoder_spec
+    from lcm_edge.export.wrappers import TextEncoderWrapper
+
+    spec = text_encoder_spec(77, 32)
+    rng = np.random.default_rng(0)
+    traced = trace_onnx(TextEncoderWrapper(tiny_text_encoder(3)), spec,
+                        sample_inputs(spec, ShapeCase(2, 1, 1, 1), vocab_size=49408, rng=rng), tmp_path / "trace")
+    spilled = tmp_path / "spilled" / "model.onnx"
+    spilled.parent.mkdir()
+    onnx.save_model(onnx.load(str(traced)), str(spilled), save_as_external_data=True,
+                    all_tensors_to_one_file=False, size_threshold=0)
+    assert len(list(spilled.parent.iterdir())) > 10
+    out = tmp_path / "out" / "model.onnx"
+    out.parent.mkdir()
+    assert consolidate(spilled, out, external_data=True) == out.parent / EXTERNAL_DATA_NAME
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx", EXTERNAL_DATA_NAME]
+    offsets = [int(e.value) for t in onnx.load(str(out), load_external_data=False).graph.initializer
+               for e in t.external_data if e.key == "offset"]
+    assert offsets and all(o % 4096 == 0 for o in offsets)
+    feeds = sample_inputs(spec, ShapeCase(3, 1, 1, 1), vocab_size=49408, rng=rng)
+    want = ort.InferenceSession(str(traced)).run(None, feeds)[0]
+    got = ort.InferenceSession(str(out)).run(None, feeds)[0]
+    assert np.array_equal(want, got)

@@ -1,0 +1,203 @@
+"""Full-size SD1.5 + AnimateLCM export: the real architecture, random weights, the real file layouts.
+
+What it proves: the user command (`lcm-edge export` with a personalized single-file checkpoint,
+AnimateLCM's original-layout motion module and its spatial LoRA at 0.8) exports the full-size
+model (1.31 B parameters, UNet > 2 GB) in fp32 and fp16, with OpenVINO IR (FP32 / FP16-compressed
+weights), every graph gated against PyTorch at two frame counts, within this machine's memory.
+
+    .venv/bin/python benchmarks/full_size_export.py --work /tmp/lcm_full [--precisions fp32 fp16]
+        [--no-openvino] [--generate] [--keep]
+
+Steps, each in its own process so peak RSS (os.wait4) is per step and the parent stays small:
+1. prepare: build the models from the packaged SD1.5/AnimateLCM configs with random weights
+   and write WORK/inputs: personalized.safetensors (LDM layout, fp16 like most personalized
+   checkpoints), AnimateLCM_sd15_t2v.ckpt (original layout, no position encodings, fp32),
+   AnimateLCM_sd15_t2v_lora.safetensors (kohya, rank 64, alpha 8, every AnimateLCM target),
+   sd15/tokenizer (the real CLIP vocabulary, from tests/data).
+2. export, once per precision: `python -m lcm_edge export ...`, timed.
+3. optionally generate: 2 frames, 64x64, 2 steps on onnxruntime (and OpenVINO), timed.
+Results: WORK/results.json and a table on stdout. Exported weights stay under WORK (never commit them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# AnimateLCM spatial LoRA targets (shared/animatelcm-facts.md).
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+
+
+def prepare(work: Path, seed: int) -> dict:
+    import torch
+    from diffusers import MotionAdapter
+    from safetensors.torch import save_file
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from clip_vocab import write_sd15_tokenizer
+
+    from lcm_edge.export.checkpoints import build_sd_models, to_ldm_state_dict
+    from lcm_edge.export.motion_module import to_original_keys
+    from lcm_edge.export.sd15_configs import (ANIMATELCM_ADAPTER_CONFIG, SD15_TEXT_ENCODER_CONFIG, SD15_UNET_CONFIG,
+                                              SD15_VAE_CONFIG)
+
+    inputs = work / "inputs"
+    inputs.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    unet, vae, text_encoder = build_sd_models(SD15_UNET_CONFIG, SD15_VAE_CONFIG, SD15_TEXT_ENCODER_CONFIG,
+                                              unet_on_meta=False)
+    vae = type(vae).from_config(vae.config)  # built on meta by build_sd_models: make it real
+    counts = {"unet": sum(p.numel() for p in unet.parameters()), "vae": sum(p.numel() for p in vae.parameters()),
+              "text_encoder": sum(p.numel() for p in text_encoder.parameters())}
+    ldm = {k: v.half() for k, v in to_ldm_state_dict(unet, vae, text_encoder).items()}
+    save_file(ldm, str(inputs / "personalized.safetensors"))
+    del ldm, vae, text_encoder
+
+    # The LoRA is written against the UNet's own module names, as kohya does for SD1.x.
+    g = torch.Generator().manual_seed(seed + 1)
+    lora = {}
+    for name, module in unet.named_modules():
+        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) or not name.endswith(LORA_TARGETS):
+            continue
+        w = module.weight
+        fan_in = w[0].numel()
+        down = torch.randn(64, *w.shape[1:], generator=g) / fan_in ** 0.5
+        up = torch.randn(w.shape[0], 64, *([1, 1] if w.dim() == 4 else []), generator=g) * 0.02
+        key = "lora_unet_" + name.replace(".", "_")
+        lora.update({f"{key}.lora_down.weight": down.half(), f"{key}.lora_up.weight": up.half(),
+                     f"{key}.alpha": torch.tensor(8.0)})
+    save_file(lora, str(inputs / "AnimateLCM_sd15_t2v_lora.safetensors"))
+    lora_layers = len(lora) // 3
+    del unet, lora
+
+    adapter = MotionAdapter(**ANIMATELCM_ADAPTER_CONFIG)
+    with torch.no_grad():
+        # diffusers zero-initialises the temporal output projections (identity motion modules);
+        # make them act, or the motion path would be invisible to every parity check.
+        for param in adapter.parameters():
+            if not param.any():
+                param.normal_(0.0, 0.02)
+    counts["motion_module"] = sum(p.numel() for p in adapter.parameters())
+    torch.save(to_original_keys(adapter.state_dict()), inputs / "AnimateLCM_sd15_t2v.ckpt")
+    del adapter
+    write_sd15_tokenizer(inputs / "sd15" / "tokenizer")
+    return {"parameters": counts, "lora_layers": lora_layers,
+            "files": {p.name: p.stat().st_size for p in inputs.iterdir() if p.is_file()}}
+
+
+def run_child(argv: list[str], log: Path) -> dict:
+    """Run a command, return wall time, peak RSS (this child only) and exit code."""
+    start = time.perf_counter()
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
+        _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    # ru_maxrss is in KiB on Linux.
+    return {"seconds": round(seconds, 1), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2),
+            "exit_code": os.waitstatus_to_exitcode(status), "log": str(log)}
+
+
+def export_argv(work: Path, precision: str, openvino: bool) -> list[str]:
+    inputs = work / "inputs"
+    argv = [sys.executable, "-m", "lcm_edge", "export", "--base", str(inputs / "personalized.safetensors"),
+            "--base-folder", str(inputs / "sd15"), "--motion-module", str(inputs / "AnimateLCM_sd15_t2v.ckpt"),
+            "--lora", f"{inputs / 'AnimateLCM_sd15_t2v_lora.safetensors'}:0.8",
+            "--out", str(work / f"bundle-{precision}"), "--precision", precision]
+    return argv + (["--openvino"] if openvino else [])
+
+
+def summarize_bundle(bundle: Path) -> dict:
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    sizes: dict[str, int] = {}
+    for rel, entry in manifest["files"].items():
+        part = rel.split("/")[0]
+        kind = "openvino" if "openvino_model" in rel else ("onnx" if "model.onnx" in rel else "other")
+        sizes[f"{part}/{kind}" if part in manifest["components"] else "other"] = \
+            sizes.get(f"{part}/{kind}" if part in manifest["components"] else "other", 0) + entry["size"]
+    parity = {}
+    for key, report in manifest["provenance"]["parity"].items():
+        parity[key] = {"tolerance": report["tolerance"]["name"],
+                       "cases": {c["case"]: round(c["max_abs"], 7) for c in report["checks"]}}
+    source = manifest["provenance"]["source"]
+    return {"precision": {n: c["precision"] for n, c in manifest["components"].items()},
+            "sizes_gb": {k: round(v / 1e9, 3) for k, v in sorted(sizes.items())},
+            "total_gb": round(sum(e["size"] for e in manifest["files"].values()) / 1e9, 3),
+            "parity": parity, "lora_gate": source.get("loras", {}).get("checks")}
+
+
+GENERATE = """
+import sys, time, resource
+from lcm_edge import AnimateLCMPipeline, load_bundle
+from lcm_edge.backends import create_backend
+t = time.perf_counter()
+pipe = AnimateLCMPipeline(load_bundle(sys.argv[1], verify_checksums=False), create_backend(sys.argv[2]))
+load = time.perf_counter() - t
+result = pipe("a red circle moving right", num_frames=2, height=64, width=64, num_inference_steps=2, seed=0)
+print(f"RESULT load {load:.1f} s, generate {time.perf_counter() - t - load:.1f} s, frames {result.frames.shape}, "
+      f"std {result.frames.std():.1f}")
+"""
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("step", nargs="?", default="all", choices=("all", "prepare"))
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "fp16"], choices=("fp32", "fp16"))
+    parser.add_argument("--no-openvino", action="store_true")
+    parser.add_argument("--generate", action="store_true", help="also run a 2-frame 64x64 generation per bundle")
+    parser.add_argument("--keep", action="store_true", help="keep the bundles and inputs (several GB)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    work = args.work.resolve()
+    if args.step == "prepare":
+        info = prepare(work, args.seed)
+        info["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+        (work / "prepare.json").write_text(json.dumps(info, indent=2))
+        return 0
+
+    work.mkdir(parents=True, exist_ok=True)
+    results: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
+    step = run_child([sys.executable, __file__, "prepare", "--work", str(work), "--seed", str(args.seed)],
+                     work / "prepare.log")
+    if step["exit_code"] != 0:
+        print(f"prepare failed, see {step['log']}", file=sys.stderr)
+        return 1
+    results["prepare"] = {**step, **json.loads((work / "prepare.json").read_text())}
+    for precision in args.precisions:
+        bundle = work / f"bundle-{precision}"
+        if bundle.exists():
+            shutil.rmtree(bundle)
+        step = run_child(export_argv(work, precision, not args.no_openvino), work / f"export-{precision}.log")
+        results[f"export-{precision}"] = step
+        print(f"export {precision}: {step}", flush=True)
+        if step["exit_code"] != 0:
+            print(f"export {precision} failed, see {step['log']}", file=sys.stderr)
+            break
+        results[f"export-{precision}"].update(summarize_bundle(bundle))
+        if args.generate:
+            for backend in ["onnxruntime"] + ([] if args.no_openvino else ["openvino"]):
+                gen = run_child([sys.executable, "-c", GENERATE, str(bundle), backend],
+                                work / f"generate-{precision}-{backend}.log")
+                gen["result"] = [line for line in Path(gen["log"]).read_text().splitlines()
+                                 if line.startswith("RESULT")]
+                results[f"generate-{precision}-{backend}"] = gen
+        if not args.keep:
+            shutil.rmtree(bundle)
+    if not args.keep:
+        shutil.rmtree(work / "inputs", ignore_errors=True)
+    (work / "results.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
