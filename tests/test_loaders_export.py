@@ -3,7 +3,7 @@
 A: SD1.5 diffusers folder + original motion .ckpt + kohya LoRA at 0.8 + motion LoRA, fp32.
 B: fp16 LDM single-file .safetensors + base folder + MotionAdapter folder (fp16 variant only)
    + peft LoRA, --precision fp16 --openvino.
-C: LDM .ckpt (Lightning wrapper) + base folder + original motion .ckpt, fp32 --openvino.
+C: LDM .ckpt (Lightning wrapper) + base folder + original motion .ckpt, fp32.
 """
 
 from __future__ import annotations
@@ -102,17 +102,16 @@ def test_single_file_fp16_adapter_folder_peft_lora_fp16_openvino(layouts, lora_f
     assert np.abs(ort_frames.astype(int) - ov_frames.astype(int)).mean() < 8
 
 
-def test_ldm_ckpt_original_motion_openvino(layouts, lora_files, tmp_path, capsys):  # noqa: F811
+def test_ldm_ckpt_original_motion(layouts, lora_files, tmp_path, capsys):  # noqa: F811
     bundle = tmp_path / "c"
     rc = cli_main(["export", "--base", str(layouts["ldm_ckpt"]), "--base-folder", str(layouts["sd_folder"]),
                    "--motion-module", str(layouts["motion_ckpt"]), "--motion-config",
-                   str(lora_files["motion_config"]), "--out", str(bundle), "--openvino"])
+                   str(lora_files["motion_config"]), "--out", str(bundle)])
     assert rc == 0, capsys.readouterr().err
     b = load_bundle(bundle)
-    assert b.has_openvino() and b.provenance["source"]["base"]["record"]["file"].endswith("personalized.ckpt")
-    a = _generates(bundle).frames
-    c = _generates(bundle, "openvino").frames
-    assert np.abs(a.astype(int) - c.astype(int)).max() <= 2
+    assert b.provenance["source"]["base"]["record"]["file"].endswith("personalized.ckpt")
+    assert b.provenance["source"]["base"]["configs"].startswith("base folder")
+    _generates(bundle)
 
 
 @pytest.mark.parametrize("argv, message", [
