@@ -41,14 +41,13 @@ def add_distill_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
+    import importlib.util
+
     from lcm_edge.errors import MissingExtraError
 
-    try:
-        import accelerate  # noqa: F401
-        import peft  # noqa: F401
-        import torch  # noqa: F401
-    except ImportError as exc:
-        raise MissingExtraError("lcm-edge distill", "distill", exc.name or "torch") from exc
+    for package in ("torch", "diffusers", "transformers", "accelerate", "peft"):
+        if importlib.util.find_spec(package) is None:
+            raise MissingExtraError("lcm-edge distill", "distill", package)
     from .config import load_config
     from .train import train
 

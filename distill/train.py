@@ -279,6 +279,7 @@ def train(cfg: DistillConfig, *, base: BaseModels | None = None,
                                  num_warmup_steps=tc.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=tc.max_train_steps * accelerator.num_processes)
     online, optimizer, lr_scheduler = accelerator.prepare(stage.online, optimizer, lr_scheduler)
+    stage.online = online  # the losses call the prepared (possibly DDP-wrapped, autocast) model
     frozen_names = {n for n, p in accelerator.unwrap_model(online).named_parameters() if not p.requires_grad}
 
     # 3. Checkpoints hold only what changes: trainable weights, the EMA target, optimizer, schedule, RNG.
@@ -329,7 +330,6 @@ def train(cfg: DistillConfig, *, base: BaseModels | None = None,
             with (nullcontext() if sync else accelerator.no_sync(online)), accelerator.autocast():
                 x0, text, image_latents = _prepare_batch(cfg, batch, base.tokenizer, text_encoder, vae, g, device,
                                                          tc.vae_batch_size)
-                stage.online = online
                 if stage.teacher is not None:
                     loss = distillation_loss(stage, x0, text, acp, cfg, g)
                 else:

@@ -206,3 +206,13 @@ def test_config_stage_must_match_the_command(tmp_path):
     (tmp_path / "c.yaml").write_text("x: 1", encoding="utf-8")
     with pytest.raises(ConfigError, match="json or .toml"):
         load_config(tmp_path / "c.yaml")
+
+
+@pytest.mark.parametrize("name,stage", [("stage1_image.toml", "image"), ("stage2_video.toml", "video"),
+                                        ("adapter_i2v.toml", "adapter")])
+def test_example_configs_parse(name, stage):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "distill" / "examples" / name
+    cfg = load_config(path, stage=stage)
+    assert cfg.stage == stage and cfg.train.mixed_precision == "bf16"

@@ -16,7 +16,6 @@ import torch
 from lcm_edge.distill import consistency as C
 from lcm_edge.distill.config import ScheduleConfig, config_from_dict
 from lcm_edge.distill.errors import CheckpointError, ConfigError
-from lcm_edge.distill.lora_io import save_lora
 from lcm_edge.distill.models import (Denoiser, EMATarget, load_base, tiny_components, save_base,
                                      zero_motion_outputs_)
 from lcm_edge.distill.synthetic import synthetic_clips, write_image_dataset, write_video_dataset

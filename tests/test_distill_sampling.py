@@ -1,0 +1,99 @@
+"""Evaluation samplers, the small-teacher pretraining loop, and the GPU smoke script's CPU refusal."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lcm_edge.distill import consistency as C
+from lcm_edge.distill.config import ScheduleConfig
+from lcm_edge.distill.pretrain import diffusion_loss, pretrain
+from lcm_edge.distill.sampling import guided_model, sample_ddim, sample_lcm
+from lcm_edge.scheduler import LCMScheduler, SchedulerConfig
+
+ACP = C.make_alphas_cumprod("linear", 0.00085, 0.012, 1000)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def exact_denoiser(x0: torch.Tensor, prediction_type: str):
+    """The ideal model of a one-point data distribution at x0: its output implies exactly x0."""
+
+    def fn(x, t):
+        a = C.extract(ACP, t, x.ndim).double()
+        eps = (x.double() - a.sqrt() * x0.double()) / (1 - a).sqrt()
+        if prediction_type == "epsilon":
+            return eps.float()
+        return (a.sqrt() * eps - (1 - a).sqrt() * x0.double()).float()  # v
+
+    return fn
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_ddim_and_lcm_samplers_recover_the_data_point_of_an_exact_denoiser(prediction_type):
+    x0 = torch.randn(2, 4, 3, 4, 4)
+    x_T = torch.randn_like(x0)
+    fn = exact_denoiser(x0, prediction_type)
+    schedule = ScheduleConfig("linear", 0.00085, 0.012, prediction_type)
+    lcm = LCMScheduler(SchedulerConfig.from_dict(schedule.lcm_scheduler_config()))
+    for n in (1, 4, 50):
+        out = sample_ddim(fn, x_T, lcm.set_timesteps(n).tolist(), ACP, prediction_type)
+        torch.testing.assert_close(out, x0, rtol=1e-4, atol=1e-4)
+    rng = np.random.default_rng(0)
+    for n in (1, 4):
+        out = sample_lcm(fn, x_T, lcm, n, lambda i: rng.standard_normal(x0.shape).astype(np.float32))
+        # c_skip(259) ~ 4e-8: the consistency output is x_0 up to a vanishing skip term.
+        torch.testing.assert_close(out, x0, rtol=1e-4, atol=1e-4)
+
+
+def test_guided_model_form():
+    calls = []
+
+    def model(x, t, text):
+        calls.append(x.shape[0])
+        return x + text[:, 0, 0].reshape(-1, 1, 1, 1)
+
+    x = torch.zeros(2, 1, 1, 1)
+    text, uncond = torch.full((2, 3, 4), 3.0), torch.full((1, 3, 4), 1.0)
+    t = torch.tensor([5, 5])
+    assert torch.equal(guided_model(model, text, None, 2.0)(x, t), torch.full((2, 1, 1, 1), 3.0))
+    assert torch.equal(guided_model(model, text, uncond, 2.0)(x, t), torch.full((2, 1, 1, 1), 3.0 + 2 * (3 - 1)))
+    assert calls == [2, 4]  # guidance batches cond and uncond into one call
+
+
+def test_pretrain_reduces_the_diffusion_loss():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(5, 32, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(32, 4, 3, padding=1))
+
+    def model(x, t, text):  # a toy denoiser that sees the noise level
+        level = (t.float() / 1000)[:, None, None, None].expand(-1, 1, *x.shape[2:])
+        return net(torch.cat([x, level], 1))
+
+    model.parameters = net.parameters
+    model.train = net.train
+    model.eval = net.eval
+    x0 = torch.zeros(8, 4, 6, 6)
+    x0[:, :, 2:4, 2:4] = 1.0
+
+    def batches():
+        while True:
+            yield x0, torch.zeros(8, 1, 1)
+
+    g = torch.Generator().manual_seed(1)
+    before = np.mean([diffusion_loss(model, x0, None, ACP, "epsilon", g).item() for _ in range(20)])
+    pretrain(model, batches(), ACP, steps=150, learning_rate=3e-3)
+    after = np.mean([diffusion_loss(model, x0, None, ACP, "epsilon", g).item() for _ in range(20)])
+    assert after < 0.7 * before
+
+
+def test_gpu_smoke_script_refuses_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present: the refusal path cannot be exercised here")
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "distill_gpu_smoke.py")],
+                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert run.returncode == 2
+    assert "needs a CUDA GPU" in run.stderr and "Fix:" in run.stderr
