@@ -1,0 +1,270 @@
+"""The one command that builds the default model from an empty folder.
+
+    python -m lcm_edge.distill.default_model.chain WORKDIR --bundle OUT [--scale full|smoke]
+
+Recipe (every step is the project's own code, as a full-scale user would run it):
+1. synthetic clips (deterministic by seed; some colour-shape-direction combinations held out);
+2. a CLIP-format BPE tokenizer trained on the captions;
+3. an AutoencoderKL trained on the frames, then the clips encoded to latents;
+4. the teacher image UNet + text encoder (plain diffusion training);
+5. the teacher motion module on the frozen image model (AnimateDiff's recipe);
+6. stage 1 of lcm_edge.distill: the image consistency LoRA;
+7. stage 2 of lcm_edge.distill: video consistency distillation of a fresh motion module;
+8. export of the student to a bundle with provenance (command, seeds, code version, timings).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..synthetic import COLOURS, DIRECTIONS, SHAPES, ShapeClip, caption_for, synthetic_clips
+from .bpe import train_bpe, write_tokenizer
+from .pretrain import (ToyArchitecture, build_motion_adapter, build_text_encoder, build_unet, build_vae,
+                       encode_latents, train_image_teacher, train_motion_teacher, train_vae)
+
+# Held out of training: the "harder figure" of the evaluation (combinations never seen).
+HELD_OUT = (("red", "triangle", "up"), ("green", "circle", "left"), ("blue", "square", "down"),
+            ("yellow", "triangle", "right"), ("white", "circle", "up"))
+
+
+@dataclass(frozen=True)
+class ChainScale:
+    """Step counts; "smoke" runs the identical chain in about a minute for tests."""
+
+    clips: int
+    vae_steps: int
+    image_steps: int
+    motion_steps: int
+    stage1_steps: int
+    stage2_steps: int
+    batch_images: int
+    batch_videos: int
+
+
+SCALES = {
+    "full": ChainScale(clips=1100, vae_steps=400, image_steps=1500, motion_steps=1000, stage1_steps=500,
+                       stage2_steps=600, batch_images=16, batch_videos=2),
+    "smoke": ChainScale(clips=24, vae_steps=3, image_steps=3, motion_steps=2, stage1_steps=2, stage2_steps=2,
+                        batch_images=4, batch_videos=1),
+}
+
+
+def training_combinations() -> list[tuple[str, str, str]]:
+    return [(c, s, d) for c in COLOURS for s in SHAPES for d in DIRECTIONS if (c, s, d) not in HELD_OUT]
+
+
+def make_training_clips(count: int, arch: ToyArchitecture, seed: int) -> list[ShapeClip]:
+    clips = synthetic_clips(count * 2, seed=seed, size=arch.resolution, num_frames=arch.num_frames)
+    kept = [c for c in clips if (c.colour, c.shape, c.direction) not in HELD_OUT]
+    return kept[:count]
+
+
+def code_version() -> str:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty"], capture_output=True,
+                             text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return out.stdout.strip()
+
+
+def pretrain_teachers(workdir: Path, scale: ChainScale, arch: ToyArchitecture, seed: int, log) -> dict:
+    """Steps 1-5: writes workdir/teacher (diffusers folder), workdir/teacher_motion, workdir/latents."""
+    from diffusers import DDIMScheduler
+    from transformers import CLIPTokenizer
+
+    timings = {}
+    t0 = time.perf_counter()
+    clips = make_training_clips(scale.clips, arch, seed)
+    captions = [c.caption for c in clips]
+    timings["data_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    teacher = workdir / "teacher"
+    vocab, merges = train_bpe(captions + [caption_for(*combo) for combo in HELD_OUT])
+    write_tokenizer(teacher / "tokenizer", vocab, merges, arch.text_max_length)
+    tokenizer = CLIPTokenizer.from_pretrained(teacher / "tokenizer")
+    ids = torch.tensor([tokenizer(c, padding="max_length", max_length=arch.text_max_length,
+                                  truncation=True).input_ids for c in captions])
+    empty_ids = torch.tensor(tokenizer("", padding="max_length", max_length=arch.text_max_length).input_ids)
+    timings["tokenizer_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    frames = torch.from_numpy(np.stack([c.frames for c in clips])).float() / 127.5 - 1.0  # (N, F, H, W, 3)
+    frames = frames.permute(0, 1, 4, 2, 3)  # (N, F, 3, H, W)
+    vae = build_vae(arch)
+    train_vae(vae, frames.flatten(0, 1), steps=scale.vae_steps, batch_size=scale.batch_images, lr=1e-3,
+              seed=seed, log=log)
+    video_latents = encode_latents(vae, frames.flatten(0, 1)).unflatten(0, frames.shape[:2])  # (N, F, C, h, w)
+    video_latents = video_latents.permute(0, 2, 1, 3, 4).contiguous()  # (N, C, F, h, w)
+    timings["vae_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    unet = build_unet(arch)
+    text_encoder = build_text_encoder(arch, len(vocab), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    image_latents = video_latents.permute(0, 2, 1, 3, 4).flatten(0, 1)  # every frame is an image
+    frame_ids = ids.repeat_interleave(arch.num_frames, dim=0)
+    train_image_teacher(unet, text_encoder, image_latents, frame_ids, empty_ids, arch, steps=scale.image_steps,
+                        batch_size=scale.batch_images, lr=1e-3, seed=seed + 1, log=log)
+    timings["teacher_image_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    adapter = build_motion_adapter(arch)
+    train_motion_teacher(unet, adapter, text_encoder, video_latents, ids, empty_ids, arch, steps=scale.motion_steps,
+                         batch_size=scale.batch_videos, lr=1e-3, seed=seed + 2, log=log)
+    timings["teacher_motion_s"] = time.perf_counter() - t0
+
+    unet.save_pretrained(teacher / "unet")
+    vae.save_pretrained(teacher / "vae")
+    text_encoder.save_pretrained(teacher / "text_encoder")
+    DDIMScheduler(beta_start=arch.beta_start, beta_end=arch.beta_end, beta_schedule="linear",
+                  clip_sample=False, set_alpha_to_one=False, steps_offset=1).save_pretrained(teacher / "scheduler")
+    adapter.save_pretrained(workdir / "teacher_motion")
+    _write_latents(workdir / "latents", video_latents, captions)
+    (workdir / "clips.json").write_text(json.dumps([c.attributes() for c in clips]) + "\n")
+    return timings
+
+
+def _write_latents(folder: Path, video_latents: torch.Tensor, captions: list[str]) -> None:
+    """The distill data format "latents": latents.jsonl + one safetensors file per clip."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, (latent, caption) in enumerate(zip(video_latents, captions)):
+        name = f"clip_{i:05d}.safetensors"
+        save_file({"latents": latent.contiguous()}, str(folder / name))
+        lines.append(json.dumps({"file": name, "caption": caption}))
+    (folder / "latents.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _write_image_latents(folder: Path, video_latents: torch.Tensor, captions: list[str], per_clip: int,
+                         seed: int) -> None:
+    """Stage 1 trains on images: `per_clip` random frames of every clip, each its own (C, h, w) sample."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i, (latent, caption) in enumerate(zip(video_latents, captions)):
+        for f in rng.choice(latent.shape[1], size=per_clip, replace=False):
+            name = f"frame_{i:05d}_{int(f):02d}.safetensors"
+            save_file({"latents": latent[:, int(f)].contiguous()}, str(folder / name))
+            lines.append(json.dumps({"file": name, "caption": caption}))
+    (folder / "latents.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def distill_configs(workdir: Path, scale: ChainScale, arch: ToyArchitecture, seed: int) -> tuple[dict, dict]:
+    """Stage 1 and stage 2 configs, written to workdir as a user would write them."""
+    schedule = {"beta_schedule": "linear", "beta_start": arch.beta_start, "beta_end": arch.beta_end,
+                "prediction_type": "epsilon", "num_ddim_timesteps": 50}
+    # The toy teacher is weaker than SD1.5: a milder guidance range than LCM's U[5, 15].
+    consistency = {"w_min": 2.0, "w_max": 5.0, "loss_type": "huber", "huber_c": 0.001}
+    train = {"batch_size": scale.batch_images, "learning_rate": 1e-3, "lr_scheduler": "cosine",
+             "lr_warmup_steps": 20, "checkpointing_steps": 200, "checkpoints_total_limit": 1, "resume": "auto",
+             "report_to": "tensorboard", "log_every": 25, "adam_weight_decay": 0.0}
+    stage1 = {
+        "stage": "image", "schedule": schedule, "model": {"pretrained": str(workdir / "teacher")},
+        "data": {"kind": "latents", "root": str(workdir / "image_latents"), "resolution": arch.resolution},
+        "train": {**train, "output_dir": str(workdir / "stage1"), "max_train_steps": scale.stage1_steps,
+                  "seed": seed + 3},
+        "lora": {"rank": 16, "alpha": 16.0},
+        "consistency": {**consistency, "target": "online"},
+    }
+    stage2 = {
+        "stage": "video", "schedule": schedule,
+        # Temporal layers start from the teacher's (not zero): at toy compute this converges in
+        # hundreds of steps; the spatial LoRA still reaches the target only through the EMA.
+        "model": {"pretrained": str(workdir / "teacher"), "motion_adapter": str(workdir / "teacher_motion"),
+                  "lora": str(workdir / "stage1" / "lora"), "student_motion_init": "teacher"},
+        "data": {"kind": "latents", "root": str(workdir / "latents"), "resolution": arch.resolution,
+                 "num_frames": arch.num_frames},
+        "train": {**train, "batch_size": scale.batch_videos, "output_dir": str(workdir / "stage2"),
+                  "max_train_steps": scale.stage2_steps, "seed": seed + 4},
+        "consistency": {**consistency, "target": "ema", "ema_decay": 0.95},
+    }
+    return stage1, stage2
+
+
+def distill_student(workdir: Path, scale: ChainScale, arch: ToyArchitecture, seed: int, log) -> dict:
+    """Steps 6-7: `lcm-edge distill image` then `lcm-edge distill video` on the teachers."""
+    from safetensors.torch import load_file
+
+    from ..config import load_config
+    from ..train import train
+
+    records = [json.loads(line) for line in (workdir / "latents" / "latents.jsonl").read_text().splitlines()]
+    video_latents = torch.stack([load_file(str(workdir / "latents" / r["file"]))["latents"] for r in records])
+    _write_image_latents(workdir / "image_latents", video_latents, [r["caption"] for r in records], 4, seed)
+    timings = {}
+    for name, config in zip(("stage1", "stage2"), distill_configs(workdir, scale, arch, seed)):
+        path = workdir / f"{name}.json"
+        path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        log(f"{name}: lcm-edge distill {config['stage']} --config {path}")
+        t0 = time.perf_counter()
+        train(load_config(path))
+        timings[f"{name}_s"] = time.perf_counter() - t0
+    return timings
+
+
+def export_student(workdir: Path, bundle: Path, provenance: dict) -> dict:
+    """Step 8: the stage-2 model folder through the project's exporter (ONNX only: a few MB)."""
+    from lcm_edge.export import export_bundle, load_diffusers_folder
+
+    t0 = time.perf_counter()
+    components = load_diffusers_folder(workdir / "stage2" / "model")
+    report = export_bundle(bundle, **components.export_kwargs(), default_frames=16, default_fps=8,
+                           provenance={**components.source, **provenance}, overwrite=True)
+    return {"export_s": time.perf_counter() - t0, "parity": report.summary()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("workdir", type=Path)
+    parser.add_argument("--bundle", type=Path, required=True, help="where the exported bundle goes")
+    parser.add_argument("--scale", choices=sorted(SCALES), default="full")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    arch, scale = ToyArchitecture(), SCALES[args.scale]
+    log = lambda message: print(message, flush=True)  # noqa: E731
+    start = time.perf_counter()
+    # Each step leaves a marker, so an interrupted chain continues where it stopped.
+    pretrain_marker = args.workdir / "pretrain.json"
+    if not pretrain_marker.is_file():
+        pretrain_marker.write_text(json.dumps(pretrain_teachers(args.workdir, scale, arch, args.seed, log)) + "\n")
+    distill_marker = args.workdir / "distill.json"
+    if not distill_marker.is_file():
+        distill_marker.write_text(json.dumps(distill_student(args.workdir, scale, arch, args.seed, log)) + "\n")
+    timings = {**json.loads(pretrain_marker.read_text()), **json.loads(distill_marker.read_text())}
+    provenance = {
+        "default_model": {
+            "command": "python -m lcm_edge.distill.default_model.chain " + " ".join(argv or sys.argv[1:]),
+            "seed": args.seed, "scale": asdict(scale), "architecture": asdict(arch), "code_version": code_version(),
+            "held_out": [list(c) for c in HELD_OUT], "timings_s": timings,
+            "torch_threads": torch.get_num_threads(),
+        }
+    }
+    result = export_student(args.workdir, args.bundle, provenance)
+    log(result["parity"])
+    log(f"chain done in {time.perf_counter() - start:.0f} s this run; step timings {json.dumps(timings)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

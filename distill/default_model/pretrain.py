@@ -1,0 +1,212 @@
+"""Teachers for the default model: plain diffusion training of a tiny SD-style family.
+
+AnimateLCM distils SD1.5 + AnimateDiff; here there is no SD1.5, so the same family is trained
+from scratch at toy size on synthetic clips: an AutoencoderKL, a CLIP text encoder trained
+jointly with the image UNet (epsilon prediction, AnimateLCM's linear betas, 10% empty captions
+so classifier-free guidance works), then an AnimateDiff-style motion module on the frozen
+image model. Stage 1 and stage 2 of `lcm_edge.distill` then distil these teachers.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel, UNetMotionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ToyArchitecture:
+    """Sizes of the default model. 64x64 px clips, VAE /4 -> 16x16 latents, UNet /2."""
+
+    resolution: int = 64
+    num_frames: int = 16
+    latent_channels: int = 4
+    vae_channels: tuple[int, ...] = (16, 32, 32)
+    unet_channels: tuple[int, ...] = (32, 64)
+    unet_groups: int = 8
+    attention_head_dim: int = 8
+    text_hidden: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    text_max_length: int = 16
+    motion_heads: int = 4
+    motion_max_frames: int = 32
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.vae_channels) - 1)
+
+
+def build_vae(arch: ToyArchitecture) -> AutoencoderKL:
+    n = len(arch.vae_channels)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=arch.latent_channels,
+                         block_out_channels=arch.vae_channels, layers_per_block=1, norm_num_groups=16,
+                         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+                         sample_size=arch.resolution, scaling_factor=1.0)
+
+
+def build_text_encoder(arch: ToyArchitecture, vocab_size: int, bos_id: int, eos_id: int) -> CLIPTextModel:
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=arch.text_hidden, intermediate_size=arch.text_hidden * 4,
+        num_hidden_layers=arch.text_layers, num_attention_heads=arch.text_heads,
+        max_position_embeddings=arch.text_max_length, bos_token_id=bos_id, eos_token_id=eos_id,
+        pad_token_id=eos_id, hidden_act="quick_gelu"))
+
+
+def build_unet(arch: ToyArchitecture) -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=arch.resolution // arch.vae_scale, in_channels=arch.latent_channels,
+        out_channels=arch.latent_channels, block_out_channels=arch.unet_channels, layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=arch.text_hidden, attention_head_dim=arch.attention_head_dim,
+        norm_num_groups=arch.unet_groups)
+
+
+def build_motion_adapter(arch: ToyArchitecture) -> MotionAdapter:
+    return MotionAdapter(block_out_channels=arch.unet_channels, motion_layers_per_block=1,
+                         motion_norm_num_groups=arch.unet_groups, motion_num_attention_heads=arch.motion_heads,
+                         motion_max_seq_length=arch.motion_max_frames, use_motion_mid_block=False)
+
+
+def alphas_cumprod(arch: ToyArchitecture, num_train_timesteps: int = 1000) -> torch.Tensor:
+    betas = torch.linspace(arch.beta_start, arch.beta_end, num_train_timesteps, dtype=torch.float32)
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def _lr(step: int, steps: int, base: float, warmup: int) -> float:
+    """Linear warm-up then cosine decay to 10%: short runs need both to converge."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _report(log: Log, name: str, step: int, steps: int, losses: list[float], start: float) -> None:
+    if step % max(1, steps // 10) == 0 or step == steps - 1:
+        recent = float(np.mean(losses[-50:]))
+        log(f"{name} step {step + 1}/{steps} loss {recent:.4f} ({time.perf_counter() - start:.0f} s)")
+
+
+def train_vae(vae: AutoencoderKL, frames: torch.Tensor, *, steps: int, batch_size: int, lr: float, seed: int,
+              log: Log) -> list[float]:
+    """frames: float (N, 3, H, W) in [-1, 1]. L1 + MSE reconstruction, a small KL keeps latents near N(0, 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    vae.train()
+    losses, start = [], time.perf_counter()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, steps, lr, warmup=min(100, steps // 10 + 1))
+        batch = frames[torch.randint(0, frames.shape[0], (batch_size,), generator=gen)]
+        posterior = vae.encode(batch).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
+        recon = vae.decode(z).sample
+        kl = posterior.kl().mean() / z[0].numel()
+        loss = F.l1_loss(recon, batch) + F.mse_loss(recon, batch) + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        _report(log, "vae", step, steps, losses, start)
+    vae.eval()
+    return losses
+
+
+@torch.no_grad()
+def encode_latents(vae: AutoencoderKL, frames: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Posterior means, scaled so the latents have unit standard deviation (sets scaling_factor)."""
+    means = torch.cat([vae.encode(frames[i:i + batch_size]).latent_dist.mean
+                       for i in range(0, frames.shape[0], batch_size)])
+    scale = 1.0 / float(means.std())
+    vae.register_to_config(scaling_factor=scale)
+    return means * scale
+
+
+def _noisy(latents: torch.Tensor, acp: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    t = torch.randint(0, acp.shape[0], (latents.shape[0],), generator=gen)
+    noise = torch.randn(latents.shape, generator=gen)
+    a = acp[t].view(-1, *([1] * (latents.ndim - 1)))
+    return a.sqrt() * latents + (1 - a).sqrt() * noise, noise, t
+
+
+def train_image_teacher(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, latents: torch.Tensor,
+                        input_ids: torch.Tensor, empty_ids: torch.Tensor, arch: ToyArchitecture, *, steps: int,
+                        batch_size: int, lr: float, seed: int, log: Log, uncond_probability: float = 0.1,
+                        ) -> list[float]:
+    """latents (N, C, h, w) with captions input_ids (N, L). Epsilon loss; text encoder trains jointly."""
+    gen = torch.Generator().manual_seed(seed)
+    acp = alphas_cumprod(arch)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    unet.train()
+    text_encoder.train()
+    losses, start = [], time.perf_counter()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, steps, lr, warmup=min(200, steps // 10 + 1))
+        idx = torch.randint(0, latents.shape[0], (batch_size,), generator=gen)
+        ids = input_ids[idx].clone()
+        drop = torch.rand(batch_size, generator=gen) < uncond_probability
+        ids[drop] = empty_ids
+        noisy, noise, t = _noisy(latents[idx], acp, gen)
+        context = text_encoder(ids).last_hidden_state
+        loss = F.mse_loss(unet(noisy, t, encoder_hidden_states=context).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(loss.item())
+        _report(log, "teacher-image", step, steps, losses, start)
+    unet.eval()
+    text_encoder.eval()
+    return losses
+
+
+def train_motion_teacher(unet: UNet2DConditionModel, adapter: MotionAdapter, text_encoder: CLIPTextModel,
+                         video_latents: torch.Tensor, input_ids: torch.Tensor, empty_ids: torch.Tensor,
+                         arch: ToyArchitecture, *, steps: int, batch_size: int, lr: float, seed: int, log: Log,
+                         uncond_probability: float = 0.1) -> list[float]:
+    """AnimateDiff's recipe: the image model is frozen, only the motion modules learn (video_latents (N, C, F, h, w))."""
+    gen = torch.Generator().manual_seed(seed)
+    acp = alphas_cumprod(arch)
+    model = UNetMotionModel.from_unet2d(unet, adapter)
+    model.freeze_unet2d_params()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    with torch.no_grad():
+        contexts = text_encoder(input_ids).last_hidden_state
+        empty = text_encoder(empty_ids[None]).last_hidden_state
+    model.train()
+    losses, start = [], time.perf_counter()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, steps, lr, warmup=min(200, steps // 10 + 1))
+        idx = torch.randint(0, video_latents.shape[0], (batch_size,), generator=gen)
+        context = contexts[idx].clone()
+        drop = torch.rand(batch_size, generator=gen) < uncond_probability
+        context[drop] = empty
+        noisy, noise, t = _noisy(video_latents[idx], acp, gen)
+        frames = noisy.shape[2]
+        per_frame = context.repeat_interleave(frames, dim=0)
+        loss = F.mse_loss(model(noisy, t, encoder_hidden_states=per_frame).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(loss.item())
+        _report(log, "teacher-motion", step, steps, losses, start)
+    model.eval()
+    # from_unet2d copied the adapter's weights; copy the trained ones back (strict: same keys).
+    adapter.load_state_dict({k: v for k, v in model.state_dict().items() if "motion_modules" in k})
+    return losses
