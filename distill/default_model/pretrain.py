@@ -4,7 +4,8 @@ AnimateLCM distils SD1.5 + AnimateDiff; here there is no SD1.5, so the same fami
 from scratch at toy size on synthetic clips: an AutoencoderKL, a CLIP text encoder trained
 jointly with the image UNet (epsilon prediction, AnimateLCM's linear betas, 10% empty captions
 so classifier-free guidance works), then an AnimateDiff-style motion module on the frozen
-image model. Stage 1 and stage 2 of `lcm_edge.distill` then distil these teachers.
+image model. Stage 1 and stage 2 of `lcm_edge.distill` then distil these teachers. The loss is
+`lcm_edge.distill.pretrain.diffusion_loss`; this module adds the models and what each trains.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel, UNetMotionModel
 from transformers import CLIPTextConfig, CLIPTextModel
+
+from ..consistency import make_alphas_cumprod
+from ..pretrain import diffusion_loss
 
 Log = Callable[[str], None]
 
@@ -80,8 +84,7 @@ def build_motion_adapter(arch: ToyArchitecture) -> MotionAdapter:
 
 
 def alphas_cumprod(arch: ToyArchitecture, num_train_timesteps: int = 1000) -> torch.Tensor:
-    betas = torch.linspace(arch.beta_start, arch.beta_end, num_train_timesteps, dtype=torch.float32)
-    return torch.cumprod(1.0 - betas, dim=0)
+    return make_alphas_cumprod("linear", arch.beta_start, arch.beta_end, num_train_timesteps)
 
 
 def _lr(step: int, steps: int, base: float, warmup: int) -> float:
@@ -133,13 +136,6 @@ def encode_latents(vae: AutoencoderKL, frames: torch.Tensor, batch_size: int = 6
     return means * scale
 
 
-def _noisy(latents: torch.Tensor, acp: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
-    t = torch.randint(0, acp.shape[0], (latents.shape[0],), generator=gen)
-    noise = torch.randn(latents.shape, generator=gen)
-    a = acp[t].view(-1, *([1] * (latents.ndim - 1)))
-    return a.sqrt() * latents + (1 - a).sqrt() * noise, noise, t
-
-
 def train_image_teacher(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, latents: torch.Tensor,
                         input_ids: torch.Tensor, empty_ids: torch.Tensor, arch: ToyArchitecture, *, steps: int,
                         batch_size: int, lr: float, seed: int, log: Log, uncond_probability: float = 0.1,
@@ -159,9 +155,11 @@ def train_image_teacher(unet: UNet2DConditionModel, text_encoder: CLIPTextModel,
         ids = input_ids[idx].clone()
         drop = torch.rand(batch_size, generator=gen) < uncond_probability
         ids[drop] = empty_ids
-        noisy, noise, t = _noisy(latents[idx], acp, gen)
-        context = text_encoder(ids).last_hidden_state
-        loss = F.mse_loss(unet(noisy, t, encoder_hidden_states=context).sample, noise)
+
+        def denoiser(x_t, t, caption_ids):  # the text encoder learns through the UNet's loss
+            return unet(x_t, t, encoder_hidden_states=text_encoder(caption_ids).last_hidden_state).sample
+
+        loss = diffusion_loss(denoiser, latents[idx], ids, acp, "epsilon", gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -196,10 +194,11 @@ def train_motion_teacher(unet: UNet2DConditionModel, adapter: MotionAdapter, tex
         context = contexts[idx].clone()
         drop = torch.rand(batch_size, generator=gen) < uncond_probability
         context[drop] = empty
-        noisy, noise, t = _noisy(video_latents[idx], acp, gen)
-        frames = noisy.shape[2]
-        per_frame = context.repeat_interleave(frames, dim=0)
-        loss = F.mse_loss(model(noisy, t, encoder_hidden_states=per_frame).sample, noise)
+
+        def denoiser(x_t, t, text):  # diffusers' pipelines repeat the prompt embedding per frame
+            return model(x_t, t, encoder_hidden_states=text.repeat_interleave(x_t.shape[2], dim=0)).sample
+
+        loss = diffusion_loss(denoiser, video_latents[idx], context, acp, "epsilon", gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

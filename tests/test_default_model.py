@@ -1,0 +1,70 @@
+"""The default-model chain's own pieces: caption tokenizer, clip detector, and the whole chain at smoke scale."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lcm_edge.distill.default_model.bpe import train_bpe, write_tokenizer
+from lcm_edge.distill.default_model.chain import HELD_OUT, training_combinations
+from lcm_edge.distill.default_model.detector import detect
+from lcm_edge.distill.synthetic import COLOURS, DIRECTIONS, SHAPES, caption_for, synthetic_clips
+from lcm_edge.tokenizer import CLIPTokenizer as RuntimeTokenizer
+
+CAPTIONS = [caption_for(c, s, d) for c in COLOURS for s in SHAPES for d in DIRECTIONS]
+
+
+def test_caption_bpe_matches_transformers_and_is_deterministic(tmp_path):
+    from transformers import CLIPTokenizer
+
+    vocab, merges = train_bpe(CAPTIONS)
+    assert (vocab, merges) == train_bpe(list(reversed(CAPTIONS)))
+    folder = write_tokenizer(tmp_path / "tok", vocab, merges, max_length=16)
+    ours, theirs = RuntimeTokenizer.from_folder(folder), CLIPTokenizer.from_pretrained(folder)
+    prompts = CAPTIONS + ["A PURPLE hexagon moving sideways!", "", "red red red red red red red red red red red red red"]
+    mismatched = [p for p in prompts if ours.encode(p).input_ids.tolist()
+                  != theirs(p, padding="max_length", max_length=16, truncation=True).input_ids]
+    assert mismatched == []
+    # Every caption word is one token: the text encoder sees words, not spellings.
+    assert all(len(ours.tokenize(c)) == len(c.split()) for c in CAPTIONS)
+
+
+def test_held_out_combinations_are_real_and_excluded():
+    combos = training_combinations()
+    assert len(combos) == len(COLOURS) * len(SHAPES) * len(DIRECTIONS) - len(HELD_OUT)
+    assert all(h not in combos and h[0] in COLOURS and h[1] in SHAPES and h[2] in DIRECTIONS for h in HELD_OUT)
+
+
+def test_detector_reads_ground_truth_clips():
+    clips = synthetic_clips(60, seed=3, size=64, num_frames=16)
+    wrong = [(c.caption, detect(c.frames)) for c in clips
+             if not all(detect(c.frames).matches(c.colour, c.shape, c.direction).values())]
+    assert wrong == []
+
+
+def test_detector_refuses_what_is_not_there():
+    rng = np.random.default_rng(0)
+    still = synthetic_clips(1, seed=1, size=64, num_frames=16)[0].frames[:1].repeat(16, axis=0)
+    assert detect(still).direction is None  # an object that does not move has no direction
+    blank = np.full((16, 64, 64, 3), 40, np.uint8)
+    assert detect(blank).colour is None and detect(blank).present_fraction == 0.0
+    noise = rng.integers(0, 256, (16, 64, 64, 3), dtype=np.uint8)
+    assert not all(detect(noise).matches("red", "circle", "right").values())
+
+
+def test_chain_smoke_scale_builds_a_bundle_that_generates(tmp_path):
+    """The identical chain (data -> tokenizer -> VAE -> teachers -> stage 1 -> stage 2 -> export) at smoke scale."""
+    from lcm_edge import AnimateLCMPipeline, load_bundle
+    from lcm_edge.distill.default_model.chain import main
+
+    bundle = tmp_path / "bundle"
+    assert main([str(tmp_path / "work"), "--bundle", str(bundle), "--scale", "smoke"]) == 0
+    loaded = load_bundle(bundle)
+    record = loaded.provenance["source"]["default_model"]
+    assert record["seed"] == 0 and record["scale"]["stage2_steps"] == 2 and "stage2_s" in record["timings_s"]
+    assert loaded.model.default_frames == 16 and loaded.model.default_height == 64
+    assert loaded.scheduler_config.beta_schedule == "linear" and loaded.scheduler_config.original_inference_steps == 50
+    result = AnimateLCMPipeline.from_bundle(bundle)("a red circle moving right", seed=1)
+    assert result.frames.shape == (16, 64, 64, 3)
+    # Resuming a finished chain re-exports from the markers without training again.
+    assert main([str(tmp_path / "work"), "--bundle", str(bundle), "--scale", "smoke"]) == 0
