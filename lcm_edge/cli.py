@@ -186,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--overwrite", action="store_true")
     exp.set_defaults(func=cmd_export)
 
+    # The distill command's parser is torch-free; training imports happen when it runs.
+    from lcm_edge.distill.cli import add_distill_parser
+
+    add_distill_parser(sub)
+
     info = sub.add_parser("info", help="verify a bundle (files, checksums, graphs) and describe it")
     info.add_argument("bundle", type=Path)
     info.set_defaults(func=cmd_info)

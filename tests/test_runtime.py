@@ -185,3 +185,11 @@ def test_onnxruntime_options(tiny_bundle):
     assert small(pipe, num_inference_steps=1).frames.shape == (4, 16, 16, 3)
     with pytest.raises(BackendError, match="optimization"):
         create_backend("onnxruntime", "cpu", optimization="max")
+
+
+def test_cli_wires_distill(tmp_path, capsys):
+    from lcm_edge.cli import main
+
+    assert main(["distill", "image", "--config", str(tmp_path / "missing.toml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--config" in err and "Fix:" in err
