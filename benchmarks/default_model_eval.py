@@ -1,7 +1,7 @@
 """Evaluate the default model like the AnimateLCM paper's Table 1, at toy scale.
 
     python benchmarks/default_model_eval.py --teacher WORKDIR/teacher --teacher-motion WORKDIR/teacher_motion
-        [--bundle lcm_edge/default_bundle] [--prompts 24] [--guidance 5.0] [--out results/default_model]
+        --bundle BUNDLE [--prompts 24] [--guidance 5.0] [--out results/default_model]
 
 Rows: the shipped consistency model (lcm_edge runtime, onnxruntime CPU) at 1/2/4/8 steps
 without guidance, and the teacher (diffusers AnimateDiffPipeline + DDIMScheduler, the same
@@ -57,10 +57,10 @@ def score(clips: list[np.ndarray], combos: list[tuple[str, str, str]]) -> dict:
     }
 
 
-def run_student(bundle: str | None, combos, steps: int) -> tuple[list[np.ndarray], float]:
+def run_student(bundle: str, combos, steps: int) -> tuple[list[np.ndarray], float]:
     import lcm_edge
 
-    pipe = lcm_edge.AnimateLCMPipeline.from_bundle(bundle) if bundle else lcm_edge.load_default()
+    pipe = lcm_edge.AnimateLCMPipeline.from_bundle(bundle)
     clips, start = [], time.perf_counter()
     for i, combo in enumerate(combos):
         clips.append(pipe(caption_for(*combo), num_inference_steps=steps, seed=EVAL_SEED_BASE + i).frames)
@@ -69,11 +69,17 @@ def run_student(bundle: str | None, combos, steps: int) -> tuple[list[np.ndarray
 
 def run_teacher(teacher: Path, motion: Path, combos, steps: int, guidance: float) -> tuple[list[np.ndarray], float]:
     import torch
-    from diffusers import AnimateDiffPipeline, DDIMScheduler, MotionAdapter
+    from diffusers import AnimateDiffPipeline, AutoencoderKL, DDIMScheduler, MotionAdapter, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
 
-    adapter = MotionAdapter.from_pretrained(motion, local_files_only=True)
-    pipe = AnimateDiffPipeline.from_pretrained(teacher, motion_adapter=adapter, local_files_only=True)
-    pipe.scheduler = DDIMScheduler.from_pretrained(teacher, subfolder="scheduler", local_files_only=True)
+    local = {"local_files_only": True}
+    pipe = AnimateDiffPipeline(
+        vae=AutoencoderKL.from_pretrained(teacher / "vae", **local),
+        text_encoder=CLIPTextModel.from_pretrained(teacher / "text_encoder", **local),
+        tokenizer=CLIPTokenizer.from_pretrained(teacher / "tokenizer", **local),
+        unet=UNet2DConditionModel.from_pretrained(teacher / "unet", **local),
+        motion_adapter=MotionAdapter.from_pretrained(motion, **local),
+        scheduler=DDIMScheduler.from_pretrained(teacher / "scheduler", **local))
     pipe.set_progress_bar_config(disable=True)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     clips, start = [], time.perf_counter()
@@ -112,7 +118,7 @@ def plot(results: list[dict], path: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bundle", default=None, help="default: the bundle shipped in the package")
+    parser.add_argument("--bundle", required=True, help="the student bundle written by the chain")
     parser.add_argument("--teacher", type=Path, required=True)
     parser.add_argument("--teacher-motion", type=Path, required=True)
     parser.add_argument("--prompts", type=int, default=24)
