@@ -260,7 +260,7 @@ def export_bundle(out: str | os.PathLike, *, unet: torch.nn.Module, vae: torch.n
             weight_bytes = parameter_bytes(module)
             if release_torch:
                 module.to("meta")
-            data_path = consolidate(traced, onnx_path, external_data=external_data if external_data is not None
+            data_path = consolidate(traced, onnx_path, spec, external_data=external_data if external_data is not None
                                     else weight_bytes > EXTERNAL_DATA_THRESHOLD_BYTES)
             shutil.rmtree(traced.parent)
             half = precision == "fp16" and name in FP16_COMPONENTS

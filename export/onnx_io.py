@@ -96,7 +96,24 @@ def _merge_external_files(traced: Path, out_path: Path) -> None:
     onnx.save_model(model, str(out_path))
 
 
-def consolidate(traced: Path, out_path: Path, *, external_data: bool) -> Path | None:
+def stamp_output_shapes(path: Path, spec: ComponentSpec) -> None:
+    """Write the spec's output shapes into the graph: the tracer leaves generated names such as
+    'Transposeout_sample_dim_1' even for static axes, which runtimes then report to users."""
+    model = onnx.load(str(path), load_external_data=False)
+    for output, tensor in zip(model.graph.output, spec.outputs):
+        dims = output.type.tensor_type.shape.dim
+        if output.name != tensor.name or len(dims) != len(tensor.shape):
+            raise InvalidArgumentError("spec", f"graph output {output.name} (rank {len(dims)}) does not match the "
+                                       f"spec's {tensor.name} {list(tensor.shape)}", "fix export/specs.py")
+        for dim, value in zip(dims, tensor.shape):
+            if isinstance(value, str):
+                dim.dim_param = value
+            else:
+                dim.dim_value = value
+    onnx.save_model(model, str(path))
+
+
+def consolidate(traced: Path, out_path: Path, spec: ComponentSpec, *, external_data: bool) -> Path | None:
     """Write `out_path` (model.onnx) and, if `external_data`, ONE model.onnx_data beside it."""
     spilled = any(p.name != traced.name for p in traced.parent.iterdir())
     if spilled and not external_data:
@@ -111,6 +128,7 @@ def consolidate(traced: Path, out_path: Path, *, external_data: bool) -> Path | 
         del model
     else:
         os.replace(traced, out_path)
+    stamp_output_shapes(out_path, spec)
     # The path form of the checker follows external data and has no 2 GiB limit.
     onnx.checker.check_model(str(out_path))
     return out_path.parent / EXTERNAL_DATA_NAME if external_data else None
@@ -127,6 +145,6 @@ def export_onnx(module: torch.nn.Module, spec: ComponentSpec, example: dict[str,
     scratch = out_path.parent / "_trace"
     try:
         traced = trace_onnx(module, spec, example, scratch)
-        return consolidate(traced, out_path, external_data=external_data)
+        return consolidate(traced, out_path, spec, external_data=external_data)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -95,6 +95,8 @@ def test_cli_export_generate_info(tiny_components, tmp_path, capsys):
     assert cli_main(["info", str(bundle)]) == 0
     info = capsys.readouterr().out
     assert "all sha256 verified" in info and "sample float32['batch', 4, 'frames', 'height', 'width']" in info
+    # Output shapes in the graph are the spec's, static axes included (not tracer-generated names).
+    assert "out_sample float32['batch', 4, 'frames', 'height', 'width']" in info
 
     clip = tmp_path / "clip.gif"
     assert cli_main(["generate", "a red circle moving right", "--bundle", str(bundle), "--frames", "4",

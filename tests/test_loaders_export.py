@@ -160,7 +160,7 @@ def test_spilled_trace_is_merged_into_one_data_file(tmp_path):
     assert len(list(spilled.parent.iterdir())) > 10
     out = tmp_path / "out" / "model.onnx"
     out.parent.mkdir()
-    assert consolidate(spilled, out, external_data=True) == out.parent / EXTERNAL_DATA_NAME
+    assert consolidate(spilled, out, spec, external_data=True) == out.parent / EXTERNAL_DATA_NAME
     assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx", EXTERNAL_DATA_NAME]
     offsets = [int(e.value) for t in onnx.load(str(out), load_external_data=False).graph.initializer
                for e in t.external_data if e.key == "offset"]
