@@ -95,33 +95,42 @@ def _lr(step: int, steps: int, base: float, warmup: int) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _report(log: Log, name: str, step: int, steps: int, losses: list[float], start: float) -> None:
-    if step % max(1, steps // 10) == 0 or step == steps - 1:
-        recent = float(np.mean(losses[-50:]))
-        log(f"{name} step {step + 1}/{steps} loss {recent:.4f} ({time.perf_counter() - start:.0f} s)")
+def _optimise(name: str, params: list[torch.nn.Parameter], loss_fn: Callable[[int], torch.Tensor], *, steps: int,
+              lr: float, weight_decay: float, warmup: int, log: Log) -> list[float]:
+    """AdamW with warm-up + cosine, gradient clipping at 1, a log line every tenth of the run."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    losses, start = [], time.perf_counter()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, steps, lr, warmup=min(warmup, steps // 10 + 1))
+        loss = loss_fn(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if step % max(1, steps // 10) == 0 or step == steps - 1:
+            log(f"{name} step {step + 1}/{steps} loss {np.mean(losses[-50:]):.4f} "
+                f"({time.perf_counter() - start:.0f} s)")
+    return losses
 
 
 def train_vae(vae: AutoencoderKL, frames: torch.Tensor, *, steps: int, batch_size: int, lr: float, seed: int,
               log: Log) -> list[float]:
     """frames: float (N, 3, H, W) in [-1, 1]. L1 + MSE reconstruction, a small KL keeps latents near N(0, 1)."""
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    vae.train()
-    losses, start = [], time.perf_counter()
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = _lr(step, steps, lr, warmup=min(100, steps // 10 + 1))
+
+    def loss_fn(_step: int) -> torch.Tensor:
         batch = frames[torch.randint(0, frames.shape[0], (batch_size,), generator=gen)]
         posterior = vae.encode(batch).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
         recon = vae.decode(z).sample
         kl = posterior.kl().mean() / z[0].numel()
-        loss = F.l1_loss(recon, batch) + F.mse_loss(recon, batch) + 1e-4 * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        _report(log, "vae", step, steps, losses, start)
+        return F.l1_loss(recon, batch) + F.mse_loss(recon, batch) + 1e-4 * kl
+
+    vae.train()
+    losses = _optimise("vae", list(vae.parameters()), loss_fn, steps=steps, lr=lr, weight_decay=0.0, warmup=100,
+                       log=log)
     vae.eval()
     return losses
 
@@ -136,6 +145,15 @@ def encode_latents(vae: AutoencoderKL, frames: torch.Tensor, batch_size: int = 6
     return means * scale
 
 
+def _captions_with_drop(source: torch.Tensor, empty: torch.Tensor, batch_size: int, probability: float,
+                        gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random batch of indices, and their captions with `probability` of them made empty (for CFG)."""
+    idx = torch.randint(0, source.shape[0], (batch_size,), generator=gen)
+    captions = source[idx].clone()
+    captions[torch.rand(batch_size, generator=gen) < probability] = empty
+    return idx, captions
+
+
 def train_image_teacher(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, latents: torch.Tensor,
                         input_ids: torch.Tensor, empty_ids: torch.Tensor, arch: ToyArchitecture, *, steps: int,
                         batch_size: int, lr: float, seed: int, log: Log, uncond_probability: float = 0.1,
@@ -143,29 +161,18 @@ def train_image_teacher(unet: UNet2DConditionModel, text_encoder: CLIPTextModel,
     """latents (N, C, h, w) with captions input_ids (N, L). Epsilon loss; text encoder trains jointly."""
     gen = torch.Generator().manual_seed(seed)
     acp = alphas_cumprod(arch)
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+
+    def denoiser(x_t, t, caption_ids):  # the text encoder learns through the UNet's loss
+        return unet(x_t, t, encoder_hidden_states=text_encoder(caption_ids).last_hidden_state).sample
+
+    def loss_fn(_step: int) -> torch.Tensor:
+        idx, ids = _captions_with_drop(input_ids, empty_ids, batch_size, uncond_probability, gen)
+        return diffusion_loss(denoiser, latents[idx], ids, acp, "epsilon", gen)
+
     unet.train()
     text_encoder.train()
-    losses, start = [], time.perf_counter()
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = _lr(step, steps, lr, warmup=min(200, steps // 10 + 1))
-        idx = torch.randint(0, latents.shape[0], (batch_size,), generator=gen)
-        ids = input_ids[idx].clone()
-        drop = torch.rand(batch_size, generator=gen) < uncond_probability
-        ids[drop] = empty_ids
-
-        def denoiser(x_t, t, caption_ids):  # the text encoder learns through the UNet's loss
-            return unet(x_t, t, encoder_hidden_states=text_encoder(caption_ids).last_hidden_state).sample
-
-        loss = diffusion_loss(denoiser, latents[idx], ids, acp, "epsilon", gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        losses.append(loss.item())
-        _report(log, "teacher-image", step, steps, losses, start)
+    losses = _optimise("teacher-image", list(unet.parameters()) + list(text_encoder.parameters()), loss_fn,
+                       steps=steps, lr=lr, weight_decay=1e-4, warmup=200, log=log)
     unet.eval()
     text_encoder.eval()
     return losses
@@ -180,31 +187,20 @@ def train_motion_teacher(unet: UNet2DConditionModel, adapter: MotionAdapter, tex
     acp = alphas_cumprod(arch)
     model = UNetMotionModel.from_unet2d(unet, adapter)
     model.freeze_unet2d_params()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     with torch.no_grad():
         contexts = text_encoder(input_ids).last_hidden_state
-        empty = text_encoder(empty_ids[None]).last_hidden_state
+        empty = text_encoder(empty_ids[None]).last_hidden_state[0]
+
+    def denoiser(x_t, t, text):  # diffusers' pipelines repeat the prompt embedding per frame
+        return model(x_t, t, encoder_hidden_states=text.repeat_interleave(x_t.shape[2], dim=0)).sample
+
+    def loss_fn(_step: int) -> torch.Tensor:
+        idx, context = _captions_with_drop(contexts, empty, batch_size, uncond_probability, gen)
+        return diffusion_loss(denoiser, video_latents[idx], context, acp, "epsilon", gen)
+
     model.train()
-    losses, start = [], time.perf_counter()
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = _lr(step, steps, lr, warmup=min(200, steps // 10 + 1))
-        idx = torch.randint(0, video_latents.shape[0], (batch_size,), generator=gen)
-        context = contexts[idx].clone()
-        drop = torch.rand(batch_size, generator=gen) < uncond_probability
-        context[drop] = empty
-
-        def denoiser(x_t, t, text):  # diffusers' pipelines repeat the prompt embedding per frame
-            return model(x_t, t, encoder_hidden_states=text.repeat_interleave(x_t.shape[2], dim=0)).sample
-
-        loss = diffusion_loss(denoiser, video_latents[idx], context, acp, "epsilon", gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        losses.append(loss.item())
-        _report(log, "teacher-motion", step, steps, losses, start)
+    losses = _optimise("teacher-motion", [p for p in model.parameters() if p.requires_grad], loss_fn, steps=steps,
+                       lr=lr, weight_decay=1e-4, warmup=200, log=log)
     model.eval()
     # from_unet2d copied the adapter's weights; copy the trained ones back (strict: same keys).
     adapter.load_state_dict({k: v for k, v in model.state_dict().items() if "motion_modules" in k})
