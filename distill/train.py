@@ -326,18 +326,18 @@ def train(cfg: DistillConfig, *, base: BaseModels | None = None,
         for micro in range(ga):
             batch = next(batches)
             g = torch.Generator().manual_seed(_draw_seed(tc.seed, global_step, micro, accelerator.process_index))
-            sync = micro == ga - 1
-            with (nullcontext() if sync else accelerator.no_sync(online)), accelerator.autocast():
-                x0, text, image_latents = _prepare_batch(cfg, batch, base.tokenizer, text_encoder, vae, g, device,
-                                                         tc.vae_batch_size)
-                if stage.teacher is not None:
-                    loss = distillation_loss(stage, x0, text, acp, cfg, g)
-                else:
-                    loss = consistency_training_loss(stage, x0, text, acp, cfg, g, image_latents)
-                accelerator.backward(loss / ga)
+            # Gradients are all-reduced across processes only on the last micro-batch of the step.
+            with nullcontext() if micro == ga - 1 else accelerator.no_sync(online):
+                with accelerator.autocast():
+                    x0, text, image_latents = _prepare_batch(cfg, batch, base.tokenizer, text_encoder, vae, g,
+                                                             device, tc.vae_batch_size)
+                    if stage.teacher is not None:
+                        loss = distillation_loss(stage, x0, text, acp, cfg, g)
+                    else:
+                        loss = consistency_training_loss(stage, x0, text, acp, cfg, g, image_latents)
+                accelerator.backward(loss / ga)  # outside autocast, as torch recommends
             step_loss += loss.detach() / ga
-        if accelerator.sync_gradients:
-            accelerator.clip_grad_norm_(params, tc.max_grad_norm)
+        accelerator.clip_grad_norm_(params, tc.max_grad_norm)
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)

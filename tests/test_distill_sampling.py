@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,15 @@ from lcm_edge.scheduler import LCMScheduler, SchedulerConfig
 
 ACP = C.make_alphas_cumprod("linear", 0.00085, 0.012, 1000)
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models do not parallelise; on a shared 2-core machine extra threads only thrash (10x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def exact_denoiser(x0: torch.Tensor, prediction_type: str):
@@ -94,6 +104,7 @@ def test_gpu_smoke_script_refuses_without_cuda():
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is present: the refusal path cannot be exercised here")
     run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "distill_gpu_smoke.py")],
-                         capture_output=True, text=True, timeout=120, cwd=REPO)
+                         capture_output=True, text=True, timeout=120, cwd=REPO,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 2
     assert "needs a CUDA GPU" in run.stderr and "Fix:" in run.stderr

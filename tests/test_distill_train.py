@@ -25,6 +25,15 @@ SCHEDULE = {"beta_schedule": "linear", "beta_start": 0.00085, "beta_end": 0.012,
             "num_ddim_timesteps": 50}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models do not parallelise; on a shared 2-core machine extra threads only thrash (10x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class Interrupt(Exception):
     pass
 
@@ -341,6 +350,7 @@ def test_consistency_function_is_identity_at_the_boundary():
 
 def test_command_line_entry_point_bf16_toml(workspace):
     """`python -m lcm_edge.distill image --config FILE.toml` in a fresh process: bf16 autocast, v-prediction."""
+    import os
     import subprocess
     import sys
 
@@ -373,8 +383,9 @@ log_every = 1
 rank = 4
 alpha = 2.0
 """, encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "lcm_edge.distill", "image", "--config", str(config),
-                          "--max-train-steps", "2"], capture_output=True, text=True, timeout=300)
+                          "--max-train-steps", "2"], capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "done: 2 steps" in run.stdout
     saved = json.loads((out / "config.json").read_text())
@@ -386,7 +397,7 @@ alpha = 2.0
     assert (out / "lora" / "lora_kohya.safetensors").is_file()
     # A second start in the same folder is refused with the fix, exit code 2.
     again = subprocess.run([sys.executable, "-m", "lcm_edge.distill", "image", "--config", str(config)],
-                           capture_output=True, text=True, timeout=300)
+                           capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 2 and "train.resume" in again.stderr
 
 
