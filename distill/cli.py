@@ -60,9 +60,13 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if overrides:
         config = config.replace(train=overrides)
     result = train(config)
-    for name, path in result.artifacts.items():
-        print(f"{name}: {path}")
-    print(f"done: {result.global_step} steps, {result.seconds_per_step:.3f} s/step, output in {result.output_dir}")
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # one report, however many processes `accelerate launch` started
+        for name, path in result.artifacts.items():
+            print(f"{name}: {path}")
+        print(f"done: {result.global_step} steps, {result.seconds_per_step:.3f} s/step, "
+              f"output in {result.output_dir}")
     return 0
 
 

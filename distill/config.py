@@ -409,11 +409,10 @@ def load_config(path: str | Path, *, stage: str | None = None) -> DistillConfig:
         except json.JSONDecodeError as exc:
             raise ConfigError("--config", f"{path} is not valid JSON ({exc})", "fix the file") from exc
     elif path.suffix == ".toml":
-        import tomllib
-
+        toml = _toml_module()
         try:
-            raw = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
+            raw = toml.loads(text)
+        except toml.TOMLDecodeError as exc:
             raise ConfigError("--config", f"{path} is not valid TOML ({exc})", "fix the file") from exc
     else:
         raise ConfigError("--config", f"{path} has suffix {path.suffix!r}", "use a .json or .toml file")
@@ -426,6 +425,19 @@ def load_config(path: str | Path, *, stage: str | None = None) -> DistillConfig:
                               f"run `distill {raw['stage']}` or change stage in {path}")
         raw = {**raw, "stage": stage}
     return config_from_dict(raw)
+
+
+def _toml_module():
+    """tomllib (Python 3.11+), or its backport tomli on 3.10 (lcm-edge[distill] installs it there)."""
+    try:
+        import tomllib
+    except ImportError:
+        try:
+            import tomli as tomllib
+        except ImportError as exc:
+            raise ConfigError("--config", "reading TOML on Python < 3.11 needs the tomli package",
+                              "pip install tomli, or write the config as JSON") from exc
+    return tomllib
 
 
 def config_from_dict(raw: Mapping[str, Any]) -> DistillConfig:

@@ -462,6 +462,7 @@ def _save_checkpoint(accelerator, cfg: DistillConfig, root: Path, step: int) -> 
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every process has written its RNG state before the folder moves
     if accelerator.is_main_process:
         cfg.save(tmp / "config.json")
         (tmp / STATE_FILE).write_text(json.dumps({"global_step": step}) + "\n", encoding="utf-8")

@@ -216,3 +216,15 @@ def test_example_configs_parse(name, stage):
     path = Path(__file__).resolve().parents[1] / "distill" / "examples" / name
     cfg = load_config(path, stage=stage)
     assert cfg.stage == stage and cfg.train.mixed_precision == "bf16"
+
+
+def test_cli_module_imports_without_torch():
+    """`lcm-edge` registers `distill` through distill.cli; that must not pull torch into the runtime CLI."""
+    import subprocess
+    import sys
+
+    code = ("import sys, argparse, lcm_edge.distill.cli as c; p = argparse.ArgumentParser(); "
+            "c.add_distill_parser(p.add_subparsers()); print('torch' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "False"

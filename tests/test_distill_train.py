@@ -415,3 +415,46 @@ def test_add_distill_parser_registers_the_three_stages(tmp_path):
         parser.parse_args(["distill", "audio", "--config", "x"])
     with pytest.raises(ConfigError, match="does not exist"):
         cmd_distill(parser.parse_args(["distill", "image", "--config", str(tmp_path / "c.json")]))
+
+
+def test_two_process_data_parallel_run_resumes_exactly(workspace):
+    """DDP over two CPU processes (torchrun + gloo, what `accelerate launch` sets up on GPUs): sharded data,
+    reduced loss, checkpoints written once with both processes' RNG states, and an exact resume."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+
+    def launch(name, *extra):
+        cfg = make_config(workspace, "image", name, train={"max_train_steps": 4, "batch_size": 1,
+                                                           "gradient_accumulation_steps": 2})
+        path = workspace / f"{name}.json"
+        cfg.save(path)
+        # Own session, so a hang kills torchrun's workers too, not only torchrun.
+        proc = subprocess.Popen([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "lcm_edge.distill",
+                                 "image", "--config", str(path), *extra], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+        try:
+            stdout, stderr = proc.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+        assert proc.returncode == 0, stdout[-2000:] + stderr[-4000:]
+        assert stdout.count("done:") == 1  # reported by the main process only
+        out = workspace / name
+        return out, [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
+
+    full_dir, full = launch("ddp_full")
+    assert [e["step"] for e in full] == [1, 2, 3, 4]
+    ckpt = full_dir / "checkpoints" / "checkpoint-2"
+    assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
+    _, first = launch("ddp_cut", "--max-train-steps", "2")
+    _, resumed = launch("ddp_cut", "--resume", "latest")
+    assert [e["step"] for e in resumed] == [1, 2, 3, 4]  # the log continues
+    for a, b in zip(full, resumed):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6), (a, b)
