@@ -123,6 +123,9 @@ def merge_lora_(unet: nn.Module, path: str | Path, *, weight: float = 1.0, argum
 
     lora_path = resolve_lora_file(path, argument)
     lora = load_lora(lora_path, {"unet": unet}, weight=weight, argument=argument)
+    device = next(unet.parameters()).device
+    for layer in lora.layers:  # the file is read to the host; fuse where the UNet lives
+        layer.down, layer.up = layer.down.to(device), layer.up.to(device)
     return fuse_loras({"unet": unet}, [lora], {"unet": unet_probe})
 
 

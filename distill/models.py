@@ -117,7 +117,8 @@ def encode_prompts(tokenizer, text_encoder: nn.Module, prompts: list[str], devic
 def inflate(unet: UNet2DConditionModel, motion_adapter: MotionAdapter) -> UNetMotionModel:
     """Insert temporal layers after each spatial block (AnimateDiff): frames fold into the batch for the
     2-D layers, so GroupNorm statistics stay per frame; the temporal transformers attend across frames."""
-    return UNetMotionModel.from_unet2d(unet, motion_adapter)
+    with torch.device(unet.device):  # build where the weights are: no 1.3B-parameter random init on the host
+        return UNetMotionModel.from_unet2d(unet, motion_adapter)
 
 
 def zero_motion_outputs_(module: nn.Module) -> int:
@@ -142,7 +143,8 @@ def zero_motion_outputs_(module: nn.Module) -> int:
 
 def fresh_motion_adapter(like: MotionAdapter) -> MotionAdapter:
     """New temporal layers with the architecture of `like`, zero-initialised outputs (identity)."""
-    adapter = MotionAdapter.from_config(like.config)
+    with torch.device(like.device):
+        adapter = MotionAdapter.from_config(like.config)
     if zero_motion_outputs_(adapter) == 0:
         raise ConfigError("model.motion_adapter", "the motion adapter has no temporal transformers",
                           "use an AnimateDiff-style MotionAdapter")

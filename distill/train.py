@@ -252,6 +252,11 @@ def train(cfg: DistillConfig, *, base: BaseModels | None = None,
     if need_vae and base.vae is None:
         raise ConfigError("model.pretrained", f"stage {cfg.stage} with data.kind {cfg.data.kind} needs a VAE, and "
                           "the base has none", "add vae/ to model.pretrained")
+    # Build the stage where it will train: the copies it makes (teacher, target, inflated UNets) then never
+    # exist on the host, which at SD1.5 size would be ~15 GB of host memory and minutes of random init.
+    base.unet.to(device)
+    if base.motion_adapter is not None:
+        base.motion_adapter.to(device)
     stage = build_stage(cfg, base)
     acp = C.make_alphas_cumprod(cfg.schedule.beta_schedule, cfg.schedule.beta_start, cfg.schedule.beta_end,
                                 cfg.schedule.num_train_timesteps, cfg.schedule.rescale_betas_zero_snr).to(device)
