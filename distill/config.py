@@ -84,27 +84,17 @@ class ScheduleConfig:
         _positive(f"{key}.timestep_scaling", self.timestep_scaling)
 
     def lcm_scheduler_config(self) -> dict:
-        """diffusers LCMScheduler config that samples the distilled student (written beside its weights)."""
-        return {
-            "_class_name": "LCMScheduler",
-            "num_train_timesteps": self.num_train_timesteps,
-            "beta_start": self.beta_start,
-            "beta_end": self.beta_end,
-            "beta_schedule": self.beta_schedule,
-            "trained_betas": None,
-            "original_inference_steps": self.num_ddim_timesteps,
-            "clip_sample": False,
-            "clip_sample_range": 1.0,
-            "set_alpha_to_one": True,
-            "steps_offset": 0,
-            "prediction_type": self.prediction_type,
-            "thresholding": False,
-            "dynamic_thresholding_ratio": 0.995,
-            "sample_max_value": 1.0,
-            "timestep_spacing": "leading",
-            "timestep_scaling": self.timestep_scaling,
-            "rescale_betas_zero_snr": self.rescale_betas_zero_snr,
-        }
+        """diffusers LCMScheduler config that samples the distilled student (written beside its weights).
+
+        Built by the runtime's SchedulerConfig, so training and runtime share one schema."""
+        from lcm_edge.scheduler import SchedulerConfig
+
+        return SchedulerConfig.from_dict({
+            "num_train_timesteps": self.num_train_timesteps, "beta_start": self.beta_start,
+            "beta_end": self.beta_end, "beta_schedule": self.beta_schedule,
+            "original_inference_steps": self.num_ddim_timesteps, "prediction_type": self.prediction_type,
+            "timestep_scaling": self.timestep_scaling, "rescale_betas_zero_snr": self.rescale_betas_zero_snr,
+        }, source="distill schedule").to_dict()
 
 
 @dataclass(frozen=True)
