@@ -1,6 +1,8 @@
 """lcm_edge: AnimateLCM text-to-video on ONNX Runtime and OpenVINO, without torch.
 
     import lcm_edge
+    lcm_edge.load_default()("a red circle moving right", seed=0).save("clip.gif")  # the shipped tiny model
+
     pipe = lcm_edge.AnimateLCMPipeline.from_bundle("bundle/", backend="onnxruntime", device="cpu")
     result = pipe("a red circle moving right", num_frames=16, seed=0)
     result.save("clip.mp4")
@@ -10,6 +12,7 @@ __version__ = "0.1.0"
 
 from .backends import BACKENDS, create_backend
 from .bundle import Bundle, load_bundle
+from .default import default_bundle_path, load_default
 from .errors import (BackendError, BundleError, BundleFormatError, BundleIntegrityError, BundleNotFoundError,
                      GenerationCancelled, GraphInputError, InvalidArgumentError, LcmEdgeError, MissingExtraError,
                      ParityError)
@@ -23,5 +26,5 @@ __all__ = [
     "BundleIntegrityError", "BundleNotFoundError", "CLIPTokenizer", "GenerationCancelled", "GenerationResult",
     "GraphInputError", "InvalidArgumentError", "LCMScheduler", "LcmEdgeError", "MissingExtraError",
     "ParityError", "PromptTruncatedWarning", "SchedulerConfig", "StepInfo", "Timings", "create_backend",
-    "load_bundle", "save_video", "__version__",
+    "default_bundle_path", "load_bundle", "load_default", "save_video", "__version__",
 ]

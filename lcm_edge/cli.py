@@ -25,13 +25,13 @@ def _progress(info: StepInfo) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     from .backends import create_backend
     from .bundle import load_bundle
+    from .default import default_bundle_path
     from .pipeline import AnimateLCMPipeline, check_inputs
     from .video import check_output_path
 
     output = check_output_path(args.output, "--output")  # before minutes of work, not after
     if args.bundle is None:
-        raise LcmEdgeError("--bundle: no bundle given. Fix: pass --bundle DIR (a folder written by "
-                           "`lcm-edge export`)")
+        args.bundle = default_bundle_path()
     options = {}
     if args.threads is not None:
         options["threads"] = args.threads
@@ -108,8 +108,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from .backends import create_backend
     from .bundle import load_bundle
+    from .default import default_bundle_path
 
-    bundle = load_bundle(args.bundle, verify_checksums=True)
+    bundle = load_bundle(default_bundle_path() if args.bundle is None else args.bundle, verify_checksums=True)
     total = sum(entry.size for entry in bundle.files.values())
     m = bundle.model
     sc = bundle.scheduler_config
@@ -120,6 +121,11 @@ def cmd_info(args: argparse.Namespace) -> int:
           f"max {m.max_frames} frames; height/width multiple of {m.size_multiple}")
     print(f"  scheduler: LCM, {sc.beta_schedule} betas {sc.beta_start}..{sc.beta_end}, original_inference_steps "
           f"{sc.original_inference_steps}, prediction {sc.prediction_type}, timestep scaling {sc.timestep_scaling}")
+    trained = bundle.provenance.get("source", {}).get("default_model")
+    if trained:  # the shipped model: say what it can draw and how it was made
+        print(f"  prompts: {trained['prompts']}")
+        print(f"  trained here by `{trained['command']}` in {sum(trained['timings_s'].values()) / 60:.0f} min "
+              f"(code {trained['code_version']}, seed {trained['seed']})")
     backend = create_backend("onnxruntime", "cpu")
     for name, component in bundle.components.items():
         session = backend.open(bundle.root, component)
@@ -141,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="make a clip from a prompt")
     gen.add_argument("prompt")
-    gen.add_argument("--bundle", type=Path, default=None, help="bundle folder written by `lcm-edge export`")
+    gen.add_argument("--bundle", type=Path, default=None,
+                     help="bundle folder written by `lcm-edge export` (default: the tiny model shipped with "
+                          "lcm-edge, which knows coloured shapes moving left/right/up/down)")
     gen.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
     gen.add_argument("--device", default=None,
                      help="onnxruntime: cpu|cuda|tensorrt|directml|openvino; openvino: CPU|GPU|NPU|AUTO")
@@ -192,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_distill_parser(sub)
 
     info = sub.add_parser("info", help="verify a bundle (files, checksums, graphs) and describe it")
-    info.add_argument("bundle", type=Path)
+    info.add_argument("bundle", type=Path, nargs="?", default=None, help="bundle folder (default: the shipped one)")
     info.set_defaults(func=cmd_info)
     return parser
 

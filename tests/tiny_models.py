@@ -26,8 +26,8 @@ def make_tiny_components(tokenizer_dir: Path, seed: int = 0) -> dict:
     adapter = MotionAdapter(block_out_channels=(8, 16), motion_layers_per_block=2, motion_norm_num_groups=2,
                             motion_num_attention_heads=4, motion_max_seq_length=32)
     unet = UNetMotionModel.from_unet2d(unet2d, adapter)
-    # Motion modules start as identity (zero output projections); make them act, or a graph
-    # that mixes up the frame axis would still pass every parity check.
+    # Motion modules must act strongly, or a graph that mixes up the frame axis would still pass
+    # every parity check: any all-zero motion weight (an identity-initialised module) is randomised.
     with torch.no_grad():
         for name, param in unet.named_parameters():
             if "motion_modules" in name and not param.any():

@@ -27,8 +27,9 @@ import torch
 
 from ..synthetic import COLOURS, DIRECTIONS, SHAPES, ShapeClip, caption_for, synthetic_clips
 from .bpe import train_bpe, write_tokenizer
+from .detector import detect
 from .pretrain import (ToyArchitecture, build_motion_adapter, build_text_encoder, build_unet, build_vae,
-                       encode_latents, train_image_teacher, train_motion_teacher, train_vae)
+                       encode_latents, sample_teacher, train_image_teacher, train_motion_teacher, train_vae)
 
 # Held out of training: the "harder figure" of the evaluation (combinations never seen).
 HELD_OUT = (("red", "triangle", "up"), ("green", "circle", "left"), ("blue", "square", "down"),
@@ -47,13 +48,17 @@ class ChainScale:
     stage2_steps: int
     batch_images: int
     batch_videos: int
+    vae_crop: int
+    check_prompts: int
+    check_steps: int
 
 
 SCALES = {
-    "full": ChainScale(clips=1100, vae_steps=400, image_steps=1500, motion_steps=1000, stage1_steps=500,
-                       stage2_steps=600, batch_images=16, batch_videos=2),
+    "full": ChainScale(clips=1100, vae_steps=2500, image_steps=2500, motion_steps=1000, stage1_steps=500,
+                       stage2_steps=500, batch_images=16, batch_videos=2, vae_crop=32, check_prompts=10,
+                       check_steps=25),
     "smoke": ChainScale(clips=24, vae_steps=3, image_steps=3, motion_steps=2, stage1_steps=2, stage2_steps=2,
-                        batch_images=4, batch_videos=1),
+                        batch_images=4, batch_videos=1, vae_crop=32, check_prompts=1, check_steps=2),
 }
 
 
@@ -65,6 +70,12 @@ def make_training_clips(count: int, arch: ToyArchitecture, seed: int) -> list[Sh
     clips = synthetic_clips(count * 2, seed=seed, size=arch.resolution, num_frames=arch.num_frames)
     kept = [c for c in clips if (c.colour, c.shape, c.direction) not in HELD_OUT]
     return kept[:count]
+
+
+def prompt_form() -> str:
+    """What the model can draw, in words (printed by `lcm-edge info`)."""
+    return (f"{caption_for('{colour}', '{shape}', '{direction}')} with colour {'|'.join(COLOURS)}, "
+            f"shape {'|'.join(SHAPES)}, direction {'|'.join(DIRECTIONS)}")
 
 
 def code_version() -> str:
@@ -103,11 +114,12 @@ def pretrain_teachers(workdir: Path, scale: ChainScale, arch: ToyArchitecture, s
     frames = torch.from_numpy(np.stack([c.frames for c in clips])).float() / 127.5 - 1.0  # (N, F, H, W, 3)
     frames = frames.permute(0, 1, 4, 2, 3)  # (N, F, 3, H, W)
     vae = build_vae(arch)
-    train_vae(vae, frames.flatten(0, 1), steps=scale.vae_steps, batch_size=scale.batch_images, lr=1e-3,
-              seed=seed, log=log)
+    train_vae(vae, frames.flatten(0, 1), steps=scale.vae_steps, batch_size=scale.batch_images, lr=2e-3,
+              seed=seed, log=log, crop=scale.vae_crop)
     video_latents = encode_latents(vae, frames.flatten(0, 1)).unflatten(0, frames.shape[:2])  # (N, F, C, h, w)
     video_latents = video_latents.permute(0, 2, 1, 3, 4).contiguous()  # (N, C, F, h, w)
     timings["vae_s"] = time.perf_counter() - t0
+    checks = {"vae": check_vae(vae, arch, seed, log)}
 
     t0 = time.perf_counter()
     unet = build_unet(arch)
@@ -117,12 +129,15 @@ def pretrain_teachers(workdir: Path, scale: ChainScale, arch: ToyArchitecture, s
     train_image_teacher(unet, text_encoder, image_latents, frame_ids, empty_ids, arch, steps=scale.image_steps,
                         batch_size=scale.batch_images, lr=1e-3, seed=seed + 1, log=log)
     timings["teacher_image_s"] = time.perf_counter() - t0
+    checks["image"] = check_teacher(vae, unet, text_encoder, tokenizer, empty_ids, arch, None, scale, seed, log)
 
     t0 = time.perf_counter()
     adapter = build_motion_adapter(arch)
     train_motion_teacher(unet, adapter, text_encoder, video_latents, ids, empty_ids, arch, steps=scale.motion_steps,
                          batch_size=scale.batch_videos, lr=1e-3, seed=seed + 2, log=log)
     timings["teacher_motion_s"] = time.perf_counter() - t0
+    checks["video"] = check_teacher(vae, unet, text_encoder, tokenizer, empty_ids, arch, adapter, scale, seed, log)
+    (workdir / "teacher_check.json").write_text(json.dumps(checks) + "\n")
 
     unet.save_pretrained(teacher / "unet")
     vae.save_pretrained(teacher / "vae")
@@ -133,6 +148,43 @@ def pretrain_teachers(workdir: Path, scale: ChainScale, arch: ToyArchitecture, s
     _write_latents(workdir / "latents", video_latents, captions)
     (workdir / "clips.json").write_text(json.dumps([c.attributes() for c in clips]) + "\n")
     return timings
+
+
+@torch.no_grad()
+def check_vae(vae, arch: ToyArchitecture, seed: int, log, count: int = 20) -> dict:
+    """Detector-read rate of VAE reconstructions of clips never trained on, and their mean abs error (0-255)."""
+    clips = synthetic_clips(count, seed=seed + 97, size=arch.resolution, num_frames=arch.num_frames)
+    hits, errors = [], []
+    for clip in clips:
+        x = torch.from_numpy(clip.frames).float().div(127.5).sub(1).permute(0, 3, 1, 2)
+        recon = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+        frames = ((recon + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        hits.append(all(detect(frames).matches(clip.colour, clip.shape, clip.direction).values()))
+        errors.append(float(np.abs(frames.astype(np.float32) - clip.frames).mean()))
+    rates = {"all": float(np.mean(hits)), "mean_abs_error": float(np.mean(errors))}
+    log(f"vae check ({count} unseen clips): {rates}")
+    return rates
+
+
+def check_teacher(vae, unet, text_encoder, tokenizer, empty_ids, arch: ToyArchitecture, adapter,
+                  scale: ChainScale, seed: int, log) -> dict:
+    """Detector-read rates of a few DDIM samples (guidance 5): logged, so a weak teacher shows up early."""
+    combos = [training_combinations()[i] for i in
+              np.random.default_rng(seed + 99).permutation(len(training_combinations()))[:scale.check_prompts]]
+    ids = torch.tensor([tokenizer(caption_for(*c), padding="max_length", max_length=arch.text_max_length,
+                                  truncation=True).input_ids for c in combos])
+    t0 = time.perf_counter()
+    clips = sample_teacher(vae, unet, text_encoder, ids, empty_ids, arch, adapter=adapter, steps=scale.check_steps,
+                           seed=seed + 98)
+    matches = [detect(clip).matches(*combo) for clip, combo in zip(clips, combos)]
+    # Independent images have no direction: the image teacher is read for colour and shape only.
+    keys = ("colour", "shape") if adapter is None else ("colour", "shape", "direction")
+    rates = {key: float(np.mean([m[key] for m in matches])) for key in keys}
+    rates["all"] = float(np.mean([all(m[k] for k in keys) for m in matches]))
+    kind = "video" if adapter is not None else "image"
+    log(f"teacher check ({kind}, DDIM {scale.check_steps}, guidance 5, {len(combos)} prompts, "
+        f"{time.perf_counter() - t0:.0f} s): {rates}")
+    return rates
 
 
 def _write_latents(folder: Path, video_latents: torch.Tensor, captions: list[str]) -> None:
@@ -168,8 +220,8 @@ def distill_configs(workdir: Path, scale: ChainScale, arch: ToyArchitecture, see
     """Stage 1 and stage 2 configs, written to workdir as a user would write them."""
     schedule = {"beta_schedule": "linear", "beta_start": arch.beta_start, "beta_end": arch.beta_end,
                 "prediction_type": "epsilon", "num_ddim_timesteps": 50}
-    # The toy teacher is weaker than SD1.5: a milder guidance range than LCM's U[5, 15].
-    consistency = {"w_min": 2.0, "w_max": 5.0, "loss_type": "huber", "huber_c": 0.001}
+    # The toy teacher is weaker than SD1.5: past guidance 3 its samples over-saturate (LCM: U[5, 15]).
+    consistency = {"w_min": 1.5, "w_max": 3.0, "loss_type": "huber", "huber_c": 0.001}
     train = {"batch_size": scale.batch_images, "learning_rate": 1e-3, "lr_scheduler": "cosine",
              "lr_warmup_steps": 20, "checkpointing_steps": 200, "checkpoints_total_limit": 1, "resume": "auto",
              "report_to": "tensorboard", "log_every": 25, "adam_weight_decay": 0.0}
@@ -252,11 +304,13 @@ def main(argv: list[str] | None = None) -> int:
     if not distill_marker.is_file():
         distill_marker.write_text(json.dumps(distill_student(args.workdir, scale, arch, args.seed, log)) + "\n")
     timings = {**json.loads(pretrain_marker.read_text()), **json.loads(distill_marker.read_text())}
+    teacher_check = json.loads((args.workdir / "teacher_check.json").read_text())
     provenance = {
         "default_model": {
             "command": "python -m lcm_edge.distill.default_model.chain " + " ".join(argv or sys.argv[1:]),
             "seed": args.seed, "scale": asdict(scale), "architecture": asdict(arch), "code_version": code_version(),
-            "held_out": [list(c) for c in HELD_OUT], "timings_s": timings,
+            "held_out": [list(c) for c in HELD_OUT], "timings_s": timings, "prompts": prompt_form(),
+            "teacher_check": teacher_check,
             "torch_threads": torch.get_num_threads(),
         }
     }

@@ -57,7 +57,9 @@ def build_vae(arch: ToyArchitecture) -> AutoencoderKL:
     return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=arch.latent_channels,
                          block_out_channels=arch.vae_channels, layers_per_block=1, norm_num_groups=16,
                          down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-                         sample_size=arch.resolution, scaling_factor=1.0)
+                         sample_size=arch.resolution, scaling_factor=1.0,
+                         # Fully convolutional: trains on crops (4x cheaper) and works the same on whole frames.
+                         mid_block_add_attention=False)
 
 
 def build_text_encoder(arch: ToyArchitecture, vocab_size: int, bos_id: int, eos_id: int) -> CLIPTextModel:
@@ -115,18 +117,34 @@ def _optimise(name: str, params: list[torch.nn.Parameter], loss_fn: Callable[[in
     return losses
 
 
+DECODER_NOISE = 0.15
+
+
 def train_vae(vae: AutoencoderKL, frames: torch.Tensor, *, steps: int, batch_size: int, lr: float, seed: int,
-              log: Log) -> list[float]:
-    """frames: float (N, 3, H, W) in [-1, 1]. L1 + MSE reconstruction, a small KL keeps latents near N(0, 1)."""
+              log: Log, crop: int | None = None) -> list[float]:
+    """frames: float (N, 3, H, W) in [-1, 1]. L1 + MSE reconstruction, a small KL keeps the posterior a distribution.
+
+    The decoder also sees latents with extra noise (DECODER_NOISE of their spread): a diffusion model's
+    samples are never exact latents, and a decoder trained only on exact ones turns the residue into specks.
+
+    crop: train on random crop x crop windows (the VAE has no attention, so nothing depends on frame size).
+    """
     gen = torch.Generator().manual_seed(seed)
+    height, width = frames.shape[-2:]
 
     def loss_fn(_step: int) -> torch.Tensor:
         batch = frames[torch.randint(0, frames.shape[0], (batch_size,), generator=gen)]
+        if crop is not None:
+            top = int(torch.randint(0, height - crop + 1, (1,), generator=gen))
+            left = int(torch.randint(0, width - crop + 1, (1,), generator=gen))
+            batch = batch[..., top:top + crop, left:left + crop]
         posterior = vae.encode(batch).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
+        spread = posterior.mean.detach().std()
+        z = z + DECODER_NOISE * spread * torch.randn(z.shape, generator=gen)
         recon = vae.decode(z).sample
         kl = posterior.kl().mean() / z[0].numel()
-        return F.l1_loss(recon, batch) + F.mse_loss(recon, batch) + 1e-4 * kl
+        return F.l1_loss(recon, batch) + F.mse_loss(recon, batch) + 1e-5 * kl
 
     vae.train()
     losses = _optimise("vae", list(vae.parameters()), loss_fn, steps=steps, lr=lr, weight_decay=0.0, warmup=100,
@@ -182,11 +200,21 @@ def train_motion_teacher(unet: UNet2DConditionModel, adapter: MotionAdapter, tex
                          video_latents: torch.Tensor, input_ids: torch.Tensor, empty_ids: torch.Tensor,
                          arch: ToyArchitecture, *, steps: int, batch_size: int, lr: float, seed: int, log: Log,
                          uncond_probability: float = 0.1) -> list[float]:
-    """AnimateDiff's recipe: the image model is frozen, only the motion modules learn (video_latents (N, C, F, h, w))."""
+    """AnimateDiff's recipe (video_latents (N, C, F, h, w)), with the cross-attention layers trained too.
+
+    AnimateDiff's motion modules see no text: a direction word reaches them only through the
+    spatial features. SD1.5 learnt from captions what motion words look like; this image teacher
+    saw single frames, where "left" and "right" look the same, so it learnt to ignore them. Training
+    its cross-attention (attn2, 35k weights) with the motion modules lets the words through; every
+    other spatial weight stays frozen. The updated cross-attention is written back into `unet`.
+    """
     gen = torch.Generator().manual_seed(seed)
     acp = alphas_cumprod(arch)
     model = UNetMotionModel.from_unet2d(unet, adapter)
     model.freeze_unet2d_params()
+    for name, param in model.named_parameters():
+        if ".attn2." in name:
+            param.requires_grad_(True)
     with torch.no_grad():
         contexts = text_encoder(input_ids).last_hidden_state
         empty = text_encoder(empty_ids[None]).last_hidden_state[0]
@@ -202,6 +230,46 @@ def train_motion_teacher(unet: UNet2DConditionModel, adapter: MotionAdapter, tex
     losses = _optimise("teacher-motion", [p for p in model.parameters() if p.requires_grad], loss_fn, steps=steps,
                        lr=lr, weight_decay=1e-4, warmup=200, log=log)
     model.eval()
-    # from_unet2d copied the adapter's weights; copy the trained ones back (strict: same keys).
-    adapter.load_state_dict({k: v for k, v in model.state_dict().items() if "motion_modules" in k})
+    # from_unet2d copied the weights; copy the trained ones back (strict: the same keys on both sides).
+    state = model.state_dict()
+    adapter.load_state_dict({k: v for k, v in state.items() if "motion_modules" in k})
+    unet.load_state_dict({k: v for k, v in state.items() if "motion_modules" not in k})
     return losses
+
+
+@torch.no_grad()
+def sample_teacher(vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder: CLIPTextModel,
+                   prompt_ids: torch.Tensor, empty_ids: torch.Tensor, arch: ToyArchitecture, *,
+                   adapter: MotionAdapter | None = None, steps: int = 25, guidance: float = 5.0, seed: int = 0,
+                   ) -> np.ndarray:
+    """DDIM with classifier-free guidance, one clip per prompt: (P, F, H, W, 3) uint8.
+
+    A check of the teachers before hours go into distilling them; without `adapter` every frame is an
+    independent image (the image teacher's view).
+    """
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(beta_start=arch.beta_start, beta_end=arch.beta_end, beta_schedule="linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    scheduler.set_timesteps(steps)
+    frames, size = arch.num_frames, arch.resolution // arch.vae_scale
+    model = unet if adapter is None else UNetMotionModel.from_unet2d(unet, adapter).eval()
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for ids in prompt_ids:
+        text = text_encoder(torch.stack([empty_ids, ids])).last_hidden_state  # (2, L, D)
+        x = torch.randn((1, arch.latent_channels, frames, size, size), generator=gen)
+        for t in scheduler.timesteps:
+            if adapter is None:  # frames as a batch of images
+                flat = x[0].permute(1, 0, 2, 3)
+                eps = torch.cat([unet(flat, t, encoder_hidden_states=c[None].expand(frames, -1, -1)).sample[None]
+                                 for c in text]).permute(0, 2, 1, 3, 4)
+            else:
+                eps = model(x.expand(2, -1, -1, -1, -1), t,
+                            encoder_hidden_states=text.repeat_interleave(frames, dim=0)).sample
+            eps = eps[0:1] + guidance * (eps[1:2] - eps[0:1])
+            x = scheduler.step(eps, t, x).prev_sample
+        latents = x[0].permute(1, 0, 2, 3) / vae.config.scaling_factor
+        pixels = vae.decode(latents).sample.clamp(-1, 1)
+        out.append(((pixels + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
+    return np.stack(out)
