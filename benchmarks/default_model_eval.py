@@ -1,7 +1,8 @@
 """Evaluate the default model like the AnimateLCM paper's Table 1, at toy scale.
 
     python benchmarks/default_model_eval.py --teacher WORKDIR/teacher --teacher-motion WORKDIR/teacher_motion
-        --bundle BUNDLE [--prompts 24] [--guidance 5.0] [--out results/default_model]
+        [--bundle BUNDLE] [--prompts 24] [--guidance 4.0] [--out results/default_model]
+        [--student-steps 1 2 4 8] [--teacher-steps 1 2 4 8 25 50] [--rows-from earlier/results.json]
 
 Rows: the shipped consistency model (lcm_edge runtime, onnxruntime CPU) at 1/2/4/8 steps
 without guidance, and the teacher (diffusers AnimateDiffPipeline + DDIMScheduler, the same
@@ -118,28 +119,44 @@ def plot(results: list[dict], path: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bundle", required=True, help="the student bundle written by the chain")
-    parser.add_argument("--teacher", type=Path, required=True)
-    parser.add_argument("--teacher-motion", type=Path, required=True)
+    parser.add_argument("--bundle", default=None, help="the student bundle (default: the shipped one)")
+    parser.add_argument("--teacher", type=Path, default=None, help="WORKDIR/teacher of the chain")
+    parser.add_argument("--teacher-motion", type=Path, default=None, help="WORKDIR/teacher_motion of the chain")
     parser.add_argument("--prompts", type=int, default=24)
-    parser.add_argument("--guidance", type=float, default=5.0)
-    parser.add_argument("--student-steps", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--teacher-steps", type=int, nargs="+", default=[1, 2, 4, 8, 25, 50])
+    # Stage 2 distilled with w in [1.5, 3], i.e. CFG scale 1 + w up to 4: the teacher is read at that scale.
+    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--student-steps", type=int, nargs="*", default=[1, 2, 4, 8])
+    parser.add_argument("--teacher-steps", type=int, nargs="*", default=[1, 2, 4, 8, 25, 50])
+    parser.add_argument("--rows-from", type=Path, default=None,
+                        help="results.json of an earlier run (same prompts): its rows join this table")
     parser.add_argument("--out", type=Path, default=Path("results/default_model"))
     args = parser.parse_args()
+    if args.teacher_steps and (args.teacher is None or args.teacher_motion is None):
+        parser.error("--teacher and --teacher-motion are needed for the teacher rows (or pass --teacher-steps "
+                     "with no values)")
     args.out.mkdir(parents=True, exist_ok=True)
     combos = prompt_set(args.prompts)
     results = []
+    if args.student_steps:
+        from lcm_edge.default import default_bundle_path
+
+        bundle = args.bundle or str(default_bundle_path())
     for steps in args.student_steps:
-        clips, sec = run_student(args.bundle, combos, steps)
+        clips, sec = run_student(bundle, combos, steps)
         results.append({"method": "consistency model (no CFG)", "steps": steps, "guidance": 1.0,
-                        "seconds_per_clip": sec, **score(clips, combos)})
+                        "seconds_per_clip": sec, "prompts": len(combos), **score(clips, combos)})
         print(results[-1], flush=True)
     for steps in args.teacher_steps:
         clips, sec = run_teacher(args.teacher, args.teacher_motion, combos, steps, args.guidance)
         results.append({"method": "teacher DDIM (CFG)", "steps": steps, "guidance": args.guidance,
-                        "seconds_per_clip": sec, **score(clips, combos)})
+                        "seconds_per_clip": sec, "prompts": len(combos), **score(clips, combos)})
         print(results[-1], flush=True)
+    if args.rows_from is not None:
+        earlier = json.loads(args.rows_from.read_text())
+        if any(r.get("prompts") != len(combos) for r in earlier):
+            raise SystemExit(f"--rows-from {args.rows_from}: rows were measured on another prompt count")
+        results += earlier
+    results.sort(key=lambda r: (r["method"] != "consistency model (no CFG)", r["steps"]))
     header = ("| method | steps | guidance | adherence | colour | shape | direction | adherence (held-out) | "
               "temporal consistency | s/clip |\n|---|---|---|---|---|---|---|---|---|---|")
     lines = [header] + [

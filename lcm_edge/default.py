@@ -20,8 +20,9 @@ def default_bundle_path() -> Path:
     """The shipped bundle's folder; an error naming the fix when the install lacks it."""
     if not (DEFAULT_BUNDLE / "bundle.json").is_file():
         raise BundleNotFoundError(
-            f"{DEFAULT_BUNDLE}: the default model is missing from this install. Fix: reinstall lcm-edge "
-            "(`pip install --force-reinstall lcm-edge`), or pass a bundle of your own (--bundle DIR)")
+            DEFAULT_BUNDLE, "the default model is missing from this install",
+            "reinstall lcm-edge (`pip install --force-reinstall lcm-edge`), or pass a bundle of your own "
+            "(--bundle DIR)")
     return DEFAULT_BUNDLE
 
 

@@ -58,7 +58,7 @@ def test_chain_smoke_scale_builds_a_bundle_that_generates(tmp_path):
     from lcm_edge.distill.default_model.chain import main
 
     bundle = tmp_path / "bundle"
-    assert main([str(tmp_path / "work"), "--bundle", str(bundle), "--scale", "smoke"]) == 0
+    assert main([str(tmp_path / "work"), "--bundle", str(bundle), "--scale", "smoke", "--threads", "1"]) == 0
     loaded = load_bundle(bundle)
     record = loaded.provenance["source"]["default_model"]
     assert record["seed"] == 0 and record["scale"]["stage2_steps"] == 2 and "stage2_s" in record["timings_s"]
@@ -67,4 +67,4 @@ def test_chain_smoke_scale_builds_a_bundle_that_generates(tmp_path):
     result = AnimateLCMPipeline.from_bundle(bundle)("a red circle moving right", seed=1)
     assert result.frames.shape == (16, 64, 64, 3)
     # Resuming a finished chain re-exports from the markers without training again.
-    assert main([str(tmp_path / "work"), "--bundle", str(bundle), "--scale", "smoke"]) == 0
+    assert main([str(tmp_path / "work"), "--bundle", str(bundle), "--scale", "smoke", "--threads", "1"]) == 0

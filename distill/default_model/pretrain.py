@@ -199,8 +199,11 @@ def train_image_teacher(unet: UNet2DConditionModel, text_encoder: CLIPTextModel,
 def train_motion_teacher(unet: UNet2DConditionModel, adapter: MotionAdapter, text_encoder: CLIPTextModel,
                          video_latents: torch.Tensor, input_ids: torch.Tensor, empty_ids: torch.Tensor,
                          arch: ToyArchitecture, *, steps: int, batch_size: int, lr: float, seed: int, log: Log,
-                         uncond_probability: float = 0.1) -> list[float]:
+                         uncond_probability: float = 0.1, spatial: str = "cross_attention") -> list[float]:
     """AnimateDiff's recipe (video_latents (N, C, F, h, w)), with the cross-attention layers trained too.
+
+    spatial="all" trains every spatial weight with the motion modules (a video fine-tune of the
+    whole teacher); the default trains the cross-attention only.
 
     AnimateDiff's motion modules see no text: a direction word reaches them only through the
     spatial features. SD1.5 learnt from captions what motion words look like; this image teacher
@@ -212,8 +215,10 @@ def train_motion_teacher(unet: UNet2DConditionModel, adapter: MotionAdapter, tex
     acp = alphas_cumprod(arch)
     model = UNetMotionModel.from_unet2d(unet, adapter)
     model.freeze_unet2d_params()
+    if spatial not in ("cross_attention", "all"):
+        raise ValueError(f"spatial={spatial!r}: use 'cross_attention' or 'all'")
     for name, param in model.named_parameters():
-        if ".attn2." in name:
+        if spatial == "all" or ".attn2." in name:
             param.requires_grad_(True)
     with torch.no_grad():
         contexts = text_encoder(input_ids).last_hidden_state
