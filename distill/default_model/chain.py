@@ -7,7 +7,8 @@ Recipe (every step is the project's own code, as a full-scale user would run it)
 2. a CLIP-format BPE tokenizer trained on the captions;
 3. an AutoencoderKL trained on the frames, then the clips encoded to latents;
 4. the teacher image UNet + text encoder (plain diffusion training);
-5. the teacher motion module on the frozen image model (AnimateDiff's recipe);
+5. the teacher motion module on the frozen image model (AnimateDiff's recipe, + cross-attention),
+   then (5b) a video fine-tune of the whole teacher;
 6. stage 1 of lcm_edge.distill: the image consistency LoRA;
 7. stage 2 of lcm_edge.distill: video consistency distillation of a fresh motion module;
 8. export of the student to a bundle with provenance (command, seeds, code version, timings).
@@ -44,6 +45,7 @@ class ChainScale:
     vae_steps: int
     image_steps: int
     motion_steps: int
+    video_finetune_steps: int
     stage1_steps: int
     stage2_steps: int
     batch_images: int
@@ -54,11 +56,12 @@ class ChainScale:
 
 
 SCALES = {
-    "full": ChainScale(clips=1100, vae_steps=2500, image_steps=2500, motion_steps=1000, stage1_steps=500,
-                       stage2_steps=500, batch_images=16, batch_videos=2, vae_crop=32, check_prompts=10,
-                       check_steps=25),
-    "smoke": ChainScale(clips=24, vae_steps=3, image_steps=3, motion_steps=2, stage1_steps=2, stage2_steps=2,
-                        batch_images=4, batch_videos=1, vae_crop=32, check_prompts=1, check_steps=2),
+    "full": ChainScale(clips=1100, vae_steps=2500, image_steps=2500, motion_steps=1000, video_finetune_steps=600,
+                       stage1_steps=500, stage2_steps=500, batch_images=16, batch_videos=2, vae_crop=32,
+                       check_prompts=10, check_steps=25),
+    "smoke": ChainScale(clips=24, vae_steps=3, image_steps=3, motion_steps=2, video_finetune_steps=1,
+                        stage1_steps=2, stage2_steps=2, batch_images=4, batch_videos=1, vae_crop=32, check_prompts=1,
+                        check_steps=2),
 }
 
 
@@ -187,6 +190,40 @@ def check_teacher(vae, unet, text_encoder, tokenizer, empty_ids, arch: ToyArchit
     return rates
 
 
+def finetune_video_teacher(workdir: Path, scale: ChainScale, arch: ToyArchitecture, seed: int, log) -> dict:
+    """Step 5b: the whole teacher (every spatial weight + motion modules) fine-tuned on the clips.
+
+    After step 5 the teacher's frames keep their colour but not their shape or track; this video
+    fine-tune (lr 3e-4) improves both. Rewrites workdir/teacher/unet and workdir/teacher_motion.
+    """
+    from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    t0 = time.perf_counter()
+    teacher = workdir / "teacher"
+    unet = UNet2DConditionModel.from_pretrained(teacher / "unet")
+    adapter = MotionAdapter.from_pretrained(workdir / "teacher_motion")
+    text_encoder = CLIPTextModel.from_pretrained(teacher / "text_encoder").eval()
+    tokenizer = CLIPTokenizer.from_pretrained(teacher / "tokenizer")
+    vae = AutoencoderKL.from_pretrained(teacher / "vae").eval()
+    records = [json.loads(line) for line in (workdir / "latents" / "latents.jsonl").read_text().splitlines()]
+    video_latents = torch.stack([load_file(str(workdir / "latents" / r["file"]))["latents"] for r in records])
+    ids = torch.tensor([tokenizer(r["caption"], padding="max_length", max_length=arch.text_max_length,
+                                  truncation=True).input_ids for r in records])
+    empty_ids = torch.tensor(tokenizer("", padding="max_length", max_length=arch.text_max_length).input_ids)
+    train_motion_teacher(unet, adapter, text_encoder, video_latents, ids, empty_ids, arch,
+                         steps=scale.video_finetune_steps, batch_size=scale.batch_videos, lr=3e-4, seed=seed + 77,
+                         log=log, spatial="all")
+    elapsed = time.perf_counter() - t0
+    check = check_teacher(vae, unet, text_encoder, tokenizer, empty_ids, arch, adapter, scale, seed, log)
+    unet.save_pretrained(teacher / "unet")
+    adapter.save_pretrained(workdir / "teacher_motion")
+    checks = json.loads((workdir / "teacher_check.json").read_text())
+    (workdir / "teacher_check.json").write_text(json.dumps({**checks, "video_finetuned": check}) + "\n")
+    return {"teacher_video_finetune_s": elapsed}
+
+
 def _write_latents(folder: Path, video_latents: torch.Tensor, captions: list[str]) -> None:
     """The distill data format "latents": latents.jsonl + one safetensors file per clip."""
     from safetensors.torch import save_file
@@ -300,10 +337,14 @@ def main(argv: list[str] | None = None) -> int:
     pretrain_marker = args.workdir / "pretrain.json"
     if not pretrain_marker.is_file():
         pretrain_marker.write_text(json.dumps(pretrain_teachers(args.workdir, scale, arch, args.seed, log)) + "\n")
+    finetune_marker = args.workdir / "teacher_finetune.json"
+    if not finetune_marker.is_file():
+        finetune_marker.write_text(json.dumps(finetune_video_teacher(args.workdir, scale, arch, args.seed, log)) + "\n")
     distill_marker = args.workdir / "distill.json"
     if not distill_marker.is_file():
         distill_marker.write_text(json.dumps(distill_student(args.workdir, scale, arch, args.seed, log)) + "\n")
-    timings = {**json.loads(pretrain_marker.read_text()), **json.loads(distill_marker.read_text())}
+    timings = {**json.loads(pretrain_marker.read_text()), **json.loads(finetune_marker.read_text()),
+               **json.loads(distill_marker.read_text())}
     teacher_check = json.loads((args.workdir / "teacher_check.json").read_text())
     provenance = {
         "default_model": {
