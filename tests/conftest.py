@@ -6,6 +6,17 @@ from clip_vocab import write_sd15_tokenizer
 from tiny_models import make_tiny_components
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models do not parallelise; on a shared 2-core machine extra threads only thrash (10x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def sd15_tokenizer_dir(tmp_path_factory):
     return write_sd15_tokenizer(tmp_path_factory.mktemp("sd15_tokenizer"))

@@ -11,6 +11,9 @@ from lcm_edge.distill.default_model.detector import detect
 from lcm_edge.distill.synthetic import COLOURS, DIRECTIONS, SHAPES, caption_for, synthetic_clips
 from lcm_edge.tokenizer import CLIPTokenizer as RuntimeTokenizer
 
+# The chain's --threads sets torch's process-wide thread count; this restores it after the module.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CAPTIONS = [caption_for(c, s, d) for c in COLOURS for s in SHAPES for d in DIRECTIONS]
 
 

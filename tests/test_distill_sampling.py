@@ -21,13 +21,7 @@ ACP = C.make_alphas_cumprod("linear", 0.00085, 0.012, 1000)
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models do not parallelise; on a shared 2-core machine extra threads only thrash (10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def exact_denoiser(x0: torch.Tensor, prediction_type: str):

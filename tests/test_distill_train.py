@@ -25,13 +25,7 @@ SCHEDULE = {"beta_schedule": "linear", "beta_start": 0.00085, "beta_end": 0.012,
             "num_ddim_timesteps": 50}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models do not parallelise; on a shared 2-core machine extra threads only thrash (10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Interrupt(Exception):

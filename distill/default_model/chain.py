@@ -91,6 +91,12 @@ def code_version() -> str:
     return out.stdout.strip()
 
 
+def caption_ids(tokenizer, captions: list[str], arch: ToyArchitecture) -> torch.Tensor:
+    """(N, text_max_length) token ids, padded as the text encoder was trained."""
+    return torch.tensor([tokenizer(c, padding="max_length", max_length=arch.text_max_length,
+                                   truncation=True).input_ids for c in captions])
+
+
 def pretrain_teachers(workdir: Path, scale: ChainScale, arch: ToyArchitecture, seed: int, log) -> dict:
     """Steps 1-5: writes workdir/teacher (diffusers folder), workdir/teacher_motion, workdir/latents."""
     from diffusers import DDIMScheduler
@@ -107,9 +113,7 @@ def pretrain_teachers(workdir: Path, scale: ChainScale, arch: ToyArchitecture, s
     vocab, merges = train_bpe(captions + [caption_for(*combo) for combo in HELD_OUT])
     write_tokenizer(teacher / "tokenizer", vocab, merges, arch.text_max_length)
     tokenizer = CLIPTokenizer.from_pretrained(teacher / "tokenizer")
-    ids = torch.tensor([tokenizer(c, padding="max_length", max_length=arch.text_max_length,
-                                  truncation=True).input_ids for c in captions])
-    empty_ids = torch.tensor(tokenizer("", padding="max_length", max_length=arch.text_max_length).input_ids)
+    ids, empty_ids = caption_ids(tokenizer, captions, arch), caption_ids(tokenizer, [""], arch)[0]
     timings["tokenizer_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -174,8 +178,7 @@ def check_teacher(vae, unet, text_encoder, tokenizer, empty_ids, arch: ToyArchit
     """Detector-read rates of a few DDIM samples (guidance 5): logged, so a weak teacher shows up early."""
     combos = [training_combinations()[i] for i in
               np.random.default_rng(seed + 99).permutation(len(training_combinations()))[:scale.check_prompts]]
-    ids = torch.tensor([tokenizer(caption_for(*c), padding="max_length", max_length=arch.text_max_length,
-                                  truncation=True).input_ids for c in combos])
+    ids = caption_ids(tokenizer, [caption_for(*c) for c in combos], arch)
     t0 = time.perf_counter()
     clips = sample_teacher(vae, unet, text_encoder, ids, empty_ids, arch, adapter=adapter, steps=scale.check_steps,
                            seed=seed + 98)
@@ -197,7 +200,6 @@ def finetune_video_teacher(workdir: Path, scale: ChainScale, arch: ToyArchitectu
     fine-tune (lr 3e-4) improves both. Rewrites workdir/teacher/unet and workdir/teacher_motion.
     """
     from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel
-    from safetensors.torch import load_file
     from transformers import CLIPTextModel, CLIPTokenizer
 
     t0 = time.perf_counter()
@@ -207,11 +209,8 @@ def finetune_video_teacher(workdir: Path, scale: ChainScale, arch: ToyArchitectu
     text_encoder = CLIPTextModel.from_pretrained(teacher / "text_encoder").eval()
     tokenizer = CLIPTokenizer.from_pretrained(teacher / "tokenizer")
     vae = AutoencoderKL.from_pretrained(teacher / "vae").eval()
-    records = [json.loads(line) for line in (workdir / "latents" / "latents.jsonl").read_text().splitlines()]
-    video_latents = torch.stack([load_file(str(workdir / "latents" / r["file"]))["latents"] for r in records])
-    ids = torch.tensor([tokenizer(r["caption"], padding="max_length", max_length=arch.text_max_length,
-                                  truncation=True).input_ids for r in records])
-    empty_ids = torch.tensor(tokenizer("", padding="max_length", max_length=arch.text_max_length).input_ids)
+    video_latents, captions = _read_latents(workdir / "latents")
+    ids, empty_ids = caption_ids(tokenizer, captions, arch), caption_ids(tokenizer, [""], arch)[0]
     train_motion_teacher(unet, adapter, text_encoder, video_latents, ids, empty_ids, arch,
                          steps=scale.video_finetune_steps, batch_size=scale.batch_videos, lr=3e-4, seed=seed + 77,
                          log=log, spatial="all")
@@ -235,6 +234,15 @@ def _write_latents(folder: Path, video_latents: torch.Tensor, captions: list[str
         save_file({"latents": latent.contiguous()}, str(folder / name))
         lines.append(json.dumps({"file": name, "caption": caption}))
     (folder / "latents.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _read_latents(folder: Path) -> tuple[torch.Tensor, list[str]]:
+    """What _write_latents wrote: (N, C, F, h, w) latents and their captions."""
+    from safetensors.torch import load_file
+
+    records = [json.loads(line) for line in (folder / "latents.jsonl").read_text(encoding="utf-8").splitlines()]
+    return (torch.stack([load_file(str(folder / r["file"]))["latents"] for r in records]),
+            [r["caption"] for r in records])
 
 
 def _write_image_latents(folder: Path, video_latents: torch.Tensor, captions: list[str], per_clip: int,
@@ -287,14 +295,11 @@ def distill_configs(workdir: Path, scale: ChainScale, arch: ToyArchitecture, see
 
 def distill_student(workdir: Path, scale: ChainScale, arch: ToyArchitecture, seed: int, log) -> dict:
     """Steps 6-7: `lcm-edge distill image` then `lcm-edge distill video` on the teachers."""
-    from safetensors.torch import load_file
-
     from ..config import load_config
     from ..train import train
 
-    records = [json.loads(line) for line in (workdir / "latents" / "latents.jsonl").read_text().splitlines()]
-    video_latents = torch.stack([load_file(str(workdir / "latents" / r["file"]))["latents"] for r in records])
-    _write_image_latents(workdir / "image_latents", video_latents, [r["caption"] for r in records], 4, seed)
+    video_latents, captions = _read_latents(workdir / "latents")
+    _write_image_latents(workdir / "image_latents", video_latents, captions, 4, seed)
     timings = {}
     for name, config in zip(("stage1", "stage2"), distill_configs(workdir, scale, arch, seed)):
         path = workdir / f"{name}.json"
