@@ -49,6 +49,7 @@ class ChainScale:
     stage1_steps: int
     stage2_steps: int
     batch_images: int
+    batch_image_teacher: int
     batch_videos: int
     vae_crop: int
     check_prompts: int
@@ -56,12 +57,14 @@ class ChainScale:
 
 
 SCALES = {
-    "full": ChainScale(clips=1100, vae_steps=2500, image_steps=2500, motion_steps=1000, video_finetune_steps=600,
-                       stage1_steps=500, stage2_steps=500, batch_images=16, batch_videos=2, vae_crop=32,
-                       check_prompts=10, check_steps=25),
+    # Image teacher at batch 64: at batch 16 its shapes stayed at chance after 4000 steps; at 64 they
+    # were right for 24 of 24 prompts from 1500 steps (benchmarks/default_model_teacher_sweep.py, H100).
+    "full": ChainScale(clips=1100, vae_steps=2500, image_steps=2000, motion_steps=1000, video_finetune_steps=3000,
+                       stage1_steps=500, stage2_steps=500, batch_images=16, batch_image_teacher=64, batch_videos=2,
+                       vae_crop=32, check_prompts=10, check_steps=25),
     "smoke": ChainScale(clips=24, vae_steps=3, image_steps=3, motion_steps=2, video_finetune_steps=1,
-                        stage1_steps=2, stage2_steps=2, batch_images=4, batch_videos=1, vae_crop=32, check_prompts=1,
-                        check_steps=2),
+                        stage1_steps=2, stage2_steps=2, batch_images=4, batch_image_teacher=4, batch_videos=1,
+                        vae_crop=32, check_prompts=1, check_steps=2),
 }
 
 
@@ -97,8 +100,8 @@ def caption_ids(tokenizer, captions: list[str], arch: ToyArchitecture) -> torch.
                                    truncation=True).input_ids for c in captions])
 
 
-def pretrain_teachers(workdir: Path, scale: ChainScale, arch: ToyArchitecture, seed: int, log) -> dict:
-    """Steps 1-5: writes workdir/teacher (diffusers folder), workdir/teacher_motion, workdir/latents."""
+def pretrain_image_teacher(workdir: Path, scale: ChainScale, arch: ToyArchitecture, seed: int, log) -> dict:
+    """Steps 1-4: writes workdir/teacher (diffusers folder, no motion yet), workdir/latents, clips.json."""
     from diffusers import DDIMScheduler
     from transformers import CLIPTokenizer
 
@@ -134,16 +137,9 @@ def pretrain_teachers(workdir: Path, scale: ChainScale, arch: ToyArchitecture, s
     image_latents = video_latents.permute(0, 2, 1, 3, 4).flatten(0, 1)  # every frame is an image
     frame_ids = ids.repeat_interleave(arch.num_frames, dim=0)
     train_image_teacher(unet, text_encoder, image_latents, frame_ids, empty_ids, arch, steps=scale.image_steps,
-                        batch_size=scale.batch_images, lr=1e-3, seed=seed + 1, log=log)
+                        batch_size=scale.batch_image_teacher, lr=1e-3, seed=seed + 1, log=log)
     timings["teacher_image_s"] = time.perf_counter() - t0
     checks["image"] = check_teacher(vae, unet, text_encoder, tokenizer, empty_ids, arch, None, scale, seed, log)
-
-    t0 = time.perf_counter()
-    adapter = build_motion_adapter(arch)
-    train_motion_teacher(unet, adapter, text_encoder, video_latents, ids, empty_ids, arch, steps=scale.motion_steps,
-                         batch_size=scale.batch_videos, lr=1e-3, seed=seed + 2, log=log)
-    timings["teacher_motion_s"] = time.perf_counter() - t0
-    checks["video"] = check_teacher(vae, unet, text_encoder, tokenizer, empty_ids, arch, adapter, scale, seed, log)
     (workdir / "teacher_check.json").write_text(json.dumps(checks) + "\n")
 
     unet.save_pretrained(teacher / "unet")
@@ -151,7 +147,6 @@ def pretrain_teachers(workdir: Path, scale: ChainScale, arch: ToyArchitecture, s
     text_encoder.save_pretrained(teacher / "text_encoder")
     DDIMScheduler(beta_start=arch.beta_start, beta_end=arch.beta_end, beta_schedule="linear",
                   clip_sample=False, set_alpha_to_one=False, steps_offset=1).save_pretrained(teacher / "scheduler")
-    adapter.save_pretrained(workdir / "teacher_motion")
     _write_latents(workdir / "latents", video_latents, captions)
     (workdir / "clips.json").write_text(json.dumps([c.attributes() for c in clips]) + "\n")
     return timings
@@ -193,34 +188,49 @@ def check_teacher(vae, unet, text_encoder, tokenizer, empty_ids, arch: ToyArchit
     return rates
 
 
-def finetune_video_teacher(workdir: Path, scale: ChainScale, arch: ToyArchitecture, seed: int, log) -> dict:
-    """Step 5b: the whole teacher (every spatial weight + motion modules) fine-tuned on the clips.
-
-    After step 5 the teacher's frames keep their colour but not their shape or track; this video
-    fine-tune (lr 3e-4) improves both. Rewrites workdir/teacher/unet and workdir/teacher_motion.
-    """
+def _load_teacher(workdir: Path, with_motion: bool) -> dict:
+    """The teacher's parts as steps 4, 5 and 5b left them in workdir, and its training clips."""
     from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    t0 = time.perf_counter()
     teacher = workdir / "teacher"
-    unet = UNet2DConditionModel.from_pretrained(teacher / "unet")
-    adapter = MotionAdapter.from_pretrained(workdir / "teacher_motion")
-    text_encoder = CLIPTextModel.from_pretrained(teacher / "text_encoder").eval()
-    tokenizer = CLIPTokenizer.from_pretrained(teacher / "tokenizer")
-    vae = AutoencoderKL.from_pretrained(teacher / "vae").eval()
     video_latents, captions = _read_latents(workdir / "latents")
-    ids, empty_ids = caption_ids(tokenizer, captions, arch), caption_ids(tokenizer, [""], arch)[0]
-    train_motion_teacher(unet, adapter, text_encoder, video_latents, ids, empty_ids, arch,
-                         steps=scale.video_finetune_steps, batch_size=scale.batch_videos, lr=3e-4, seed=seed + 77,
-                         log=log, spatial="all")
+    return {"unet": UNet2DConditionModel.from_pretrained(teacher / "unet"),
+            "adapter": MotionAdapter.from_pretrained(workdir / "teacher_motion") if with_motion else None,
+            "text_encoder": CLIPTextModel.from_pretrained(teacher / "text_encoder").eval(),
+            "tokenizer": CLIPTokenizer.from_pretrained(teacher / "tokenizer"),
+            "vae": AutoencoderKL.from_pretrained(teacher / "vae").eval(),
+            "video_latents": video_latents, "captions": captions}
+
+
+def train_video_teacher(workdir: Path, scale: ChainScale, arch: ToyArchitecture, seed: int, log, *,
+                        finetune: bool) -> dict:
+    """Step 5 (finetune=False): a new motion module on the image teacher, cross-attention trained with it.
+    Step 5b (finetune=True): the whole teacher (every spatial weight + motion modules) fine-tuned on the clips.
+
+    After step 5 the teacher's frames keep their colour but not their track; the video fine-tune
+    (lr 3e-4) improves both. Writes workdir/teacher/unet and workdir/teacher_motion.
+    """
+    t0 = time.perf_counter()
+    parts = _load_teacher(workdir, with_motion=finetune)
+    unet, text_encoder, tokenizer, vae = parts["unet"], parts["text_encoder"], parts["tokenizer"], parts["vae"]
+    torch.manual_seed(seed + 2)  # the new motion module's init: the same whether the chain resumed here or not
+    adapter = parts["adapter"] if finetune else build_motion_adapter(arch)
+    ids, empty_ids = caption_ids(tokenizer, parts["captions"], arch), caption_ids(tokenizer, [""], arch)[0]
+    if finetune:
+        settings = {"steps": scale.video_finetune_steps, "lr": 3e-4, "seed": seed + 77, "spatial": "all"}
+    else:
+        settings = {"steps": scale.motion_steps, "lr": 1e-3, "seed": seed + 2, "spatial": "cross_attention"}
+    train_motion_teacher(unet, adapter, text_encoder, parts["video_latents"], ids, empty_ids, arch,
+                         batch_size=scale.batch_videos, log=log, **settings)
     elapsed = time.perf_counter() - t0
     check = check_teacher(vae, unet, text_encoder, tokenizer, empty_ids, arch, adapter, scale, seed, log)
-    unet.save_pretrained(teacher / "unet")
+    unet.save_pretrained(workdir / "teacher" / "unet")
     adapter.save_pretrained(workdir / "teacher_motion")
     checks = json.loads((workdir / "teacher_check.json").read_text())
-    (workdir / "teacher_check.json").write_text(json.dumps({**checks, "video_finetuned": check}) + "\n")
-    return {"teacher_video_finetune_s": elapsed}
+    name = "video_finetuned" if finetune else "video"
+    (workdir / "teacher_check.json").write_text(json.dumps({**checks, name: check}) + "\n")
+    return {"teacher_video_finetune_s" if finetune else "teacher_motion_s": elapsed}
 
 
 def _write_latents(folder: Path, video_latents: torch.Tensor, captions: list[str]) -> None:
@@ -338,18 +348,21 @@ def main(argv: list[str] | None = None) -> int:
     arch, scale = ToyArchitecture(), SCALES[args.scale]
     log = lambda message: print(message, flush=True)  # noqa: E731
     start = time.perf_counter()
-    # Each step leaves a marker, so an interrupted chain continues where it stopped.
-    pretrain_marker = args.workdir / "pretrain.json"
-    if not pretrain_marker.is_file():
-        pretrain_marker.write_text(json.dumps(pretrain_teachers(args.workdir, scale, arch, args.seed, log)) + "\n")
-    finetune_marker = args.workdir / "teacher_finetune.json"
-    if not finetune_marker.is_file():
-        finetune_marker.write_text(json.dumps(finetune_video_teacher(args.workdir, scale, arch, args.seed, log)) + "\n")
-    distill_marker = args.workdir / "distill.json"
-    if not distill_marker.is_file():
-        distill_marker.write_text(json.dumps(distill_student(args.workdir, scale, arch, args.seed, log)) + "\n")
-    timings = {**json.loads(pretrain_marker.read_text()), **json.loads(finetune_marker.read_text()),
-               **json.loads(distill_marker.read_text())}
+    # Each step leaves a marker (its timings), so an interrupted chain continues where it stopped.
+    steps = {
+        "teacher_image.json": lambda: pretrain_image_teacher(args.workdir, scale, arch, args.seed, log),
+        "teacher_motion.json": lambda: train_video_teacher(args.workdir, scale, arch, args.seed, log,
+                                                           finetune=False),
+        "teacher_finetune.json": lambda: train_video_teacher(args.workdir, scale, arch, args.seed, log,
+                                                             finetune=True),
+        "distill.json": lambda: distill_student(args.workdir, scale, arch, args.seed, log),
+    }
+    timings = {}
+    for marker, run in steps.items():
+        path = args.workdir / marker
+        if not path.is_file():
+            path.write_text(json.dumps(run()) + "\n")
+        timings.update(json.loads(path.read_text()))
     teacher_check = json.loads((args.workdir / "teacher_check.json").read_text())
     provenance = {
         "default_model": {

@@ -97,9 +97,16 @@ def _lr(step: int, steps: int, base: float, warmup: int) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+Checkpoint = Callable[[int], None]
+
+
 def _optimise(name: str, params: list[torch.nn.Parameter], loss_fn: Callable[[int], torch.Tensor], *, steps: int,
-              lr: float, weight_decay: float, warmup: int, log: Log) -> list[float]:
-    """AdamW with warm-up + cosine, gradient clipping at 1, a log line every tenth of the run."""
+              lr: float, weight_decay: float, warmup: int, log: Log, on_checkpoint: Checkpoint | None = None,
+              checkpoint_every: int = 0) -> list[float]:
+    """AdamW with warm-up + cosine, gradient clipping at 1, a log line every tenth of the run.
+
+    on_checkpoint(step) runs every `checkpoint_every` steps (a quality check during long runs).
+    """
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     losses, start = [], time.perf_counter()
     for step in range(steps):
@@ -114,6 +121,8 @@ def _optimise(name: str, params: list[torch.nn.Parameter], loss_fn: Callable[[in
         if step % max(1, steps // 10) == 0 or step == steps - 1:
             log(f"{name} step {step + 1}/{steps} loss {np.mean(losses[-50:]):.4f} "
                 f"({time.perf_counter() - start:.0f} s)")
+        if on_checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0:
+            on_checkpoint(step + 1)
     return losses
 
 
@@ -133,15 +142,15 @@ def train_vae(vae: AutoencoderKL, frames: torch.Tensor, *, steps: int, batch_siz
     height, width = frames.shape[-2:]
 
     def loss_fn(_step: int) -> torch.Tensor:
-        batch = frames[torch.randint(0, frames.shape[0], (batch_size,), generator=gen)]
+        batch = frames[torch.randint(0, frames.shape[0], (batch_size,), generator=gen).to(frames.device)]
         if crop is not None:
             top = int(torch.randint(0, height - crop + 1, (1,), generator=gen))
             left = int(torch.randint(0, width - crop + 1, (1,), generator=gen))
             batch = batch[..., top:top + crop, left:left + crop]
         posterior = vae.encode(batch).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(batch.device)
         spread = posterior.mean.detach().std()
-        z = z + DECODER_NOISE * spread * torch.randn(z.shape, generator=gen)
+        z = z + DECODER_NOISE * spread * torch.randn(z.shape, generator=gen).to(batch.device)
         recon = vae.decode(z).sample
         kl = posterior.kl().mean() / z[0].numel()
         return F.l1_loss(recon, batch) + F.mse_loss(recon, batch) + 1e-5 * kl
@@ -166,16 +175,16 @@ def encode_latents(vae: AutoencoderKL, frames: torch.Tensor, batch_size: int = 6
 def _captions_with_drop(source: torch.Tensor, empty: torch.Tensor, batch_size: int, probability: float,
                         gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """A random batch of indices, and their captions with `probability` of them made empty (for CFG)."""
-    idx = torch.randint(0, source.shape[0], (batch_size,), generator=gen)
+    idx = torch.randint(0, source.shape[0], (batch_size,), generator=gen).to(source.device)
     captions = source[idx].clone()
-    captions[torch.rand(batch_size, generator=gen) < probability] = empty
+    captions[(torch.rand(batch_size, generator=gen) < probability).to(source.device)] = empty
     return idx, captions
 
 
 def train_image_teacher(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, latents: torch.Tensor,
                         input_ids: torch.Tensor, empty_ids: torch.Tensor, arch: ToyArchitecture, *, steps: int,
                         batch_size: int, lr: float, seed: int, log: Log, uncond_probability: float = 0.1,
-                        ) -> list[float]:
+                        on_checkpoint: Checkpoint | None = None, checkpoint_every: int = 0) -> list[float]:
     """latents (N, C, h, w) with captions input_ids (N, L). Epsilon loss; text encoder trains jointly."""
     gen = torch.Generator().manual_seed(seed)
     acp = alphas_cumprod(arch)
@@ -187,10 +196,18 @@ def train_image_teacher(unet: UNet2DConditionModel, text_encoder: CLIPTextModel,
         idx, ids = _captions_with_drop(input_ids, empty_ids, batch_size, uncond_probability, gen)
         return diffusion_loss(denoiser, latents[idx], ids, acp, "epsilon", gen)
 
+    def checkpoint(step: int) -> None:
+        unet.eval()
+        text_encoder.eval()
+        on_checkpoint(step)
+        unet.train()
+        text_encoder.train()
+
     unet.train()
     text_encoder.train()
     losses = _optimise("teacher-image", list(unet.parameters()) + list(text_encoder.parameters()), loss_fn,
-                       steps=steps, lr=lr, weight_decay=1e-4, warmup=200, log=log)
+                       steps=steps, lr=lr, weight_decay=1e-4, warmup=200, log=log,
+                       on_checkpoint=checkpoint if on_checkpoint else None, checkpoint_every=checkpoint_every)
     unet.eval()
     text_encoder.eval()
     return losses
@@ -199,7 +216,8 @@ def train_image_teacher(unet: UNet2DConditionModel, text_encoder: CLIPTextModel,
 def train_motion_teacher(unet: UNet2DConditionModel, adapter: MotionAdapter, text_encoder: CLIPTextModel,
                          video_latents: torch.Tensor, input_ids: torch.Tensor, empty_ids: torch.Tensor,
                          arch: ToyArchitecture, *, steps: int, batch_size: int, lr: float, seed: int, log: Log,
-                         uncond_probability: float = 0.1, spatial: str = "cross_attention") -> list[float]:
+                         uncond_probability: float = 0.1, spatial: str = "cross_attention",
+                         on_checkpoint: Checkpoint | None = None, checkpoint_every: int = 0) -> list[float]:
     """AnimateDiff's recipe (video_latents (N, C, F, h, w)), with the cross-attention layers trained too.
 
     spatial="all" trains every spatial weight with the motion modules (a video fine-tune of the
@@ -213,7 +231,8 @@ def train_motion_teacher(unet: UNet2DConditionModel, adapter: MotionAdapter, tex
     """
     gen = torch.Generator().manual_seed(seed)
     acp = alphas_cumprod(arch)
-    model = UNetMotionModel.from_unet2d(unet, adapter)
+    device = next(unet.parameters()).device
+    model = UNetMotionModel.from_unet2d(unet, adapter).to(device)
     model.freeze_unet2d_params()
     if spatial not in ("cross_attention", "all"):
         raise ValueError(f"spatial={spatial!r}: use 'cross_attention' or 'all'")
@@ -231,14 +250,24 @@ def train_motion_teacher(unet: UNet2DConditionModel, adapter: MotionAdapter, tex
         idx, context = _captions_with_drop(contexts, empty, batch_size, uncond_probability, gen)
         return diffusion_loss(denoiser, video_latents[idx], context, acp, "epsilon", gen)
 
+    def write_back() -> None:
+        # from_unet2d copied the weights; copy the trained ones back (strict: the same keys on both sides).
+        state = model.state_dict()
+        adapter.load_state_dict({k: v for k, v in state.items() if "motion_modules" in k})
+        unet.load_state_dict({k: v for k, v in state.items() if "motion_modules" not in k})
+
+    def checkpoint(step: int) -> None:
+        model.eval()
+        write_back()
+        on_checkpoint(step)
+        model.train()
+
     model.train()
     losses = _optimise("teacher-motion", [p for p in model.parameters() if p.requires_grad], loss_fn, steps=steps,
-                       lr=lr, weight_decay=1e-4, warmup=200, log=log)
+                       lr=lr, weight_decay=1e-4, warmup=200, log=log,
+                       on_checkpoint=checkpoint if on_checkpoint else None, checkpoint_every=checkpoint_every)
     model.eval()
-    # from_unet2d copied the weights; copy the trained ones back (strict: the same keys on both sides).
-    state = model.state_dict()
-    adapter.load_state_dict({k: v for k, v in state.items() if "motion_modules" in k})
-    unet.load_state_dict({k: v for k, v in state.items() if "motion_modules" not in k})
+    write_back()
     return losses
 
 
@@ -258,12 +287,14 @@ def sample_teacher(vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder:
                               clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     scheduler.set_timesteps(steps)
     frames, size = arch.num_frames, arch.resolution // arch.vae_scale
-    model = unet if adapter is None else UNetMotionModel.from_unet2d(unet, adapter).eval()
+    device = next(unet.parameters()).device
+    model = unet if adapter is None else UNetMotionModel.from_unet2d(unet, adapter).to(device).eval()
+    prompt_ids, empty_ids = prompt_ids.to(device), empty_ids.to(device)
     gen = torch.Generator().manual_seed(seed)
     out = []
     for ids in prompt_ids:
         text = text_encoder(torch.stack([empty_ids, ids])).last_hidden_state  # (2, L, D)
-        x = torch.randn((1, arch.latent_channels, frames, size, size), generator=gen)
+        x = torch.randn((1, arch.latent_channels, frames, size, size), generator=gen).to(device)
         for t in scheduler.timesteps:
             if adapter is None:  # frames as a batch of images
                 flat = x[0].permute(1, 0, 2, 3)
@@ -276,5 +307,5 @@ def sample_teacher(vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder:
             x = scheduler.step(eps, t, x).prev_sample
         latents = x[0].permute(1, 0, 2, 3) / vae.config.scaling_factor
         pixels = vae.decode(latents).sample.clamp(-1, 1)
-        out.append(((pixels + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
+        out.append(((pixels + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
     return np.stack(out)

@@ -1,0 +1,133 @@
+"""How the default model's teachers improve with training compute, read by the detector.
+
+    python benchmarks/default_model_teacher_sweep.py VARIANT [--device cuda] [--budget-s 480] [--out DIR]
+
+Runs the chain's teacher steps (data, tokenizer, VAE, image teacher, motion teacher) with one
+variant's step counts and settings, and every `check_every` steps samples the teacher (DDIM 25,
+guidance 5, 24 trained prompts, seeds never trained on) and prints one JSON line of detector
+rates. Made to size the CPU recipe from a GPU run: which step counts make shape and direction
+follow the prompt. Stops cleanly at --budget-s, after printing what it has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lcm_edge.distill.default_model.bpe import train_bpe, write_tokenizer
+from lcm_edge.distill.default_model.chain import (HELD_OUT, caption_ids, make_training_clips,
+                                                  training_combinations)
+from lcm_edge.distill.default_model.detector import detect
+from lcm_edge.distill.default_model.pretrain import (ToyArchitecture, build_motion_adapter, build_text_encoder,
+                                                     build_unet, build_vae, encode_latents, sample_teacher,
+                                                     train_image_teacher, train_motion_teacher, train_vae)
+from lcm_edge.distill.synthetic import caption_for
+
+# Step counts, batch sizes and settings of each variant; check_* = steps between two checks.
+VARIANTS = {
+    "image-long": dict(vae=2500, image=16000, image_batch=16, motion=0, motion_batch=2, motion_lr=1e-3,
+                       spatial="cross_attention", check_image=2000, check_motion=1000),
+    "motion-long": dict(vae=2500, image=2500, image_batch=16, motion=12000, motion_batch=2, motion_lr=1e-3,
+                        spatial="cross_attention", check_image=2500, check_motion=1000),
+    "motion-all": dict(vae=2500, image=2500, image_batch=16, motion=12000, motion_batch=2, motion_lr=5e-4,
+                       spatial="all", check_image=2500, check_motion=1000),
+    "batch4x": dict(vae=2500, image=2500, image_batch=64, motion=3000, motion_batch=8, motion_lr=1e-3,
+                    spatial="cross_attention", check_image=500, check_motion=500),
+    "joint": dict(vae=2500, image=1000, image_batch=16, motion=12000, motion_batch=2, motion_lr=1e-3,
+                  spatial="all", check_image=1000, check_motion=1000),
+    "tiny": dict(vae=3, image=4, image_batch=4, motion=4, motion_batch=1, motion_lr=1e-3,
+                 spatial="cross_attention", check_image=2, check_motion=2),
+}
+
+
+class OutOfTime(Exception):
+    """The budget is spent: stop training, keep what was printed."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("variant", choices=sorted(VARIANTS))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--budget-s", type=float, default=480.0)
+    parser.add_argument("--clips", type=int, default=1100)
+    parser.add_argument("--check-prompts", type=int, default=24)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    v = VARIANTS[args.variant]
+    device = torch.device(args.device)
+    start = time.perf_counter()
+    arch = ToyArchitecture()
+    log = lambda message: print(f"[{args.variant} {time.perf_counter() - start:6.0f}s] {message}",  # noqa: E731
+                                flush=True)
+    results = []
+
+    clips = make_training_clips(args.clips, arch, args.seed)
+    captions = [c.caption for c in clips]
+    work = Path(f"/tmp/sweep_{args.variant}")
+    vocab, merges = train_bpe(captions + [caption_for(*combo) for combo in HELD_OUT])
+    write_tokenizer(work / "tokenizer", vocab, merges, arch.text_max_length)
+    from transformers import CLIPTokenizer
+    tokenizer = CLIPTokenizer.from_pretrained(work / "tokenizer")
+    ids = caption_ids(tokenizer, captions, arch).to(device)
+    empty_ids = caption_ids(tokenizer, [""], arch)[0].to(device)
+
+    frames = torch.from_numpy(np.stack([c.frames for c in clips])).float() / 127.5 - 1.0
+    frames = frames.permute(0, 1, 4, 2, 3).to(device)
+    vae = build_vae(arch).to(device)
+    train_vae(vae, frames.flatten(0, 1), steps=v["vae"], batch_size=16, lr=2e-3, seed=args.seed, log=log, crop=32)
+    video_latents = encode_latents(vae, frames.flatten(0, 1)).unflatten(0, frames.shape[:2])
+    video_latents = video_latents.permute(0, 2, 1, 3, 4).contiguous()
+
+    combos = [training_combinations()[i] for i in
+              np.random.default_rng(args.seed + 99).permutation(len(training_combinations()))[:args.check_prompts]]
+    check_ids = caption_ids(tokenizer, [caption_for(*c) for c in combos], arch)
+    unet = build_unet(arch).to(device)
+    text_encoder = build_text_encoder(arch, len(vocab), tokenizer.bos_token_id, tokenizer.eos_token_id).to(device)
+    adapter = None
+
+    def check(stage: str, step: int) -> None:
+        t0 = time.perf_counter()
+        sampled = sample_teacher(vae, unet, text_encoder, check_ids, empty_ids, arch, adapter=adapter, steps=25,
+                                 guidance=5.0, seed=args.seed + 98)
+        detections = [detect(clip) for clip in sampled]
+        matches = [d.matches(*combo) for d, combo in zip(detections, combos)]
+        row = {"variant": args.variant, "stage": stage, "step": step,
+               "elapsed_s": round(time.perf_counter() - start, 1), "check_s": round(time.perf_counter() - t0, 1)}
+        for key in ("colour", "shape", "direction"):
+            row[key] = float(np.mean([m[key] for m in matches]))
+        row["all"] = float(np.mean([all(m.values()) for m in matches]))
+        row["consistency"] = float(np.mean([d.present_fraction * d.area_stability for d in detections]))
+        results.append(row)
+        print("RESULT " + json.dumps(row), flush=True)
+        if time.perf_counter() - start > args.budget_s:
+            raise OutOfTime
+
+    image_latents = video_latents.permute(0, 2, 1, 3, 4).flatten(0, 1)
+    try:
+        train_image_teacher(unet, text_encoder, image_latents, ids.repeat_interleave(arch.num_frames, dim=0),
+                            empty_ids, arch, steps=v["image"], batch_size=v["image_batch"], lr=1e-3,
+                            seed=args.seed + 1, log=log, on_checkpoint=lambda s: check("image", s),
+                            checkpoint_every=v["check_image"])
+        if v["motion"]:
+            adapter = build_motion_adapter(arch).to(device)
+            train_motion_teacher(unet, adapter, text_encoder, video_latents, ids, empty_ids, arch,
+                                 steps=v["motion"], batch_size=v["motion_batch"], lr=v["motion_lr"],
+                                 seed=args.seed + 2, log=log, spatial=v["spatial"],
+                                 on_checkpoint=lambda s: check("motion", s), checkpoint_every=v["check_motion"])
+    except OutOfTime:
+        log("budget spent; stopping")
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"{args.variant}.json").write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
