@@ -315,33 +315,17 @@ def trainable_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def char_tokenizer(folder: str | Path):
-    """A real CLIPTokenizer with a character-level vocabulary (no merges): 512 byte symbols + bos/eos.
+    """A real CLIPTokenizer with a character-level vocabulary: the CLIP-format BPE trained on no text
+    (256 byte symbols, the same with </w>, bos/eos, no merges).
 
     Prompts tokenize letter by letter, so a tiny text encoder can still tell "red" from "blue".
     """
     from transformers import CLIPTokenizer
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    symbols = [chr(c) for c in cs]
-    tokens = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-               "pad_token": "<|endoftext|>"}
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {**special, "model_max_length": 77, "do_lower_case": True, "tokenizer_class": "CLIPTokenizer"}),
-        encoding="utf-8")
-    (folder / "special_tokens_map.json").write_text(json.dumps(special), encoding="utf-8")
-    return CLIPTokenizer.from_pretrained(folder)
+    from .default_model.bpe import train_bpe, write_tokenizer
+
+    vocab, merges = train_bpe([])
+    return CLIPTokenizer.from_pretrained(write_tokenizer(Path(folder), vocab, merges, max_length=77))
 
 
 def tiny_components(tokenizer_dir: str | Path, *, seed: int = 0, channels: tuple[int, int] = (16, 32),
