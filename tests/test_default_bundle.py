@@ -17,13 +17,16 @@ from lcm_edge.distill.default_model.detector import detect
 from lcm_edge.distill.synthetic import COLOURS, DIRECTIONS, SHAPES, caption_for
 
 # Gates on the detector's reading of 4-step, guidance-free clips from seeds never used in training
-# or in benchmarks/default_model_eval.py. Measured on the shipped bundle (24 prompts, the README's
-# table): colour 0.96, object present 0.97-0.99; shape 0.46 and direction 0.15-0.38 (chance 0.25) are
-# printed, not gated, because this model does not follow them reliably yet (issue 5 is open on that).
+# or in benchmarks/default_model_eval.py. Measured on the shipped bundle (v3): colour 0.95 trained /
+# 1.00 held-out, shape 0.65 / 0.60 (chance 0.33), object present 0.92 / 0.96; the eval's 24 prompts
+# read colour 0.96, shape 0.67. Direction (0.25 / 0.20, chance 0.25) is printed, not gated: this
+# model does not follow it yet (issue 5 is open on that), so a floor there could not fail.
 MIN_COLOUR_RATE_TRAINED = 0.80
 MIN_COLOUR_RATE_HELD_OUT = 0.60
-MIN_PRESENT_FRACTION = 0.90  # mean fraction of frames in which the detector finds the object
-TEST_SEED_BASE = 50_000  # training drew clips from seed 0 and its steps from seeds 0..4; the eval uses 10_000+
+MIN_SHAPE_RATE_TRAINED = 0.50  # held-out shape (10 clips) is printed: at n=10 a floor above chance is noise
+MIN_PRESENT_FRACTION = 0.85  # mean fraction of frames in which the detector finds the object
+MAX_GIF_MEAN_ABS_ERROR = 12.0  # the CLI's GIF vs the in-process clip, 0-255 (measured 6.0)
+TEST_SEED_BASE = 50_000  # training used seeds 0..99 (clips, steps, checks); the eval uses 10_000+
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +57,7 @@ def test_trained_prompts_on_unseen_seeds(pipe):
     rates = _rates(pipe, combos, TEST_SEED_BASE)
     print(f"20 trained combinations, unseen seeds, 4 steps: {rates}")
     assert rates["colour"] >= MIN_COLOUR_RATE_TRAINED, rates
+    assert rates["shape"] >= MIN_SHAPE_RATE_TRAINED, rates
     assert rates["present"] >= MIN_PRESENT_FRACTION, rates
 
 
@@ -65,8 +69,9 @@ def test_held_out_combinations(pipe):
     assert rates["present"] >= MIN_PRESENT_FRACTION, rates
 
 
-def test_generate_without_bundle_uses_the_default_model_with_torch_absent(tmp_path):
-    """A base install has no torch: block its import, run the CLI's default path, check the clip."""
+def test_generate_without_bundle_uses_the_default_model_with_torch_absent(pipe, tmp_path):
+    """A base install has no torch: block its import, run the CLI's default path, check the clip
+    is the default model's clip for that seed and shows the prompt's colour."""
     out = tmp_path / "clip.gif"
     script = textwrap.dedent(f"""
         import importlib.abc, sys
@@ -89,6 +94,9 @@ def test_generate_without_bundle_uses_the_default_model_with_torch_absent(tmp_pa
     ok, animation = cv2.imreadanimation(str(out))
     frames = [cv2.cvtColor(frame[..., :3], cv2.COLOR_BGR2RGB) for frame in animation.frames]
     assert ok and len(frames) == 16 and frames[0].shape == (64, 64, 3)
+    expected = pipe(DEFAULT_PROMPT, num_inference_steps=4, seed=3).frames
+    error = np.abs(np.stack(frames).astype(np.float32) - expected).mean()
+    assert error <= MAX_GIF_MEAN_ABS_ERROR, f"the GIF is {error:.1f}/255 away from the model's clip"
     assert detect(np.stack(frames)).matches("red", "circle", "right")["colour"]
 
 

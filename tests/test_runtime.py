@@ -126,6 +126,11 @@ def test_graph_inputs_checked_against_graph_metadata(pipe):
         pipe.unet.run({"sample": np.zeros((1, 4, 2, 4, 4), np.float32)})
 
 
+# A 256-colour GIF of a clip, read back: mean abs difference from the frames, 0-255 (random-weight
+# clips, the hardest to palette; the default model's clips measure 6).
+MAX_GIF_MEAN_ABS_ERROR = 12.0
+
+
 def test_save_mp4_and_gif_atomically(pipe, tmp_path):
     import cv2
 
@@ -135,6 +140,9 @@ def test_save_mp4_and_gif_atomically(pipe, tmp_path):
     assert cv2.VideoCapture(str(mp4)).get(cv2.CAP_PROP_FRAME_COUNT) == 4
     ok, animation = cv2.imreadanimation(str(gif))
     assert ok and len(animation.frames) == 4
+    read = np.stack([cv2.cvtColor(frame[..., :3], cv2.COLOR_BGR2RGB) for frame in animation.frames])
+    error = np.abs(read.astype(np.float32) - result.frames).mean()
+    assert error <= MAX_GIF_MEAN_ABS_ERROR, f"the GIF is {error:.1f}/255 away from the frames"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.gif", "clip.mp4"]  # no temp files left
 
 
