@@ -3,6 +3,7 @@
     python benchmarks/default_model_eval.py --teacher WORKDIR/teacher --teacher-motion WORKDIR/teacher_motion
         [--bundle BUNDLE] [--prompts 24] [--guidance 4.0] [--out results/default_model]
         [--student-steps 1 2 4 8] [--teacher-steps 1 2 4 8 25 50] [--rows-from earlier/results.json]
+        [--threads N]
 
 Rows: the shipped consistency model (lcm_edge runtime, onnxruntime CPU) at 1/2/4/8 steps
 without guidance, and the teacher (diffusers AnimateDiffPipeline + DDIMScheduler, the same
@@ -11,7 +12,7 @@ read off each clip by `lcm_edge.distill.default_model.detector` (no model in the
 prompt adherence (colour, shape and direction all right), each attribute alone, the same on
 colour-shape-direction combinations held out of training, and temporal consistency (object
 present in every frame with a stable size). Seeds are never used in training.
-Writes table.md, results.json and plot.png to --out.
+Writes table.md, results.json, plot.png and samples.png (the 4-step student's first clips) to --out.
 """
 
 from __future__ import annotations
@@ -58,18 +59,22 @@ def score(clips: list[np.ndarray], combos: list[tuple[str, str, str]]) -> dict:
     }
 
 
-def run_student(bundle: str, combos, steps: int) -> tuple[list[np.ndarray], float]:
+def run_student(bundle: str, combos, steps: int, threads: int | None) -> tuple[list[np.ndarray], float]:
     import lcm_edge
 
-    pipe = lcm_edge.AnimateLCMPipeline.from_bundle(bundle)
+    pipe = lcm_edge.AnimateLCMPipeline.from_bundle(bundle, **({"threads": threads} if threads else {}))
     clips, start = [], time.perf_counter()
     for i, combo in enumerate(combos):
         clips.append(pipe(caption_for(*combo), num_inference_steps=steps, seed=EVAL_SEED_BASE + i).frames)
     return clips, (time.perf_counter() - start) / len(combos)
 
 
-def run_teacher(teacher: Path, motion: Path, combos, steps: int, guidance: float) -> tuple[list[np.ndarray], float]:
+def run_teacher(teacher: Path, motion: Path, combos, steps: int, guidance: float,
+                threads: int | None) -> tuple[list[np.ndarray], float]:
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
     from diffusers import AnimateDiffPipeline, AutoencoderKL, DDIMScheduler, MotionAdapter, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -117,6 +122,23 @@ def plot(results: list[dict], path: Path) -> None:
     cv2.imwrite(str(path), img)
 
 
+SAMPLE_ROWS = 8
+
+
+def write_samples(clips: list[np.ndarray], combos, path: Path, every: int = 3, zoom: int = 2) -> None:
+    """One row per clip (every `every`-th frame), its prompt and the detector's reading above it."""
+    rows = []
+    for frames, combo in zip(clips, combos):
+        d = detect(frames)
+        strip = np.concatenate(list(frames[::every]), axis=1)
+        strip = cv2.resize(strip, None, fx=zoom, fy=zoom, interpolation=cv2.INTER_NEAREST)
+        label = np.full((14, strip.shape[1], 3), 255, np.uint8)
+        text = f"{' '.join(combo)} -> {d.colour} {d.shape} {d.direction}"
+        cv2.putText(label, text, (2, 11), cv2.FONT_HERSHEY_PLAIN, 0.8, (0, 0, 0), 1, cv2.LINE_AA)
+        rows += [label, strip]
+    cv2.imwrite(str(path), cv2.cvtColor(np.concatenate(rows), cv2.COLOR_RGB2BGR))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", default=None, help="the student bundle (default: the shipped one)")
@@ -129,6 +151,8 @@ def main() -> int:
     parser.add_argument("--teacher-steps", type=int, nargs="*", default=[1, 2, 4, 8, 25, 50])
     parser.add_argument("--rows-from", type=Path, default=None,
                         help="results.json of an earlier run (same prompts): its rows join this table")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for both (torch and onnxruntime): s/clip compares like with like")
     parser.add_argument("--out", type=Path, default=Path("results/default_model"))
     args = parser.parse_args()
     if args.teacher_steps and (args.teacher is None or args.teacher_motion is None):
@@ -142,12 +166,14 @@ def main() -> int:
 
         bundle = args.bundle or str(default_bundle_path())
     for steps in args.student_steps:
-        clips, sec = run_student(bundle, combos, steps)
+        clips, sec = run_student(bundle, combos, steps, args.threads)
+        if steps == 4:
+            write_samples(clips[:SAMPLE_ROWS], combos[:SAMPLE_ROWS], args.out / "samples.png")
         results.append({"method": "consistency model (no CFG)", "steps": steps, "guidance": 1.0,
                         "seconds_per_clip": sec, "prompts": len(combos), **score(clips, combos)})
         print(results[-1], flush=True)
     for steps in args.teacher_steps:
-        clips, sec = run_teacher(args.teacher, args.teacher_motion, combos, steps, args.guidance)
+        clips, sec = run_teacher(args.teacher, args.teacher_motion, combos, steps, args.guidance, args.threads)
         results.append({"method": "teacher DDIM (CFG)", "steps": steps, "guidance": args.guidance,
                         "seconds_per_clip": sec, "prompts": len(combos), **score(clips, combos)})
         print(results[-1], flush=True)
