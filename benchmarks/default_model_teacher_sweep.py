@@ -41,33 +41,16 @@ VARIANTS = {
                     spatial="cross_attention", check_image=500, check_motion=500),
     "joint": dict(vae=2500, image=1000, image_batch=16, motion=12000, motion_batch=2, motion_lr=1e-3,
                   spatial="all", check_image=1000, check_motion=1000),
+    # With --resume WORKDIR: the chain's finished teacher, video fine-tune continued (5b's settings).
+    "continue-all": dict(vae=0, image=0, image_batch=0, motion=4000, motion_batch=2, motion_lr=3e-4,
+                         spatial="all", check_image=0, check_motion=1000),
     "tiny": dict(vae=3, image=4, image_batch=4, motion=4, motion_batch=1, motion_lr=1e-3,
                  spatial="cross_attention", check_image=2, check_motion=2),
 }
 
 
-class OutOfTime(Exception):
-    """The budget is spent: stop training, keep what was printed."""
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("variant", choices=sorted(VARIANTS))
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--budget-s", type=float, default=480.0)
-    parser.add_argument("--clips", type=int, default=1100)
-    parser.add_argument("--check-prompts", type=int, default=24)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args(argv)
-    v = VARIANTS[args.variant]
-    device = torch.device(args.device)
-    start = time.perf_counter()
-    arch = ToyArchitecture()
-    log = lambda message: print(f"[{args.variant} {time.perf_counter() - start:6.0f}s] {message}",  # noqa: E731
-                                flush=True)
-    results = []
-
+def _fresh(args, arch: ToyArchitecture, v: dict, device: torch.device, log):
+    """Data, tokenizer, a trained VAE and untrained image UNet + text encoder (the chain's steps 1-3)."""
     clips = make_training_clips(args.clips, arch, args.seed)
     captions = [c.caption for c in clips]
     work = Path(f"/tmp/sweep_{args.variant}")
@@ -85,12 +68,55 @@ def main(argv: list[str] | None = None) -> int:
     video_latents = encode_latents(vae, frames.flatten(0, 1)).unflatten(0, frames.shape[:2])
     video_latents = video_latents.permute(0, 2, 1, 3, 4).contiguous()
 
+    unet = build_unet(arch).to(device)
+    text_encoder = build_text_encoder(arch, len(vocab), tokenizer.bos_token_id, tokenizer.eos_token_id).to(device)
+    return vae, unet, text_encoder, tokenizer, None, video_latents, ids, empty_ids
+
+
+class OutOfTime(Exception):
+    """The budget is spent: stop training, keep what was printed."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("variant", choices=sorted(VARIANTS))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--budget-s", type=float, default=480.0)
+    parser.add_argument("--clips", type=int, default=1100)
+    parser.add_argument("--check-prompts", type=int, default=24)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--resume", type=Path, default=None,
+                        help="a chain WORKDIR: start from its finished teacher (variant continue-all)")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    v = VARIANTS[args.variant]
+    if (args.resume is None) != (args.variant != "continue-all"):
+        parser.error("--resume WORKDIR goes with variant continue-all, and only with it")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    start = time.perf_counter()
+    arch = ToyArchitecture()
+    log = lambda message: print(f"[{args.variant} {time.perf_counter() - start:6.0f}s] {message}",  # noqa: E731
+                                flush=True)
+    results = []
+
+    if args.resume is not None:
+        from lcm_edge.distill.default_model.chain import _load_teacher
+
+        parts = _load_teacher(args.resume, with_motion=True)
+        vae, unet, text_encoder = (parts[k].to(device) for k in ("vae", "unet", "text_encoder"))
+        tokenizer = parts["tokenizer"]
+        adapter = parts["adapter"].to(device)
+        video_latents = parts["video_latents"].to(device)
+        ids = caption_ids(tokenizer, parts["captions"], arch).to(device)
+        empty_ids = caption_ids(tokenizer, [""], arch)[0].to(device)
+    else:
+        vae, unet, text_encoder, tokenizer, adapter, video_latents, ids, empty_ids = _fresh(args, arch, v, device, log)
     combos = [training_combinations()[i] for i in
               np.random.default_rng(args.seed + 99).permutation(len(training_combinations()))[:args.check_prompts]]
     check_ids = caption_ids(tokenizer, [caption_for(*c) for c in combos], arch)
-    unet = build_unet(arch).to(device)
-    text_encoder = build_text_encoder(arch, len(vocab), tokenizer.bos_token_id, tokenizer.eos_token_id).to(device)
-    adapter = None
 
     def check(stage: str, step: int) -> None:
         t0 = time.perf_counter()
@@ -111,12 +137,15 @@ def main(argv: list[str] | None = None) -> int:
 
     image_latents = video_latents.permute(0, 2, 1, 3, 4).flatten(0, 1)
     try:
-        train_image_teacher(unet, text_encoder, image_latents, ids.repeat_interleave(arch.num_frames, dim=0),
-                            empty_ids, arch, steps=v["image"], batch_size=v["image_batch"], lr=1e-3,
-                            seed=args.seed + 1, log=log, on_checkpoint=lambda s: check("image", s),
-                            checkpoint_every=v["check_image"])
+        if args.resume is not None:
+            check("motion", 0)  # the chain's teacher as it is, read on the same prompts
+        if v["image"]:
+            train_image_teacher(unet, text_encoder, image_latents, ids.repeat_interleave(arch.num_frames, dim=0),
+                                empty_ids, arch, steps=v["image"], batch_size=v["image_batch"], lr=1e-3,
+                                seed=args.seed + 1, log=log, on_checkpoint=lambda s: check("image", s),
+                                checkpoint_every=v["check_image"])
         if v["motion"]:
-            adapter = build_motion_adapter(arch).to(device)
+            adapter = adapter if adapter is not None else build_motion_adapter(arch).to(device)
             train_motion_teacher(unet, adapter, text_encoder, video_latents, ids, empty_ids, arch,
                                  steps=v["motion"], batch_size=v["motion_batch"], lr=v["motion_lr"],
                                  seed=args.seed + 2, log=log, spatial=v["spatial"],
