@@ -103,9 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     results = []
 
     if args.resume is not None:
-        from lcm_edge.distill.default_model.chain import _load_teacher
+        from lcm_edge.distill.default_model.chain import load_teacher
 
-        parts = _load_teacher(args.resume, with_motion=True)
+        parts = load_teacher(args.resume, with_motion=True)
         vae, unet, text_encoder = (parts[k].to(device) for k in ("vae", "unet", "text_encoder"))
         tokenizer = parts["tokenizer"]
         adapter = parts["adapter"].to(device)

@@ -188,7 +188,7 @@ def check_teacher(vae, unet, text_encoder, tokenizer, empty_ids, arch: ToyArchit
     return rates
 
 
-def _load_teacher(workdir: Path, with_motion: bool) -> dict:
+def load_teacher(workdir: Path, with_motion: bool) -> dict:
     """The teacher's parts as steps 4, 5 and 5b left them in workdir, and its training clips."""
     from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -212,7 +212,7 @@ def train_video_teacher(workdir: Path, scale: ChainScale, arch: ToyArchitecture,
     (lr 3e-4) improves both. Writes workdir/teacher/unet and workdir/teacher_motion.
     """
     t0 = time.perf_counter()
-    parts = _load_teacher(workdir, with_motion=finetune)
+    parts = load_teacher(workdir, with_motion=finetune)
     unet, text_encoder, tokenizer, vae = parts["unet"], parts["text_encoder"], parts["tokenizer"], parts["vae"]
     torch.manual_seed(seed + 2)  # the new motion module's init: the same whether the chain resumed here or not
     adapter = parts["adapter"] if finetune else build_motion_adapter(arch)
