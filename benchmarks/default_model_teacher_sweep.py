@@ -20,14 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lcm_edge.distill.default_model.bpe import train_bpe, write_tokenizer
-from lcm_edge.distill.default_model.chain import (HELD_OUT, caption_ids, make_training_clips,
-                                                  training_combinations)
-from lcm_edge.distill.default_model.detector import detect
+from lcm_edge.distill.default_model.chain import (caption_ids, clip_frames, encode_clips, load_teacher,
+                                                  make_training_clips, sample_check_prompts, train_tokenizer)
 from lcm_edge.distill.default_model.pretrain import (ToyArchitecture, build_motion_adapter, build_text_encoder,
-                                                     build_unet, build_vae, encode_latents, sample_teacher,
-                                                     train_image_teacher, train_motion_teacher, train_vae)
-from lcm_edge.distill.synthetic import caption_for
+                                                     build_unet, build_vae, train_image_teacher, train_motion_teacher,
+                                                     train_vae)
 
 # Step counts, batch sizes and settings of each variant; check_* = steps between two checks.
 VARIANTS = {
@@ -53,24 +50,18 @@ def _fresh(args, arch: ToyArchitecture, v: dict, device: torch.device, log):
     """Data, tokenizer, a trained VAE and untrained image UNet + text encoder (the chain's steps 1-3)."""
     clips = make_training_clips(args.clips, arch, args.seed)
     captions = [c.caption for c in clips]
-    work = Path(f"/tmp/sweep_{args.variant}")
-    vocab, merges = train_bpe(captions + [caption_for(*combo) for combo in HELD_OUT])
-    write_tokenizer(work / "tokenizer", vocab, merges, arch.text_max_length)
-    from transformers import CLIPTokenizer
-    tokenizer = CLIPTokenizer.from_pretrained(work / "tokenizer")
+    tokenizer = train_tokenizer(Path(f"/tmp/sweep_{args.variant}") / "tokenizer", captions, arch)
     ids = caption_ids(tokenizer, captions, arch).to(device)
     empty_ids = caption_ids(tokenizer, [""], arch)[0].to(device)
 
-    frames = torch.from_numpy(np.stack([c.frames for c in clips])).float() / 127.5 - 1.0
-    frames = frames.permute(0, 1, 4, 2, 3).to(device)
+    frames = clip_frames(clips).to(device)
     vae = build_vae(arch).to(device)
     train_vae(vae, frames.flatten(0, 1), steps=v["vae"], batch_size=16, lr=2e-3, seed=args.seed, log=log, crop=32)
-    video_latents = encode_latents(vae, frames.flatten(0, 1)).unflatten(0, frames.shape[:2])
-    video_latents = video_latents.permute(0, 2, 1, 3, 4).contiguous()
+    video_latents = encode_clips(vae, frames)
 
     unet = build_unet(arch).to(device)
-    text_encoder = build_text_encoder(arch, len(vocab), tokenizer.bos_token_id, tokenizer.eos_token_id).to(device)
-    return vae, unet, text_encoder, tokenizer, None, video_latents, ids, empty_ids
+    text_encoder = build_text_encoder(arch, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    return vae, unet, text_encoder.to(device), tokenizer, None, video_latents, ids, empty_ids
 
 
 class OutOfTime(Exception):
@@ -103,8 +94,6 @@ def main(argv: list[str] | None = None) -> int:
     results = []
 
     if args.resume is not None:
-        from lcm_edge.distill.default_model.chain import load_teacher
-
         parts = load_teacher(args.resume, with_motion=True)
         vae, unet, text_encoder = (parts[k].to(device) for k in ("vae", "unet", "text_encoder"))
         tokenizer = parts["tokenizer"]
@@ -114,15 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         empty_ids = caption_ids(tokenizer, [""], arch)[0].to(device)
     else:
         vae, unet, text_encoder, tokenizer, adapter, video_latents, ids, empty_ids = _fresh(args, arch, v, device, log)
-    combos = [training_combinations()[i] for i in
-              np.random.default_rng(args.seed + 99).permutation(len(training_combinations()))[:args.check_prompts]]
-    check_ids = caption_ids(tokenizer, [caption_for(*c) for c in combos], arch)
 
     def check(stage: str, step: int) -> None:
         t0 = time.perf_counter()
-        sampled = sample_teacher(vae, unet, text_encoder, check_ids, empty_ids, arch, adapter=adapter, steps=25,
-                                 guidance=5.0, seed=args.seed + 98)
-        detections = [detect(clip) for clip in sampled]
+        combos, detections = sample_check_prompts(vae, unet, text_encoder, tokenizer, empty_ids, arch, adapter,
+                                                  prompts=args.check_prompts, steps=25, seed=args.seed)
         matches = [d.matches(*combo) for d, combo in zip(detections, combos)]
         row = {"variant": args.variant, "stage": stage, "step": step,
                "elapsed_s": round(time.perf_counter() - start, 1), "check_s": round(time.perf_counter() - t0, 1)}

@@ -28,7 +28,7 @@ import torch
 
 from ..synthetic import COLOURS, DIRECTIONS, SHAPES, ShapeClip, caption_for, synthetic_clips
 from .bpe import train_bpe, write_tokenizer
-from .detector import detect
+from .detector import Detection, detect
 from .pretrain import (ToyArchitecture, build_motion_adapter, build_text_encoder, build_unet, build_vae,
                        encode_latents, sample_teacher, train_image_teacher, train_motion_teacher, train_vae)
 
@@ -100,10 +100,30 @@ def caption_ids(tokenizer, captions: list[str], arch: ToyArchitecture) -> torch.
                                    truncation=True).input_ids for c in captions])
 
 
+def train_tokenizer(folder: Path, captions: list[str], arch: ToyArchitecture):
+    """Step 2: the BPE on the training captions + the held-out ones (their words are the same), loaded."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = train_bpe(captions + [caption_for(*combo) for combo in HELD_OUT])
+    write_tokenizer(folder, vocab, merges, arch.text_max_length)
+    return CLIPTokenizer.from_pretrained(folder)
+
+
+def clip_frames(clips: list[ShapeClip]) -> torch.Tensor:
+    """The clips as float (N, F, 3, H, W) in [-1, 1]."""
+    frames = torch.from_numpy(np.stack([c.frames for c in clips])).float() / 127.5 - 1.0  # (N, F, H, W, 3)
+    return frames.permute(0, 1, 4, 2, 3)
+
+
+def encode_clips(vae, frames: torch.Tensor) -> torch.Tensor:
+    """(N, F, 3, H, W) frames -> (N, C, F, h, w) video latents at unit spread (sets the VAE's scaling_factor)."""
+    video_latents = encode_latents(vae, frames.flatten(0, 1)).unflatten(0, frames.shape[:2])  # (N, F, C, h, w)
+    return video_latents.permute(0, 2, 1, 3, 4).contiguous()
+
+
 def pretrain_image_teacher(workdir: Path, scale: ChainScale, arch: ToyArchitecture, seed: int, log) -> dict:
     """Steps 1-4: writes workdir/teacher (diffusers folder, no motion yet), workdir/latents, clips.json."""
     from diffusers import DDIMScheduler
-    from transformers import CLIPTokenizer
 
     timings = {}
     t0 = time.perf_counter()
@@ -113,27 +133,23 @@ def pretrain_image_teacher(workdir: Path, scale: ChainScale, arch: ToyArchitectu
 
     t0 = time.perf_counter()
     teacher = workdir / "teacher"
-    vocab, merges = train_bpe(captions + [caption_for(*combo) for combo in HELD_OUT])
-    write_tokenizer(teacher / "tokenizer", vocab, merges, arch.text_max_length)
-    tokenizer = CLIPTokenizer.from_pretrained(teacher / "tokenizer")
+    tokenizer = train_tokenizer(teacher / "tokenizer", captions, arch)
     ids, empty_ids = caption_ids(tokenizer, captions, arch), caption_ids(tokenizer, [""], arch)[0]
     timings["tokenizer_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    frames = torch.from_numpy(np.stack([c.frames for c in clips])).float() / 127.5 - 1.0  # (N, F, H, W, 3)
-    frames = frames.permute(0, 1, 4, 2, 3)  # (N, F, 3, H, W)
+    frames = clip_frames(clips)
     vae = build_vae(arch)
     train_vae(vae, frames.flatten(0, 1), steps=scale.vae_steps, batch_size=scale.batch_images, lr=2e-3,
               seed=seed, log=log, crop=scale.vae_crop)
-    video_latents = encode_latents(vae, frames.flatten(0, 1)).unflatten(0, frames.shape[:2])  # (N, F, C, h, w)
-    video_latents = video_latents.permute(0, 2, 1, 3, 4).contiguous()  # (N, C, F, h, w)
+    video_latents = encode_clips(vae, frames)
     timings["vae_s"] = time.perf_counter() - t0
     checks = {"vae": check_vae(vae, arch, seed, log)}
 
     t0 = time.perf_counter()
     unet = build_unet(arch)
-    text_encoder = build_text_encoder(arch, len(vocab), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    text_encoder = build_text_encoder(arch, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
     image_latents = video_latents.permute(0, 2, 1, 3, 4).flatten(0, 1)  # every frame is an image
     frame_ids = ids.repeat_interleave(arch.num_frames, dim=0)
     train_image_teacher(unet, text_encoder, image_latents, frame_ids, empty_ids, arch, steps=scale.image_steps,
@@ -158,7 +174,7 @@ def check_vae(vae, arch: ToyArchitecture, seed: int, log, count: int = 20) -> di
     clips = synthetic_clips(count, seed=seed + 97, size=arch.resolution, num_frames=arch.num_frames)
     hits, errors = [], []
     for clip in clips:
-        x = torch.from_numpy(clip.frames).float().div(127.5).sub(1).permute(0, 3, 1, 2)
+        x = clip_frames([clip])[0]
         recon = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
         frames = ((recon + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
         hits.append(all(detect(frames).matches(clip.colour, clip.shape, clip.direction).values()))
@@ -168,16 +184,24 @@ def check_vae(vae, arch: ToyArchitecture, seed: int, log, count: int = 20) -> di
     return rates
 
 
+def sample_check_prompts(vae, unet, text_encoder, tokenizer, empty_ids, arch: ToyArchitecture, adapter, *,
+                         prompts: int, steps: int, seed: int) -> tuple[list[tuple[str, str, str]], list[Detection]]:
+    """The first `prompts` of a fixed order of trained combinations, DDIM-sampled (guidance 5), read back."""
+    combos = [training_combinations()[i] for i in
+              np.random.default_rng(seed + 99).permutation(len(training_combinations()))[:prompts]]
+    ids = caption_ids(tokenizer, [caption_for(*c) for c in combos], arch)
+    clips = sample_teacher(vae, unet, text_encoder, ids, empty_ids, arch, adapter=adapter, steps=steps,
+                           seed=seed + 98)
+    return combos, [detect(clip) for clip in clips]
+
+
 def check_teacher(vae, unet, text_encoder, tokenizer, empty_ids, arch: ToyArchitecture, adapter,
                   scale: ChainScale, seed: int, log) -> dict:
     """Detector-read rates of a few DDIM samples (guidance 5): logged, so a weak teacher shows up early."""
-    combos = [training_combinations()[i] for i in
-              np.random.default_rng(seed + 99).permutation(len(training_combinations()))[:scale.check_prompts]]
-    ids = caption_ids(tokenizer, [caption_for(*c) for c in combos], arch)
     t0 = time.perf_counter()
-    clips = sample_teacher(vae, unet, text_encoder, ids, empty_ids, arch, adapter=adapter, steps=scale.check_steps,
-                           seed=seed + 98)
-    matches = [detect(clip).matches(*combo) for clip, combo in zip(clips, combos)]
+    combos, detections = sample_check_prompts(vae, unet, text_encoder, tokenizer, empty_ids, arch, adapter,
+                                              prompts=scale.check_prompts, steps=scale.check_steps, seed=seed)
+    matches = [d.matches(*combo) for d, combo in zip(detections, combos)]
     # Independent images have no direction: the image teacher is read for colour and shape only.
     keys = ("colour", "shape") if adapter is None else ("colour", "shape", "direction")
     rates = {key: float(np.mean([m[key] for m in matches])) for key in keys}
@@ -214,12 +238,13 @@ def train_video_teacher(workdir: Path, scale: ChainScale, arch: ToyArchitecture,
     t0 = time.perf_counter()
     parts = load_teacher(workdir, with_motion=finetune)
     unet, text_encoder, tokenizer, vae = parts["unet"], parts["text_encoder"], parts["tokenizer"], parts["vae"]
-    torch.manual_seed(seed + 2)  # the new motion module's init: the same whether the chain resumed here or not
-    adapter = parts["adapter"] if finetune else build_motion_adapter(arch)
     ids, empty_ids = caption_ids(tokenizer, parts["captions"], arch), caption_ids(tokenizer, [""], arch)[0]
     if finetune:
+        adapter = parts["adapter"]
         settings = {"steps": scale.video_finetune_steps, "lr": 3e-4, "seed": seed + 77, "spatial": "all"}
     else:
+        torch.manual_seed(seed + 2)  # the new motion module's init: the same whether the chain resumed here or not
+        adapter = build_motion_adapter(arch)
         settings = {"steps": scale.motion_steps, "lr": 1e-3, "seed": seed + 2, "spatial": "cross_attention"}
     train_motion_teacher(unet, adapter, text_encoder, parts["video_latents"], ids, empty_ids, arch,
                          batch_size=scale.batch_videos, log=log, **settings)
