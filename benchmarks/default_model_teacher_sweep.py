@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lcm_edge.distill.default_model.chain import (caption_ids, clip_frames, encode_clips, load_teacher,
+from lcm_edge.distill.default_model.chain import (caption_ids, clip_frames, direction_gain, encode_clips, load_teacher,
                                                   make_training_clips, sample_check_prompts, train_tokenizer)
 from lcm_edge.distill.default_model.pretrain import (ToyArchitecture, build_motion_adapter, build_text_encoder,
                                                      build_unet, build_vae, train_image_teacher, train_motion_teacher,
@@ -38,9 +38,30 @@ VARIANTS = {
                     spatial="cross_attention", check_image=500, check_motion=500),
     "joint": dict(vae=2500, image=1000, image_batch=16, motion=12000, motion_batch=2, motion_lr=1e-3,
                   spatial="all", check_image=1000, check_motion=1000),
-    # With --resume WORKDIR: the chain's finished teacher, video fine-tune continued (5b's settings).
-    "continue-all": dict(vae=0, image=0, image_batch=0, motion=4000, motion_batch=2, motion_lr=3e-4,
-                         spatial="all", check_image=0, check_motion=1000),
+    # With --resume WORKDIR: the chain's finished teacher, video training continued. continue-all = 5b's
+    # settings; *-te also train the text encoder (te); *-hi train on timesteps >= 300 only (min_t);
+    # *-x0wN weight the loss by clamp(1/SNR, 1, N) (x0w).
+    "continue-all": dict(resume=True, motion=3000, motion_batch=2, motion_lr=3e-4, spatial="all", check_motion=500),
+    "continue-all-te": dict(resume=True, motion=3000, motion_batch=2, motion_lr=3e-4, spatial="all", te=True,
+                            check_motion=500),
+    "continue-all-te-hi": dict(resume=True, motion=3000, motion_batch=2, motion_lr=3e-4, spatial="all", te=True,
+                               min_t=300, check_motion=500),
+    "continue-all-te-lr1e3": dict(resume=True, motion=3000, motion_batch=2, motion_lr=1e-3, spatial="all", te=True,
+                                  check_motion=500),
+    "continue-xattn-te": dict(resume=True, motion=3000, motion_batch=2, motion_lr=3e-4, spatial="cross_attention",
+                              te=True, check_motion=500),
+    "continue-motion-hi": dict(resume=True, motion=3000, motion_batch=2, motion_lr=1e-3, spatial="none", min_t=300,
+                               check_motion=500),
+    "continue-all-te-x0w5": dict(resume=True, motion=3000, motion_batch=2, motion_lr=3e-4, spatial="all", te=True,
+                                 x0w=5.0, check_motion=500),
+    "continue-all-te-x0w20": dict(resume=True, motion=3000, motion_batch=2, motion_lr=3e-4, spatial="all", te=True,
+                                  x0w=20.0, check_motion=500),
+    "continue-all-te-x0w100": dict(resume=True, motion=3000, motion_batch=2, motion_lr=3e-4, spatial="all", te=True,
+                                   x0w=100.0, check_motion=500),
+    "continue-all-te-x0w1000": dict(resume=True, motion=3000, motion_batch=2, motion_lr=3e-4, spatial="all",
+                                    te=True, x0w=1000.0, check_motion=500),
+    "continue-all-x0w20": dict(resume=True, motion=3000, motion_batch=2, motion_lr=3e-4, spatial="all", x0w=20.0,
+                               check_motion=500),
     "tiny": dict(vae=3, image=4, image_batch=4, motion=4, motion_batch=1, motion_lr=1e-3,
                  spatial="cross_attention", check_image=2, check_motion=2),
 }
@@ -61,7 +82,7 @@ def _fresh(args, arch: ToyArchitecture, v: dict, device: torch.device, log):
 
     unet = build_unet(arch).to(device)
     text_encoder = build_text_encoder(arch, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
-    return vae, unet, text_encoder.to(device), tokenizer, None, video_latents, ids, empty_ids
+    return vae, unet, text_encoder.to(device), tokenizer, None, video_latents, captions, ids, empty_ids
 
 
 class OutOfTime(Exception):
@@ -80,13 +101,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", type=Path, default=None,
                         help="a chain WORKDIR: start from its finished teacher (variant continue-all)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--trail", action="store_true",
+                        help="with --resume: train on the same clips drawn with motion trails (re-encoded)")
     args = parser.parse_args(argv)
     v = VARIANTS[args.variant]
-    if (args.resume is None) != (args.variant != "continue-all"):
-        parser.error("--resume WORKDIR goes with variant continue-all, and only with it")
+    if (args.resume is not None) != v.get("resume", False):
+        parser.error("--resume WORKDIR goes with the continue-* variants, and only with them")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    torch.manual_seed(args.seed)  # model init: two runs of one variant start from the same weights
     start = time.perf_counter()
     arch = ToyArchitecture()
     log = lambda message: print(f"[{args.variant} {time.perf_counter() - start:6.0f}s] {message}",  # noqa: E731
@@ -99,10 +123,16 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = parts["tokenizer"]
         adapter = parts["adapter"].to(device)
         video_latents = parts["video_latents"].to(device)
-        ids = caption_ids(tokenizer, parts["captions"], arch).to(device)
+        if args.trail:
+            with torch.no_grad():
+                frames = clip_frames(make_training_clips(len(parts["captions"]), arch, args.seed, trail=True))
+                video_latents = encode_clips(vae, frames.to(device))
+        captions = parts["captions"]
+        ids = caption_ids(tokenizer, captions, arch).to(device)
         empty_ids = caption_ids(tokenizer, [""], arch)[0].to(device)
     else:
-        vae, unet, text_encoder, tokenizer, adapter, video_latents, ids, empty_ids = _fresh(args, arch, v, device, log)
+        vae, unet, text_encoder, tokenizer, adapter, video_latents, captions, ids, empty_ids = _fresh(args, arch, v,
+                                                                                                   device, log)
 
     def check(stage: str, step: int) -> None:
         t0 = time.perf_counter()
@@ -115,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
             row[key] = float(np.mean([m[key] for m in matches]))
         row["all"] = float(np.mean([all(m.values()) for m in matches]))
         row["consistency"] = float(np.mean([d.present_fraction * d.area_stability for d in detections]))
+        if adapter is not None:
+            row["direction_gain"] = direction_gain(unet, adapter, text_encoder, tokenizer, video_latents, captions,
+                                                   arch, seed=args.seed)
         results.append(row)
         print("RESULT " + json.dumps(row), flush=True)
         if time.perf_counter() - start > args.budget_s:
@@ -124,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.resume is not None:
             check("motion", 0)  # the chain's teacher as it is, read on the same prompts
-        if v["image"]:
+        if v.get("image"):
             train_image_teacher(unet, text_encoder, image_latents, ids.repeat_interleave(arch.num_frames, dim=0),
                                 empty_ids, arch, steps=v["image"], batch_size=v["image_batch"], lr=1e-3,
                                 seed=args.seed + 1, log=log, on_checkpoint=lambda s: check("image", s),
@@ -133,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             adapter = adapter if adapter is not None else build_motion_adapter(arch).to(device)
             train_motion_teacher(unet, adapter, text_encoder, video_latents, ids, empty_ids, arch,
                                  steps=v["motion"], batch_size=v["motion_batch"], lr=v["motion_lr"],
-                                 seed=args.seed + 2, log=log, spatial=v["spatial"],
+                                 seed=args.seed + 2, log=log, spatial=v["spatial"], min_timestep=v.get("min_t", 0),
+                                 x0_weight_cap=v.get("x0w", 0.0), train_text_encoder=v.get("te", False),
                                  on_checkpoint=lambda s: check("motion", s), checkpoint_every=v["check_motion"])
     except OutOfTime:
         log("budget spent; stopping")

@@ -17,10 +17,19 @@ from .errors import TrainingDivergedError
 
 
 def diffusion_loss(model, x0: torch.Tensor, text: torch.Tensor, alphas_cumprod: torch.Tensor,
-                   prediction_type: str, g: torch.Generator) -> torch.Tensor:
-    """|| model(x_t, t) - target ||^2 with t ~ U{0..T-1}; target eps, v or x_0 per the parameterisation."""
+                   prediction_type: str, g: torch.Generator, min_timestep: int = 0,
+                   x0_weight_cap: float = 0.0) -> torch.Tensor:
+    """|| model(x_t, t) - target ||^2 with t ~ U{min_timestep..T-1}; target eps, v or x_0 per the parameterisation.
+
+    min_timestep > 0 spends the training on high noise, where a sample's layout (and a video's track) is decided.
+    x0_weight_cap > 0 weights each epsilon sample by clamp(1/SNR(t), 1, cap): the x_0 error from mid noise up.
+    Plain epsilon loss weights the x_0 error by SNR(t) (~0.01 at t=800), so what only the caption can say at
+    high noise (which way a clip moves) is nearly absent from its gradient.
+    """
     b = x0.shape[0]
-    t = torch.randint(0, alphas_cumprod.numel(), (b,), generator=g).to(x0.device)
+    if not 0 <= min_timestep < alphas_cumprod.numel():
+        raise ValueError(f"min_timestep={min_timestep}: must be in [0, {alphas_cumprod.numel() - 1}]")
+    t = torch.randint(min_timestep, alphas_cumprod.numel(), (b,), generator=g).to(x0.device)
     noise = torch.randn(x0.shape, generator=g).to(x0.device)
     x_t = C.add_noise(x0, noise, t, alphas_cumprod)
     if prediction_type == "epsilon":
@@ -30,7 +39,14 @@ def diffusion_loss(model, x0: torch.Tensor, text: torch.Tensor, alphas_cumprod: 
         target = a.sqrt() * noise - (1 - a).sqrt() * x0
     else:
         target = x0
-    return F.mse_loss(model(x_t, t, text).float(), target)
+    if x0_weight_cap <= 0:
+        return F.mse_loss(model(x_t, t, text).float(), target)
+    if prediction_type != "epsilon":
+        raise ValueError(f"x0_weight_cap applies to epsilon prediction, not {prediction_type!r}")
+    a = alphas_cumprod.to(x0.device)[t]
+    weight = ((1 - a) / a).clamp(1.0, x0_weight_cap)
+    per_sample = (model(x_t, t, text).float() - target).pow(2).flatten(1).mean(1)
+    return (weight * per_sample).mean()
 
 
 def pretrain(model, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], alphas_cumprod: torch.Tensor, *,

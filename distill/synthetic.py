@@ -65,7 +65,32 @@ def caption_for(colour: str, shape: str, direction: str) -> str:
 def draw_shape(image: np.ndarray, shape: str, centre: tuple[float, float], radius: float,
                colour: tuple[int, int, int]) -> None:
     """Draw in place, anti-aliased by 4x supersampling of the coverage mask."""
-    h, w, _ = image.shape
+    coverage = shape_coverage(shape, centre, radius, image.shape[0], image.shape[1])
+    image[:] = (image * (1 - coverage) + np.asarray(colour, np.float32) * coverage).round().astype(np.uint8)
+
+
+# A motion trail: faint copies of the shape behind it (offset in radii, opacity). At most 0.17 opaque, so a
+# trail pixel stays under the detector's foreground distance (60) for every colour on BACKGROUND (max 338).
+TRAIL = ((0.5, 0.17), (1.0, 0.11), (1.5, 0.06))
+
+
+def draw_trail(image: np.ndarray, shape: str, centre: tuple[float, float], radius: float,
+               colour: tuple[int, int, int], direction: str) -> None:
+    """Draw the trail behind a shape moving in `direction` (before the shape itself is drawn over it).
+
+    Copies do not add up: each pixel takes the most opaque copy covering it, so the trail never reaches
+    the shape's own contrast. In one frame, it says which way the shape goes.
+    """
+    dx, dy = DIRECTIONS[direction]
+    alpha = np.zeros((image.shape[0], image.shape[1], 1), np.float32)
+    for offset, opacity in TRAIL:
+        ghost = (centre[0] - dx * offset * radius, centre[1] - dy * offset * radius)
+        alpha = np.maximum(alpha, opacity * shape_coverage(shape, ghost, radius, image.shape[0], image.shape[1]))
+    image[:] = (image * (1 - alpha) + np.asarray(colour, np.float32) * alpha).round().astype(np.uint8)
+
+
+def shape_coverage(shape: str, centre: tuple[float, float], radius: float, h: int, w: int) -> np.ndarray:
+    """(h, w, 1) float in [0, 1]: the fraction of each pixel inside the shape (4x4 supersampled)."""
     ss = 4
     ys, xs = np.mgrid[0:h * ss, 0:w * ss]
     x = (xs + 0.5) / ss - centre[0]
@@ -78,13 +103,15 @@ def draw_shape(image: np.ndarray, shape: str, centre: tuple[float, float], radiu
         inside = (y <= radius * 0.8) & (y >= -radius) & (np.abs(x) <= (y + radius) * 0.6)
     else:
         raise InvalidArgumentError("shape", f"{shape!r} is not a known shape", f"use one of {list(SHAPES)}")
-    coverage = inside.reshape(h, ss, w, ss).mean(axis=(1, 3))[..., None]
-    image[:] = (image * (1 - coverage) + np.asarray(colour, np.float32) * coverage).round().astype(np.uint8)
+    return inside.reshape(h, ss, w, ss).mean(axis=(1, 3))[..., None]
 
 
 def make_clip(colour: str, shape: str, direction: str, *, size: int, num_frames: int,
-              rng: np.random.Generator) -> ShapeClip:
-    """One clip: the shape enters nowhere and leaves nowhere; it stays inside the frame throughout."""
+              rng: np.random.Generator, trail: bool = False) -> ShapeClip:
+    """One clip: the shape enters nowhere and leaves nowhere; it stays inside the frame throughout.
+
+    trail=True draws a faint motion trail behind the shape (TRAIL), which may leave the frame.
+    """
     radius = size * rng.uniform(0.14, 0.2)
     speed = size * rng.uniform(0.3, 0.45) / max(num_frames - 1, 1)  # covers ~40% of the frame
     travel = speed * (num_frames - 1)
@@ -105,17 +132,20 @@ def make_clip(colour: str, shape: str, direction: str, *, size: int, num_frames:
     for i, centre in enumerate(clip.centres()):
         frame = np.empty((size, size, 3), np.uint8)
         frame[:] = BACKGROUND
+        if trail:
+            draw_trail(frame, shape, centre, radius, COLOURS[colour], direction)
         draw_shape(frame, shape, centre, radius, COLOURS[colour])
         clip.frames[i] = frame
     return clip
 
 
-def synthetic_clips(count: int, *, seed: int = 0, size: int = 32, num_frames: int = 8) -> list[ShapeClip]:
-    """`count` clips cycling through every (colour, shape, direction) in a seeded order."""
+def synthetic_clips(count: int, *, seed: int = 0, size: int = 32, num_frames: int = 8,
+                    trail: bool = False) -> list[ShapeClip]:
+    """`count` clips cycling through every (colour, shape, direction) in a seeded order (trail: see make_clip)."""
     combos = [(c, s, d) for c in COLOURS for s in SHAPES for d in DIRECTIONS]
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(combos))
-    return [make_clip(*combos[order[i % len(combos)]], size=size, num_frames=num_frames, rng=rng)
+    return [make_clip(*combos[order[i % len(combos)]], size=size, num_frames=num_frames, rng=rng, trail=trail)
             for i in range(count)]
 
 

@@ -72,8 +72,15 @@ def training_combinations() -> list[tuple[str, str, str]]:
     return [(c, s, d) for c in COLOURS for s in SHAPES for d in DIRECTIONS if (c, s, d) not in HELD_OUT]
 
 
-def make_training_clips(count: int, arch: ToyArchitecture, seed: int) -> list[ShapeClip]:
-    clips = synthetic_clips(count * 2, seed=seed, size=arch.resolution, num_frames=arch.num_frames)
+# The clips are drawn with a faint motion trail (synthetic.TRAIL): it says in every single frame which way the
+# shape goes. Without it the v3 teacher ignored the direction word entirely (the same noise gave the same clip
+# for "left" and "right", direction_gain 0.000): in single frames the word meant nothing, so the image stage
+# taught the text encoder to drop it, and in clips it matters only at noise levels plain epsilon loss ignores.
+MOTION_TRAIL = True
+
+
+def make_training_clips(count: int, arch: ToyArchitecture, seed: int, trail: bool = MOTION_TRAIL) -> list[ShapeClip]:
+    clips = synthetic_clips(count * 2, seed=seed, size=arch.resolution, num_frames=arch.num_frames, trail=trail)
     kept = [c for c in clips if (c.colour, c.shape, c.direction) not in HELD_OUT]
     return kept[:count]
 
@@ -171,7 +178,8 @@ def pretrain_image_teacher(workdir: Path, scale: ChainScale, arch: ToyArchitectu
 @torch.no_grad()
 def check_vae(vae, arch: ToyArchitecture, seed: int, log, count: int = 20) -> dict:
     """Detector-read rate of VAE reconstructions of clips never trained on, and their mean abs error (0-255)."""
-    clips = synthetic_clips(count, seed=seed + 97, size=arch.resolution, num_frames=arch.num_frames)
+    clips = synthetic_clips(count, seed=seed + 97, size=arch.resolution, num_frames=arch.num_frames,
+                            trail=MOTION_TRAIL)
     hits, errors = [], []
     for clip in clips:
         x = clip_frames([clip])[0]
@@ -193,6 +201,44 @@ def sample_check_prompts(vae, unet, text_encoder, tokenizer, empty_ids, arch: To
     clips = sample_teacher(vae, unet, text_encoder, ids, empty_ids, arch, adapter=adapter, steps=steps,
                            seed=seed + 98)
     return combos, [detect(clip) for clip in clips]
+
+
+OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
+
+
+@torch.no_grad()
+def direction_gain(unet, adapter, text_encoder, tokenizer, video_latents: torch.Tensor, captions: list[str],
+                   arch: ToyArchitecture, *, clips: int = 24, timesteps: tuple[int, ...] = (850, 950),
+                   seed: int = 0) -> float:
+    """How much the caption's direction word helps the video teacher: mean over training clips and high-noise
+    timesteps of x_0 error with the opposite direction / with the true one, minus 1 (0 = the word is ignored).
+    Timesteps this high because below them the noisy clip itself shows which way the object goes.
+
+    A sharper read of "does the text steer the motion" than sampled clips: no sampling noise, and no detector.
+    """
+    from diffusers import UNetMotionModel
+
+    from .pretrain import alphas_cumprod
+
+    device = next(unet.parameters()).device
+    model = UNetMotionModel.from_unet2d(unet, adapter).to(device).eval()
+    acp = alphas_cumprod(arch).to(device)
+    gen = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(len(captions), generator=gen)[:clips].tolist()
+    true_ids = caption_ids(tokenizer, [captions[i] for i in pick], arch).to(device)
+    flipped = [" ".join(OPPOSITE.get(w, w) for w in captions[i].split()) for i in pick]
+    opposite_ids = caption_ids(tokenizer, flipped, arch).to(device)
+    x0 = video_latents[pick].to(device)
+    errors = {"true": 0.0, "opposite": 0.0}
+    for t in timesteps:
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        a = acp[t]
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        for name, ids in (("true", true_ids), ("opposite", opposite_ids)):
+            text = text_encoder(ids).last_hidden_state.repeat_interleave(arch.num_frames, dim=0)
+            eps = model(x_t, torch.full((len(pick),), t, device=device), encoder_hidden_states=text).sample
+            errors[name] += float(((x_t - (1 - a).sqrt() * eps) / a.sqrt() - x0).pow(2).mean())
+    return errors["opposite"] / errors["true"] - 1.0
 
 
 def check_teacher(vae, unet, text_encoder, tokenizer, empty_ids, arch: ToyArchitecture, adapter,
@@ -227,35 +273,47 @@ def load_teacher(workdir: Path, with_motion: bool) -> dict:
             "video_latents": video_latents, "captions": captions}
 
 
-def train_video_teacher(workdir: Path, scale: ChainScale, arch: ToyArchitecture, seed: int, log, *,
-                        finetune: bool) -> dict:
-    """Step 5 (finetune=False): a new motion module on the image teacher, cross-attention trained with it.
-    Step 5b (finetune=True): the whole teacher (every spatial weight + motion modules) fine-tuned on the clips.
+VIDEO_STAGES = {
+    # step 5: a new motion module on the image teacher, its cross-attention trained with it.
+    "motion": dict(lr=1e-3, seed_offset=2, spatial="cross_attention"),
+    # step 5b: the whole teacher (every spatial weight + motion modules) fine-tuned on the clips.
+    "finetune": dict(lr=3e-4, seed_offset=77, spatial="all"),
+}
 
-    After step 5 the teacher's frames keep their colour but not their track; the video fine-tune
-    (lr 3e-4) improves both. Writes workdir/teacher/unet and workdir/teacher_motion.
+
+def train_video_teacher(workdir: Path, scale: ChainScale, arch: ToyArchitecture, seed: int, log, *,
+                        stage: str) -> dict:
+    """Steps 5 and 5b (VIDEO_STAGES): writes workdir/teacher/unet and workdir/teacher_motion, and the
+    teacher's check (with its direction_gain) to teacher_check.json.
+
+    After step 5 the teacher's frames keep their colour but not their track; 5b improves both.
     """
     t0 = time.perf_counter()
-    parts = load_teacher(workdir, with_motion=finetune)
+    settings = dict(VIDEO_STAGES[stage])
+    steps = {"motion": scale.motion_steps, "finetune": scale.video_finetune_steps}[stage]
+    parts = load_teacher(workdir, with_motion=stage != "motion")
     unet, text_encoder, tokenizer, vae = parts["unet"], parts["text_encoder"], parts["tokenizer"], parts["vae"]
     ids, empty_ids = caption_ids(tokenizer, parts["captions"], arch), caption_ids(tokenizer, [""], arch)[0]
-    if finetune:
-        adapter = parts["adapter"]
-        settings = {"steps": scale.video_finetune_steps, "lr": 3e-4, "seed": seed + 77, "spatial": "all"}
-    else:
-        torch.manual_seed(seed + 2)  # the new motion module's init: the same whether the chain resumed here or not
+    stage_seed = seed + settings.pop("seed_offset")
+    if stage == "motion":
+        torch.manual_seed(stage_seed)  # the new motion module's init: the same whether the chain resumed here or not
         adapter = build_motion_adapter(arch)
-        settings = {"steps": scale.motion_steps, "lr": 1e-3, "seed": seed + 2, "spatial": "cross_attention"}
-    train_motion_teacher(unet, adapter, text_encoder, parts["video_latents"], ids, empty_ids, arch,
-                         batch_size=scale.batch_videos, log=log, **settings)
+    else:
+        adapter = parts["adapter"]
+    train_motion_teacher(unet, adapter, text_encoder, parts["video_latents"], ids, empty_ids, arch, steps=steps,
+                         batch_size=scale.batch_videos, log=log, seed=stage_seed, **settings)
     elapsed = time.perf_counter() - t0
     check = check_teacher(vae, unet, text_encoder, tokenizer, empty_ids, arch, adapter, scale, seed, log)
+    check["direction_gain"] = direction_gain(unet, adapter, text_encoder, tokenizer, parts["video_latents"],
+                                             parts["captions"], arch, clips=min(24, len(parts["captions"])), seed=seed)
+    log(f"direction_gain after step {stage}: {check['direction_gain']:.4f}")
     unet.save_pretrained(workdir / "teacher" / "unet")
     adapter.save_pretrained(workdir / "teacher_motion")
     checks = json.loads((workdir / "teacher_check.json").read_text())
-    name = "video_finetuned" if finetune else "video"
+    name = {"motion": "video", "finetune": "video_finetuned"}[stage]
     (workdir / "teacher_check.json").write_text(json.dumps({**checks, name: check}) + "\n")
-    return {"teacher_video_finetune_s" if finetune else "teacher_motion_s": elapsed}
+    timing = {"motion": "teacher_motion_s", "finetune": "teacher_video_finetune_s"}[stage]
+    return {timing: elapsed}
 
 
 def _write_latents(folder: Path, video_latents: torch.Tensor, captions: list[str]) -> None:
@@ -377,9 +435,9 @@ def main(argv: list[str] | None = None) -> int:
     steps = {
         "teacher_image.json": lambda: pretrain_image_teacher(args.workdir, scale, arch, args.seed, log),
         "teacher_motion.json": lambda: train_video_teacher(args.workdir, scale, arch, args.seed, log,
-                                                           finetune=False),
+                                                           stage="motion"),
         "teacher_finetune.json": lambda: train_video_teacher(args.workdir, scale, arch, args.seed, log,
-                                                             finetune=True),
+                                                             stage="finetune"),
         "distill.json": lambda: distill_student(args.workdir, scale, arch, args.seed, log),
     }
     timings = {}

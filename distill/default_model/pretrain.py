@@ -217,11 +217,16 @@ def train_motion_teacher(unet: UNet2DConditionModel, adapter: MotionAdapter, tex
                          video_latents: torch.Tensor, input_ids: torch.Tensor, empty_ids: torch.Tensor,
                          arch: ToyArchitecture, *, steps: int, batch_size: int, lr: float, seed: int, log: Log,
                          uncond_probability: float = 0.1, spatial: str = "cross_attention",
+                         min_timestep: int = 0, x0_weight_cap: float = 0.0, train_text_encoder: bool = False,
                          on_checkpoint: Checkpoint | None = None, checkpoint_every: int = 0) -> list[float]:
     """AnimateDiff's recipe (video_latents (N, C, F, h, w)), with the cross-attention layers trained too.
 
     spatial="all" trains every spatial weight with the motion modules (a video fine-tune of the
-    whole teacher); the default trains the cross-attention only.
+    whole teacher), "none" the motion modules alone; the default trains the cross-attention too.
+    min_timestep > 0 trains on high noise only; x0_weight_cap > 0 weights the loss towards it (see diffusion_loss).
+    train_text_encoder=True trains the text encoder with them (updated in place): the image teacher's
+    text encoder had no reason to tell "left" from "right" (a direction token moves its output by
+    ~1/10 of what a colour token does), so frozen it hides the direction from every later layer.
 
     AnimateDiff's motion modules see no text: a direction word reaches them only through the
     spatial features. SD1.5 learnt from captions what motion words look like; this image teacher
@@ -234,21 +239,31 @@ def train_motion_teacher(unet: UNet2DConditionModel, adapter: MotionAdapter, tex
     device = next(unet.parameters()).device
     model = UNetMotionModel.from_unet2d(unet, adapter).to(device)
     model.freeze_unet2d_params()
-    if spatial not in ("cross_attention", "all"):
-        raise ValueError(f"spatial={spatial!r}: use 'cross_attention' or 'all'")
+    if spatial not in ("none", "cross_attention", "all"):
+        raise ValueError(f"spatial={spatial!r}: use 'none', 'cross_attention' or 'all'")
     for name, param in model.named_parameters():
-        if spatial == "all" or ".attn2." in name:
+        if spatial == "all" or (spatial == "cross_attention" and ".attn2." in name):
             param.requires_grad_(True)
-    with torch.no_grad():
-        contexts = text_encoder(input_ids).last_hidden_state
-        empty = text_encoder(empty_ids[None]).last_hidden_state[0]
+    params = [p for p in model.parameters() if p.requires_grad]
+    if train_text_encoder:
+        params += list(text_encoder.parameters())
+        text_encoder.train()
+    else:
+        with torch.no_grad():
+            contexts = text_encoder(input_ids).last_hidden_state
+            empty = text_encoder(empty_ids[None]).last_hidden_state[0]
 
     def denoiser(x_t, t, text):  # diffusers' pipelines repeat the prompt embedding per frame
         return model(x_t, t, encoder_hidden_states=text.repeat_interleave(x_t.shape[2], dim=0)).sample
 
     def loss_fn(_step: int) -> torch.Tensor:
-        idx, context = _captions_with_drop(contexts, empty, batch_size, uncond_probability, gen)
-        return diffusion_loss(denoiser, video_latents[idx], context, acp, "epsilon", gen)
+        if train_text_encoder:
+            idx, ids = _captions_with_drop(input_ids, empty_ids, batch_size, uncond_probability, gen)
+            context = text_encoder(ids).last_hidden_state
+        else:
+            idx, context = _captions_with_drop(contexts, empty, batch_size, uncond_probability, gen)
+        return diffusion_loss(denoiser, video_latents[idx], context, acp, "epsilon", gen, min_timestep,
+                              x0_weight_cap)
 
     def write_back() -> None:
         # from_unet2d copied the weights; copy the trained ones back (strict: the same keys on both sides).
@@ -258,15 +273,17 @@ def train_motion_teacher(unet: UNet2DConditionModel, adapter: MotionAdapter, tex
 
     def checkpoint(step: int) -> None:
         model.eval()
+        text_encoder.eval()
         write_back()
         on_checkpoint(step)
         model.train()
+        text_encoder.train(train_text_encoder)
 
     model.train()
-    losses = _optimise("teacher-motion", [p for p in model.parameters() if p.requires_grad], loss_fn, steps=steps,
-                       lr=lr, weight_decay=1e-4, warmup=200, log=log,
+    losses = _optimise("teacher-motion", params, loss_fn, steps=steps, lr=lr, weight_decay=1e-4, warmup=200, log=log,
                        on_checkpoint=checkpoint if on_checkpoint else None, checkpoint_every=checkpoint_every)
     model.eval()
+    text_encoder.eval()
     write_back()
     return losses
 
