@@ -62,6 +62,10 @@ VARIANTS = {
                                     te=True, x0w=1000.0, check_motion=500),
     "continue-all-x0w20": dict(resume=True, motion=3000, motion_batch=2, motion_lr=3e-4, spatial="all", x0w=20.0,
                                check_motion=500),
+    # Image teacher alone (batch 64 as in the chain), read every 500 steps: with --trail, does the word steer
+    # the trail (direction_gain on images)?
+    "image-only": dict(vae=2500, image=1500, image_batch=64, motion=0, motion_batch=2, motion_lr=1e-3,
+                       spatial="cross_attention", check_image=500, check_motion=0),
     "tiny": dict(vae=3, image=4, image_batch=4, motion=4, motion_batch=1, motion_lr=1e-3,
                  spatial="cross_attention", check_image=2, check_motion=2),
 }
@@ -69,7 +73,7 @@ VARIANTS = {
 
 def _fresh(args, arch: ToyArchitecture, v: dict, device: torch.device, log):
     """Data, tokenizer, a trained VAE and untrained image UNet + text encoder (the chain's steps 1-3)."""
-    clips = make_training_clips(args.clips, arch, args.seed)
+    clips = make_training_clips(args.clips, arch, args.seed, trail=args.trail)
     captions = [c.caption for c in clips]
     tokenizer = train_tokenizer(Path(f"/tmp/sweep_{args.variant}") / "tokenizer", captions, arch)
     ids = caption_ids(tokenizer, captions, arch).to(device)
@@ -101,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", type=Path, default=None,
                         help="a chain WORKDIR: start from its finished teacher (variant continue-all)")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--trail", action="store_true",
-                        help="with --resume: train on the same clips drawn with motion trails (re-encoded)")
+    parser.add_argument("--trail", type=float, default=0.0,
+                        help="draw the clips with a motion trail of this opacity (synthetic.TRAIL); with --resume "
+                             "the chain's clips are redrawn and re-encoded")
     args = parser.parse_args(argv)
     v = VARIANTS[args.variant]
     if (args.resume is not None) != v.get("resume", False):
@@ -125,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         video_latents = parts["video_latents"].to(device)
         if args.trail:
             with torch.no_grad():
-                frames = clip_frames(make_training_clips(len(parts["captions"]), arch, args.seed, trail=True))
+                frames = clip_frames(make_training_clips(len(parts["captions"]), arch, args.seed, trail=args.trail))
                 video_latents = encode_clips(vae, frames.to(device))
         captions = parts["captions"]
         ids = caption_ids(tokenizer, captions, arch).to(device)
@@ -145,9 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             row[key] = float(np.mean([m[key] for m in matches]))
         row["all"] = float(np.mean([all(m.values()) for m in matches]))
         row["consistency"] = float(np.mean([d.present_fraction * d.area_stability for d in detections]))
-        if adapter is not None:
-            row["direction_gain"] = direction_gain(unet, adapter, text_encoder, tokenizer, video_latents, captions,
-                                                   arch, seed=args.seed)
+        row["direction_gain"] = direction_gain(unet, adapter, text_encoder, tokenizer, video_latents, captions,
+                                               arch, seed=args.seed)
         results.append(row)
         print("RESULT " + json.dumps(row), flush=True)
         if time.perf_counter() - start > args.budget_s:

@@ -69,23 +69,27 @@ def draw_shape(image: np.ndarray, shape: str, centre: tuple[float, float], radiu
     image[:] = (image * (1 - coverage) + np.asarray(colour, np.float32) * coverage).round().astype(np.uint8)
 
 
-# A motion trail: faint copies of the shape behind it (offset in radii, opacity). At most 0.17 opaque, so a
-# trail pixel stays under the detector's foreground distance (60) for every colour on BACKGROUND (max 338).
-TRAIL = ((0.5, 0.17), (1.0, 0.11), (1.5, 0.06))
+# A motion trail: copies of the shape behind it (offset in radii, opacity relative to the nearest copy).
+TRAIL = ((0.5, 1.0), (1.0, 0.65), (1.5, 0.35))
+# The most opaque trail whose pixels stay under the detector's foreground distance (60) from BACKGROUND for
+# every colour (white is the farthest, 338): the detector reads such clips exactly as it reads plain ones.
+FAINT_TRAIL = 0.17
 
 
 def draw_trail(image: np.ndarray, shape: str, centre: tuple[float, float], radius: float,
-               colour: tuple[int, int, int], direction: str) -> None:
-    """Draw the trail behind a shape moving in `direction` (before the shape itself is drawn over it).
+               colour: tuple[int, int, int], direction: str, opacity: float) -> None:
+    """Draw the trail behind a shape moving in `direction` (before the shape itself is drawn over it);
+    `opacity` is the nearest copy's.
 
     Copies do not add up: each pixel takes the most opaque copy covering it, so the trail never reaches
     the shape's own contrast. In one frame, it says which way the shape goes.
     """
     dx, dy = DIRECTIONS[direction]
     alpha = np.zeros((image.shape[0], image.shape[1], 1), np.float32)
-    for offset, opacity in TRAIL:
+    for offset, relative in TRAIL:
         ghost = (centre[0] - dx * offset * radius, centre[1] - dy * offset * radius)
-        alpha = np.maximum(alpha, opacity * shape_coverage(shape, ghost, radius, image.shape[0], image.shape[1]))
+        coverage = shape_coverage(shape, ghost, radius, image.shape[0], image.shape[1])
+        alpha = np.maximum(alpha, opacity * relative * coverage)
     image[:] = (image * (1 - alpha) + np.asarray(colour, np.float32) * alpha).round().astype(np.uint8)
 
 
@@ -107,10 +111,11 @@ def shape_coverage(shape: str, centre: tuple[float, float], radius: float, h: in
 
 
 def make_clip(colour: str, shape: str, direction: str, *, size: int, num_frames: int,
-              rng: np.random.Generator, trail: bool = False) -> ShapeClip:
+              rng: np.random.Generator, trail: float = 0.0) -> ShapeClip:
     """One clip: the shape enters nowhere and leaves nowhere; it stays inside the frame throughout.
 
-    trail=True draws a faint motion trail behind the shape (TRAIL), which may leave the frame.
+    trail > 0 draws a motion trail behind the shape (TRAIL; `trail` = its nearest copy's opacity, e.g.
+    FAINT_TRAIL), which may leave the frame.
     """
     radius = size * rng.uniform(0.14, 0.2)
     speed = size * rng.uniform(0.3, 0.45) / max(num_frames - 1, 1)  # covers ~40% of the frame
@@ -132,15 +137,15 @@ def make_clip(colour: str, shape: str, direction: str, *, size: int, num_frames:
     for i, centre in enumerate(clip.centres()):
         frame = np.empty((size, size, 3), np.uint8)
         frame[:] = BACKGROUND
-        if trail:
-            draw_trail(frame, shape, centre, radius, COLOURS[colour], direction)
+        if trail > 0:
+            draw_trail(frame, shape, centre, radius, COLOURS[colour], direction, trail)
         draw_shape(frame, shape, centre, radius, COLOURS[colour])
         clip.frames[i] = frame
     return clip
 
 
 def synthetic_clips(count: int, *, seed: int = 0, size: int = 32, num_frames: int = 8,
-                    trail: bool = False) -> list[ShapeClip]:
+                    trail: float = 0.0) -> list[ShapeClip]:
     """`count` clips cycling through every (colour, shape, direction) in a seeded order (trail: see make_clip)."""
     combos = [(c, s, d) for c in COLOURS for s in SHAPES for d in DIRECTIONS]
     rng = np.random.default_rng(seed)

@@ -8,7 +8,7 @@ import pytest
 from lcm_edge.distill.default_model.bpe import train_bpe, write_tokenizer
 from lcm_edge.distill.default_model.chain import HELD_OUT, training_combinations
 from lcm_edge.distill.default_model.detector import detect
-from lcm_edge.distill.synthetic import COLOURS, DIRECTIONS, SHAPES, caption_for, synthetic_clips
+from lcm_edge.distill.synthetic import COLOURS, DIRECTIONS, FAINT_TRAIL, SHAPES, caption_for, synthetic_clips
 from lcm_edge.tokenizer import CLIPTokenizer as RuntimeTokenizer
 
 # The chain's --threads sets torch's process-wide thread count; this restores it after the module.
@@ -38,8 +38,9 @@ def test_held_out_combinations_are_real_and_excluded():
     assert all(h not in combos and h[0] in COLOURS and h[1] in SHAPES and h[2] in DIRECTIONS for h in HELD_OUT)
 
 
-def test_detector_reads_ground_truth_clips():
-    clips = synthetic_clips(60, seed=3, size=64, num_frames=16)
+@pytest.mark.parametrize("trail", [0.0, FAINT_TRAIL])
+def test_detector_reads_ground_truth_clips(trail):
+    clips = synthetic_clips(60, seed=3, size=64, num_frames=16, trail=trail)
     wrong = [(c.caption, detect(c.frames)) for c in clips
              if not all(detect(c.frames).matches(c.colour, c.shape, c.direction).values())]
     assert wrong == []

@@ -12,8 +12,9 @@ from lcm_edge.distill.config import DataConfig, config_from_dict, load_config
 from lcm_edge.distill.data import (LatentDataset, MediaDataset, StepSampler, precompute_latents, read_records,
                                    read_video_frames, resize_and_crop)
 from lcm_edge.distill.errors import ConfigError, DatasetError
-from lcm_edge.distill.synthetic import (DIRECTIONS, latents_to_rgb, pixel_latents, synthetic_clips,
-                                        write_image_dataset, write_pixel_latents, write_video_dataset)
+from lcm_edge.distill.synthetic import (COLOURS, DIRECTIONS, FAINT_TRAIL, latents_to_rgb, pixel_latents,
+                                        synthetic_clips, write_image_dataset, write_pixel_latents,
+                                        write_video_dataset)
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +42,23 @@ def test_synthetic_clips_are_deterministic_and_keep_ground_truth(clips):
         assert np.dot(moved, (dx, dy)) > 2.0, clip.caption
         centres = clip.attributes()["centres"]
         assert len(centres) == 9 and all(0 < c < 24 for xy in centres for c in xy)
+
+
+def test_motion_trail_lies_behind_the_shape_and_leaves_it_unchanged():
+    plain = synthetic_clips(8, seed=5, size=48, num_frames=6)
+    trail = synthetic_clips(8, seed=5, size=48, num_frames=6, trail=FAINT_TRAIL)
+    for a, b in zip(plain, trail):
+        assert a.centres() == b.centres()  # the same clip, only drawn with a trail
+        inside = (a.frames == COLOURS[a.colour]).all(-1)  # pixels fully inside the shape (edges blend)
+        assert inside.any() and np.array_equal(a.frames[inside], b.frames[inside])  # the shape itself is untouched
+        added = (np.abs(b.frames.astype(int) - a.frames.astype(int)).sum(-1) > 0) & (a.frames == 40).all(-1)
+        f, ys, xs = np.nonzero(added)
+        cx, cy = np.asarray(a.centres())[f].T
+        dx, dy = DIRECTIONS[a.direction]
+        behind = -((xs - cx) * dx + (ys - cy) * dy)  # distance behind the centre along the motion
+        assert added.any() and np.mean(behind > 0) > 0.9 and behind.mean() > 0.5 * a.radius, a.caption
+        # Faint: every trail pixel stays under the detector's foreground distance (60) from the background.
+        assert np.linalg.norm(b.frames[added].astype(float) - 40, axis=-1).max() < 60
 
 
 def test_pixel_latents_round_trip(clips):

@@ -94,6 +94,27 @@ def test_pretrain_reduces_the_diffusion_loss():
     assert after < 0.7 * before
 
 
+def test_diffusion_loss_timestep_floor_and_x0_weighting():
+    seen = []
+
+    def model(x, t, text):
+        seen.append(t)
+        return torch.zeros_like(x)  # predicts no noise: the per-sample loss is the noise's mean square
+
+    x0 = torch.zeros(64, 2, 3, 3)
+    plain = diffusion_loss(model, x0, None, ACP, "epsilon", torch.Generator().manual_seed(0), min_timestep=900)
+    assert int(seen[-1].min()) >= 900
+    weighted = diffusion_loss(model, x0, None, ACP, "epsilon", torch.Generator().manual_seed(0), min_timestep=900,
+                              x0_weight_cap=20.0)
+    snr = ACP[seen[-1]] / (1 - ACP[seen[-1]])
+    assert (1 / snr).min() > 20  # at t >= 900 every weight is the cap
+    assert torch.isclose(weighted, 20 * plain, rtol=1e-5)
+    with pytest.raises(ValueError, match="min_timestep"):
+        diffusion_loss(model, x0, None, ACP, "epsilon", torch.Generator(), min_timestep=len(ACP))
+    with pytest.raises(ValueError, match="epsilon"):
+        diffusion_loss(model, x0, None, ACP, "v_prediction", torch.Generator(), x0_weight_cap=5.0)
+
+
 def test_gpu_smoke_script_refuses_without_cuda():
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is present: the refusal path cannot be exercised here")

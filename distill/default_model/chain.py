@@ -72,14 +72,14 @@ def training_combinations() -> list[tuple[str, str, str]]:
     return [(c, s, d) for c in COLOURS for s in SHAPES for d in DIRECTIONS if (c, s, d) not in HELD_OUT]
 
 
-# The clips are drawn with a faint motion trail (synthetic.TRAIL): it says in every single frame which way the
-# shape goes. Without it the v3 teacher ignored the direction word entirely (the same noise gave the same clip
-# for "left" and "right", direction_gain 0.000): in single frames the word meant nothing, so the image stage
-# taught the text encoder to drop it, and in clips it matters only at noise levels plain epsilon loss ignores.
-MOTION_TRAIL = True
+# Opacity of a motion trail behind the shapes (synthetic.TRAIL; 0 = none). The v3 teacher ignores the direction
+# word entirely (the same noise gives the same clip for "left" and "right"): in single frames the word means
+# nothing, so the image stage teaches the text encoder to drop it. A trail makes it mean something in every
+# frame; the faint one (synthetic.FAINT_TRAIL) did not change that within the chain's image stage, so it is off.
+MOTION_TRAIL = 0.0
 
 
-def make_training_clips(count: int, arch: ToyArchitecture, seed: int, trail: bool = MOTION_TRAIL) -> list[ShapeClip]:
+def make_training_clips(count: int, arch: ToyArchitecture, seed: int, trail: float = MOTION_TRAIL) -> list[ShapeClip]:
     clips = synthetic_clips(count * 2, seed=seed, size=arch.resolution, num_frames=arch.num_frames, trail=trail)
     kept = [c for c in clips if (c.colour, c.shape, c.direction) not in HELD_OUT]
     return kept[:count]
@@ -208,27 +208,32 @@ OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 
 @torch.no_grad()
 def direction_gain(unet, adapter, text_encoder, tokenizer, video_latents: torch.Tensor, captions: list[str],
-                   arch: ToyArchitecture, *, clips: int = 24, timesteps: tuple[int, ...] = (850, 950),
+                   arch: ToyArchitecture, *, clips: int = 24, timesteps: tuple[int, ...] | None = None,
                    seed: int = 0) -> float:
-    """How much the caption's direction word helps the video teacher: mean over training clips and high-noise
+    """How much the caption's direction word helps the teacher: mean over training clips and high-noise
     timesteps of x_0 error with the opposite direction / with the true one, minus 1 (0 = the word is ignored).
-    Timesteps this high because below them the noisy clip itself shows which way the object goes.
 
-    A sharper read of "does the text steer the motion" than sampled clips: no sampling noise, and no detector.
+    A sharper read of "does the text steer the motion" than sampled clips: no sampling noise, no detector.
+    With a motion `adapter` the clips are read as videos at t = 850, 950 (below, the noisy clip itself
+    shows which way the object goes); without, every frame as an image at t = 500, 700 (where the object
+    shows through the noise but a motion trail, if the data has one, does not).
     """
     from diffusers import UNetMotionModel
 
     from .pretrain import alphas_cumprod
 
+    timesteps = timesteps or ((850, 950) if adapter is not None else (500, 700))
     device = next(unet.parameters()).device
-    model = UNetMotionModel.from_unet2d(unet, adapter).to(device).eval()
+    model = unet.eval() if adapter is None else UNetMotionModel.from_unet2d(unet, adapter).to(device).eval()
     acp = alphas_cumprod(arch).to(device)
     gen = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(captions), generator=gen)[:clips].tolist()
     true_ids = caption_ids(tokenizer, [captions[i] for i in pick], arch).to(device)
     flipped = [" ".join(OPPOSITE.get(w, w) for w in captions[i].split()) for i in pick]
     opposite_ids = caption_ids(tokenizer, flipped, arch).to(device)
-    x0 = video_latents[pick].to(device)
+    x0 = video_latents[pick].to(device)  # (N, C, F, h, w)
+    if adapter is None:
+        x0 = x0.permute(0, 2, 1, 3, 4).flatten(0, 1)  # every frame an image
     errors = {"true": 0.0, "opposite": 0.0}
     for t in timesteps:
         noise = torch.randn(x0.shape, generator=gen).to(device)
@@ -236,7 +241,7 @@ def direction_gain(unet, adapter, text_encoder, tokenizer, video_latents: torch.
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         for name, ids in (("true", true_ids), ("opposite", opposite_ids)):
             text = text_encoder(ids).last_hidden_state.repeat_interleave(arch.num_frames, dim=0)
-            eps = model(x_t, torch.full((len(pick),), t, device=device), encoder_hidden_states=text).sample
+            eps = model(x_t, torch.full((x_t.shape[0],), t, device=device), encoder_hidden_states=text).sample
             errors[name] += float(((x_t - (1 - a).sqrt() * eps) / a.sqrt() - x0).pow(2).mean())
     return errors["opposite"] / errors["true"] - 1.0
 
