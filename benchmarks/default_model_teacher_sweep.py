@@ -66,6 +66,8 @@ VARIANTS = {
     # the trail (direction_gain on images)?
     "image-only": dict(vae=2500, image=1500, image_batch=64, motion=0, motion_batch=2, motion_lr=1e-3,
                        spatial="cross_attention", check_image=500, check_motion=0),
+    "image-only-long": dict(vae=2500, image=4000, image_batch=64, motion=0, motion_batch=2, motion_lr=1e-3,
+                            spatial="cross_attention", check_image=500, check_motion=0),
     "tiny": dict(vae=3, image=4, image_batch=4, motion=4, motion_batch=1, motion_lr=1e-3,
                  spatial="cross_attention", check_image=2, check_motion=2),
 }
