@@ -278,11 +278,14 @@ def load_teacher(workdir: Path, with_motion: bool) -> dict:
             "video_latents": video_latents, "captions": captions}
 
 
+# steps: the ChainScale field; check, timing: where its check and wall time are recorded.
 VIDEO_STAGES = {
     # step 5: a new motion module on the image teacher, its cross-attention trained with it.
-    "motion": dict(lr=1e-3, seed_offset=2, spatial="cross_attention"),
+    "motion": dict(steps="motion_steps", lr=1e-3, seed_offset=2, spatial="cross_attention", check="video",
+                   timing="teacher_motion_s"),
     # step 5b: the whole teacher (every spatial weight + motion modules) fine-tuned on the clips.
-    "finetune": dict(lr=3e-4, seed_offset=77, spatial="all"),
+    "finetune": dict(steps="video_finetune_steps", lr=3e-4, seed_offset=77, spatial="all", check="video_finetuned",
+                     timing="teacher_video_finetune_s"),
 }
 
 
@@ -295,7 +298,7 @@ def train_video_teacher(workdir: Path, scale: ChainScale, arch: ToyArchitecture,
     """
     t0 = time.perf_counter()
     settings = dict(VIDEO_STAGES[stage])
-    steps = {"motion": scale.motion_steps, "finetune": scale.video_finetune_steps}[stage]
+    steps, check_name, timing = getattr(scale, settings.pop("steps")), settings.pop("check"), settings.pop("timing")
     parts = load_teacher(workdir, with_motion=stage != "motion")
     unet, text_encoder, tokenizer, vae = parts["unet"], parts["text_encoder"], parts["tokenizer"], parts["vae"]
     ids, empty_ids = caption_ids(tokenizer, parts["captions"], arch), caption_ids(tokenizer, [""], arch)[0]
@@ -315,9 +318,7 @@ def train_video_teacher(workdir: Path, scale: ChainScale, arch: ToyArchitecture,
     unet.save_pretrained(workdir / "teacher" / "unet")
     adapter.save_pretrained(workdir / "teacher_motion")
     checks = json.loads((workdir / "teacher_check.json").read_text())
-    name = {"motion": "video", "finetune": "video_finetuned"}[stage]
-    (workdir / "teacher_check.json").write_text(json.dumps({**checks, name: check}) + "\n")
-    timing = {"motion": "teacher_motion_s", "finetune": "teacher_video_finetune_s"}[stage]
+    (workdir / "teacher_check.json").write_text(json.dumps({**checks, check_name: check}) + "\n")
     return {timing: elapsed}
 
 
