@@ -26,6 +26,9 @@ from lcm_edge.distill.default_model.pretrain import (ToyArchitecture, build_moti
                                                      build_unet, build_vae, train_image_teacher, train_motion_teacher,
                                                      train_vae)
 
+# 5b's settings, continued from a finished chain's teacher (the continue-* variants vary it).
+CONTINUE = dict(resume=True, motion=3000, motion_batch=2, motion_lr=3e-4, spatial="all", check_motion=500)
+
 # Step counts, batch sizes and settings of each variant; check_* = steps between two checks.
 VARIANTS = {
     "image-long": dict(vae=2500, image=16000, image_batch=16, motion=0, motion_batch=2, motion_lr=1e-3,
@@ -41,27 +44,14 @@ VARIANTS = {
     # With --resume WORKDIR: the chain's finished teacher, video training continued. continue-all = 5b's
     # settings; *-te also train the text encoder (te); *-hi train on timesteps >= 300 only (min_t);
     # *-x0wN weight the loss by clamp(1/SNR, 1, N) (x0w).
-    "continue-all": dict(resume=True, motion=3000, motion_batch=2, motion_lr=3e-4, spatial="all", check_motion=500),
-    "continue-all-te": dict(resume=True, motion=3000, motion_batch=2, motion_lr=3e-4, spatial="all", te=True,
-                            check_motion=500),
-    "continue-all-te-hi": dict(resume=True, motion=3000, motion_batch=2, motion_lr=3e-4, spatial="all", te=True,
-                               min_t=300, check_motion=500),
-    "continue-all-te-lr1e3": dict(resume=True, motion=3000, motion_batch=2, motion_lr=1e-3, spatial="all", te=True,
-                                  check_motion=500),
-    "continue-xattn-te": dict(resume=True, motion=3000, motion_batch=2, motion_lr=3e-4, spatial="cross_attention",
-                              te=True, check_motion=500),
-    "continue-motion-hi": dict(resume=True, motion=3000, motion_batch=2, motion_lr=1e-3, spatial="none", min_t=300,
-                               check_motion=500),
-    "continue-all-te-x0w5": dict(resume=True, motion=3000, motion_batch=2, motion_lr=3e-4, spatial="all", te=True,
-                                 x0w=5.0, check_motion=500),
-    "continue-all-te-x0w20": dict(resume=True, motion=3000, motion_batch=2, motion_lr=3e-4, spatial="all", te=True,
-                                  x0w=20.0, check_motion=500),
-    "continue-all-te-x0w100": dict(resume=True, motion=3000, motion_batch=2, motion_lr=3e-4, spatial="all", te=True,
-                                   x0w=100.0, check_motion=500),
-    "continue-all-te-x0w1000": dict(resume=True, motion=3000, motion_batch=2, motion_lr=3e-4, spatial="all",
-                                    te=True, x0w=1000.0, check_motion=500),
-    "continue-all-x0w20": dict(resume=True, motion=3000, motion_batch=2, motion_lr=3e-4, spatial="all", x0w=20.0,
-                               check_motion=500),
+    "continue-all": CONTINUE,
+    "continue-all-te": {**CONTINUE, "te": True},
+    "continue-all-te-hi": {**CONTINUE, "te": True, "min_t": 300},
+    "continue-all-te-lr1e3": {**CONTINUE, "te": True, "motion_lr": 1e-3},
+    "continue-xattn-te": {**CONTINUE, "te": True, "spatial": "cross_attention"},
+    "continue-motion-hi": {**CONTINUE, "spatial": "none", "motion_lr": 1e-3, "min_t": 300},
+    **{f"continue-all-te-x0w{cap}": {**CONTINUE, "te": True, "x0w": float(cap)} for cap in (5, 20, 100, 1000)},
+    "continue-all-x0w20": {**CONTINUE, "x0w": 20.0},
     # Image teacher alone (batch 64 as in the chain), read every 500 steps: with --trail, does the word steer
     # the trail (direction_gain on images)?
     "image-only": dict(vae=2500, image=1500, image_batch=64, motion=0, motion_batch=2, motion_lr=1e-3,
@@ -105,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--resume", type=Path, default=None,
-                        help="a chain WORKDIR: start from its finished teacher (variant continue-all)")
+                        help="a chain WORKDIR: start from its finished teacher (the continue-* variants)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--trail", type=float, default=0.0,
                         help="draw the clips with a motion trail of this opacity (synthetic.TRAIL); with --resume "

@@ -43,7 +43,7 @@ def diffusion_loss(model, x0: torch.Tensor, text: torch.Tensor, alphas_cumprod: 
         return F.mse_loss(model(x_t, t, text).float(), target)
     if prediction_type != "epsilon":
         raise ValueError(f"x0_weight_cap applies to epsilon prediction, not {prediction_type!r}")
-    a = alphas_cumprod.to(x0.device)[t]
+    a = C.extract(alphas_cumprod, t, 1)
     weight = ((1 - a) / a).clamp(1.0, x0_weight_cap)
     per_sample = (model(x_t, t, text).float() - target).pow(2).flatten(1).mean(1)
     return (weight * per_sample).mean()

@@ -26,11 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import consistency as C
 from ..synthetic import COLOURS, DIRECTIONS, SHAPES, ShapeClip, caption_for, synthetic_clips
 from .bpe import train_bpe, write_tokenizer
 from .detector import Detection, detect
-from .pretrain import (ToyArchitecture, build_motion_adapter, build_text_encoder, build_unet, build_vae,
-                       encode_latents, sample_teacher, train_image_teacher, train_motion_teacher, train_vae)
+from .pretrain import (ToyArchitecture, alphas_cumprod, build_motion_adapter, build_text_encoder, build_unet,
+                       build_vae, encode_latents, sample_teacher, train_image_teacher, train_motion_teacher,
+                       train_vae)
 
 # Held out of training: the "harder figure" of the evaluation (combinations never seen).
 HELD_OUT = (("red", "triangle", "up"), ("green", "circle", "left"), ("blue", "square", "down"),
@@ -203,7 +205,8 @@ def sample_check_prompts(vae, unet, text_encoder, tokenizer, empty_ids, arch: To
     return combos, [detect(clip) for clip in clips]
 
 
-OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
+OPPOSITE = {name: next(other for other, o in DIRECTIONS.items() if o == (-d[0], -d[1]))
+            for name, d in DIRECTIONS.items()}
 
 
 @torch.no_grad()
@@ -220,8 +223,6 @@ def direction_gain(unet, adapter, text_encoder, tokenizer, video_latents: torch.
     """
     from diffusers import UNetMotionModel
 
-    from .pretrain import alphas_cumprod
-
     timesteps = timesteps or ((850, 950) if adapter is not None else (500, 700))
     device = next(unet.parameters()).device
     model = unet.eval() if adapter is None else UNetMotionModel.from_unet2d(unet, adapter).to(device).eval()
@@ -237,12 +238,14 @@ def direction_gain(unet, adapter, text_encoder, tokenizer, video_latents: torch.
     errors = {"true": 0.0, "opposite": 0.0}
     for t in timesteps:
         noise = torch.randn(x0.shape, generator=gen).to(device)
+        steps = torch.full((x0.shape[0],), t, device=device)
+        x_t = C.add_noise(x0, noise, steps, acp)
         a = acp[t]
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         for name, ids in (("true", true_ids), ("opposite", opposite_ids)):
             text = text_encoder(ids).last_hidden_state.repeat_interleave(arch.num_frames, dim=0)
-            eps = model(x_t, torch.full((x_t.shape[0],), t, device=device), encoder_hidden_states=text).sample
-            errors[name] += float(((x_t - (1 - a).sqrt() * eps) / a.sqrt() - x0).pow(2).mean())
+            eps = model(x_t, steps, encoder_hidden_states=text).sample
+            x0_pred = C.predicted_original_sample(eps, x_t, a.sqrt(), (1 - a).sqrt(), "epsilon")
+            errors[name] += float((x0_pred - x0).pow(2).mean())
     return errors["opposite"] / errors["true"] - 1.0
 
 
