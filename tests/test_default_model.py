@@ -72,3 +72,24 @@ def test_chain_smoke_scale_builds_a_bundle_that_generates(tmp_path):
     assert result.frames.shape == (16, 64, 64, 3)
     # Resuming a finished chain re-exports from the markers without training again.
     assert main([str(tmp_path / "work"), "--bundle", str(bundle), "--scale", "smoke", "--threads", "1"]) == 0
+
+
+def test_architecture_schedule_reaches_the_teacher_sampler_and_the_distill_configs(tmp_path):
+    """prediction_type / zero terminal SNR are set once, on ToyArchitecture, and every schedule follows it."""
+    from lcm_edge.distill.default_model.chain import SCALES, distill_configs
+    from lcm_edge.distill.default_model.pretrain import ToyArchitecture, alphas_cumprod, ddim_scheduler
+
+    plain = ToyArchitecture()
+    sampler = ddim_scheduler(plain).config  # AnimateLCM's: what the shipped v3 teacher was trained with
+    assert (sampler.prediction_type, sampler.rescale_betas_zero_snr, sampler.steps_offset) == ("epsilon", False, 1)
+    assert float(alphas_cumprod(plain)[-1]) > 1e-3
+
+    zero_snr = ToyArchitecture(prediction_type="v_prediction", rescale_betas_zero_snr=True)
+    acp = alphas_cumprod(zero_snr)
+    sampler = ddim_scheduler(zero_snr)
+    assert float(acp[-1]) < 1e-6 and sampler.config.prediction_type == "v_prediction"
+    sampler.set_timesteps(4)
+    assert int(sampler.timesteps[0]) == 999  # sampling starts from the pure noise the model was trained on
+    for config in distill_configs(tmp_path, SCALES["smoke"], zero_snr, 0):
+        assert config["schedule"]["prediction_type"] == "v_prediction"
+        assert config["schedule"]["rescale_betas_zero_snr"] is True

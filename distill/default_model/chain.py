@@ -31,8 +31,8 @@ from ..synthetic import COLOURS, DIRECTIONS, SHAPES, ShapeClip, caption_for, syn
 from .bpe import train_bpe, write_tokenizer
 from .detector import Detection, detect
 from .pretrain import (ToyArchitecture, alphas_cumprod, build_motion_adapter, build_text_encoder, build_unet,
-                       build_vae, encode_latents, sample_teacher, train_image_teacher, train_motion_teacher,
-                       train_vae)
+                       build_vae, ddim_scheduler, encode_latents, sample_teacher, train_image_teacher,
+                       train_motion_teacher, train_vae)
 
 # Held out of training: the "harder figure" of the evaluation (combinations never seen).
 HELD_OUT = (("red", "triangle", "up"), ("green", "circle", "left"), ("blue", "square", "down"),
@@ -76,8 +76,9 @@ def training_combinations() -> list[tuple[str, str, str]]:
 
 # Opacity of a motion trail behind the shapes (synthetic.TRAIL; 0 = none). The v3 teacher ignores the direction
 # word entirely (the same noise gives the same clip for "left" and "right"): in single frames the word means
-# nothing, so the image stage teaches the text encoder to drop it. A trail makes it mean something in every
-# frame; the faint one (synthetic.FAINT_TRAIL) did not change that within the chain's image stage, so it is off.
+# nothing. A trail makes it mean something in every frame, but neither the faint one (synthetic.FAINT_TRAIL)
+# nor one half as opaque as the shape was tied to the word by the chain's image stage (the trail landed on a
+# random side: benchmarks/default_model_trail_side.py), so it is off.
 MOTION_TRAIL = 0.0
 
 
@@ -132,8 +133,6 @@ def encode_clips(vae, frames: torch.Tensor) -> torch.Tensor:
 
 def pretrain_image_teacher(workdir: Path, scale: ChainScale, arch: ToyArchitecture, seed: int, log) -> dict:
     """Steps 1-4: writes workdir/teacher (diffusers folder, no motion yet), workdir/latents, clips.json."""
-    from diffusers import DDIMScheduler
-
     timings = {}
     t0 = time.perf_counter()
     clips = make_training_clips(scale.clips, arch, seed)
@@ -170,8 +169,7 @@ def pretrain_image_teacher(workdir: Path, scale: ChainScale, arch: ToyArchitectu
     unet.save_pretrained(teacher / "unet")
     vae.save_pretrained(teacher / "vae")
     text_encoder.save_pretrained(teacher / "text_encoder")
-    DDIMScheduler(beta_start=arch.beta_start, beta_end=arch.beta_end, beta_schedule="linear",
-                  clip_sample=False, set_alpha_to_one=False, steps_offset=1).save_pretrained(teacher / "scheduler")
+    ddim_scheduler(arch).save_pretrained(teacher / "scheduler")
     _write_latents(workdir / "latents", video_latents, captions)
     (workdir / "clips.json").write_text(json.dumps([c.attributes() for c in clips]) + "\n")
     return timings
@@ -217,13 +215,13 @@ def direction_gain(unet, adapter, text_encoder, tokenizer, video_latents: torch.
     timesteps of x_0 error with the opposite direction / with the true one, minus 1 (0 = the word is ignored).
 
     A sharper read of "does the text steer the motion" than sampled clips: no sampling noise, no detector.
-    With a motion `adapter` the clips are read as videos at t = 850, 950 (below, the noisy clip itself
+    With a motion `adapter` the clips are read as videos at t = 850, 950, 999 (below, the noisy clip itself
     shows which way the object goes); without, every frame as an image at t = 500, 700 (where the object
     shows through the noise but a motion trail, if the data has one, does not).
     """
     from diffusers import UNetMotionModel
 
-    timesteps = timesteps or ((850, 950) if adapter is not None else (500, 700))
+    timesteps = timesteps or ((850, 950, 999) if adapter is not None else (500, 700))
     device = next(unet.parameters()).device
     model = unet.eval() if adapter is None else UNetMotionModel.from_unet2d(unet, adapter).to(device).eval()
     acp = alphas_cumprod(arch).to(device)
@@ -243,8 +241,8 @@ def direction_gain(unet, adapter, text_encoder, tokenizer, video_latents: torch.
         a = acp[t]
         for name, ids in (("true", true_ids), ("opposite", opposite_ids)):
             text = text_encoder(ids).last_hidden_state.repeat_interleave(arch.num_frames, dim=0)
-            eps = model(x_t, steps, encoder_hidden_states=text).sample
-            x0_pred = C.predicted_original_sample(eps, x_t, a.sqrt(), (1 - a).sqrt(), "epsilon")
+            out = model(x_t, steps, encoder_hidden_states=text).sample
+            x0_pred = C.predicted_original_sample(out, x_t, a.sqrt(), (1 - a).sqrt(), arch.prediction_type)
             errors[name] += float((x0_pred - x0).pow(2).mean())
     return errors["opposite"] / errors["true"] - 1.0
 
@@ -366,7 +364,8 @@ def _write_image_latents(folder: Path, video_latents: torch.Tensor, captions: li
 def distill_configs(workdir: Path, scale: ChainScale, arch: ToyArchitecture, seed: int) -> tuple[dict, dict]:
     """Stage 1 and stage 2 configs, written to workdir as a user would write them."""
     schedule = {"beta_schedule": "linear", "beta_start": arch.beta_start, "beta_end": arch.beta_end,
-                "prediction_type": "epsilon", "num_ddim_timesteps": 50}
+                "prediction_type": arch.prediction_type, "rescale_betas_zero_snr": arch.rescale_betas_zero_snr,
+                "num_ddim_timesteps": 50}
     # The toy teacher is weaker than SD1.5: past guidance 3 its samples over-saturate (LCM: U[5, 15]).
     consistency = {"w_min": 1.5, "w_max": 3.0, "loss_type": "huber", "huber_c": 0.001}
     train = {"batch_size": scale.batch_images, "learning_rate": 1e-3, "lr_scheduler": "cosine",

@@ -46,6 +46,11 @@ class ToyArchitecture:
     motion_max_frames: int = 32
     beta_start: float = 0.00085
     beta_end: float = 0.012
+    # AnimateLCM's parameterisation. v_prediction + rescale_betas_zero_snr (Lin et al. 2024) train the
+    # teachers to start from pure noise; measured, that alone did not make the direction word used
+    # (benchmarks/results/default_model_teacher_sweep/README.md).
+    prediction_type: str = "epsilon"
+    rescale_betas_zero_snr: bool = False
 
     @property
     def vae_scale(self) -> int:
@@ -86,7 +91,19 @@ def build_motion_adapter(arch: ToyArchitecture) -> MotionAdapter:
 
 
 def alphas_cumprod(arch: ToyArchitecture, num_train_timesteps: int = 1000) -> torch.Tensor:
-    return make_alphas_cumprod("linear", arch.beta_start, arch.beta_end, num_train_timesteps)
+    return make_alphas_cumprod("linear", arch.beta_start, arch.beta_end, num_train_timesteps,
+                               arch.rescale_betas_zero_snr)
+
+
+def ddim_scheduler(arch: ToyArchitecture):
+    """The teachers' DDIM sampler (saved as teacher/scheduler). At zero terminal SNR, "trailing" spacing
+    starts sampling at t = 999, the pure noise such a model was trained to start from."""
+    from diffusers import DDIMScheduler
+
+    spacing = dict(timestep_spacing="trailing") if arch.rescale_betas_zero_snr else dict(steps_offset=1)
+    return DDIMScheduler(beta_start=arch.beta_start, beta_end=arch.beta_end, beta_schedule="linear",
+                         prediction_type=arch.prediction_type, rescale_betas_zero_snr=arch.rescale_betas_zero_snr,
+                         clip_sample=False, set_alpha_to_one=False, **spacing)
 
 
 def _lr(step: int, steps: int, base: float, warmup: int) -> float:
@@ -185,7 +202,7 @@ def train_image_teacher(unet: UNet2DConditionModel, text_encoder: CLIPTextModel,
                         input_ids: torch.Tensor, empty_ids: torch.Tensor, arch: ToyArchitecture, *, steps: int,
                         batch_size: int, lr: float, seed: int, log: Log, uncond_probability: float = 0.1,
                         on_checkpoint: Checkpoint | None = None, checkpoint_every: int = 0) -> list[float]:
-    """latents (N, C, h, w) with captions input_ids (N, L). Epsilon loss; text encoder trains jointly."""
+    """latents (N, C, h, w) with captions input_ids (N, L). arch.prediction_type's loss; text encoder trains jointly."""
     gen = torch.Generator().manual_seed(seed)
     acp = alphas_cumprod(arch)
 
@@ -194,7 +211,7 @@ def train_image_teacher(unet: UNet2DConditionModel, text_encoder: CLIPTextModel,
 
     def loss_fn(_step: int) -> torch.Tensor:
         idx, ids = _captions_with_drop(input_ids, empty_ids, batch_size, uncond_probability, gen)
-        return diffusion_loss(denoiser, latents[idx], ids, acp, "epsilon", gen)
+        return diffusion_loss(denoiser, latents[idx], ids, acp, arch.prediction_type, gen)
 
     def checkpoint(step: int) -> None:
         unet.eval()
@@ -262,7 +279,7 @@ def train_motion_teacher(unet: UNet2DConditionModel, adapter: MotionAdapter, tex
             context = text_encoder(ids).last_hidden_state
         else:
             idx, context = _captions_with_drop(contexts, empty, batch_size, uncond_probability, gen)
-        return diffusion_loss(denoiser, video_latents[idx], context, acp, "epsilon", gen, min_timestep,
+        return diffusion_loss(denoiser, video_latents[idx], context, acp, arch.prediction_type, gen, min_timestep,
                               x0_weight_cap)
 
     def write_back() -> None:
@@ -298,10 +315,7 @@ def sample_teacher(vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder:
     A check of the teachers before hours go into distilling them; without `adapter` every frame is an
     independent image (the image teacher's view).
     """
-    from diffusers import DDIMScheduler
-
-    scheduler = DDIMScheduler(beta_start=arch.beta_start, beta_end=arch.beta_end, beta_schedule="linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    scheduler = ddim_scheduler(arch)
     scheduler.set_timesteps(steps)
     frames, size = arch.num_frames, arch.resolution // arch.vae_scale
     device = next(unet.parameters()).device
@@ -315,13 +329,13 @@ def sample_teacher(vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder:
         for t in scheduler.timesteps:
             if adapter is None:  # frames as a batch of images
                 flat = x[0].permute(1, 0, 2, 3)
-                eps = torch.cat([unet(flat, t, encoder_hidden_states=c[None].expand(frames, -1, -1)).sample[None]
-                                 for c in text]).permute(0, 2, 1, 3, 4)
+                pred = torch.cat([unet(flat, t, encoder_hidden_states=c[None].expand(frames, -1, -1)).sample[None]
+                                  for c in text]).permute(0, 2, 1, 3, 4)
             else:
-                eps = model(x.expand(2, -1, -1, -1, -1), t,
-                            encoder_hidden_states=text.repeat_interleave(frames, dim=0)).sample
-            eps = eps[0:1] + guidance * (eps[1:2] - eps[0:1])
-            x = scheduler.step(eps, t, x).prev_sample
+                pred = model(x.expand(2, -1, -1, -1, -1), t,
+                             encoder_hidden_states=text.repeat_interleave(frames, dim=0)).sample
+            pred = pred[0:1] + guidance * (pred[1:2] - pred[0:1])  # linear in eps, v and x_0 alike
+            x = scheduler.step(pred, t, x).prev_sample
         latents = x[0].permute(1, 0, 2, 3) / vae.config.scaling_factor
         pixels = vae.decode(latents).sample.clamp(-1, 1)
         out.append(((pixels + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
