@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lcm_edge.distill.default_model.detector import FOREGROUND_DISTANCE, background_colour
 from lcm_edge.distill.synthetic import DIRECTIONS, caption_for
 
 PAIRS = (("red", "circle"), ("blue", "square"), ("yellow", "triangle"), ("green", "circle"), ("white", "square"),
@@ -30,9 +31,8 @@ HALO_DISTANCE = 25.0  # RGB distance from the background above which a pixel is 
 
 def trail_side(frame: np.ndarray) -> str | None:
     """The direction the shape in one uint8 (H, W, 3) frame moves, read from where its trail lies; None if unclear."""
-    border = np.concatenate([frame[0], frame[-1], frame[:, 0], frame[:, -1]])
-    distance = np.linalg.norm(frame.astype(np.float32) - np.median(border, axis=0), axis=-1)
-    threshold = max(60.0, CORE_FRACTION * float(np.percentile(distance, 99.5)))
+    distance = np.linalg.norm(frame.astype(np.float32) - background_colour(frame[None]), axis=-1)
+    threshold = max(FOREGROUND_DISTANCE, CORE_FRACTION * float(np.percentile(distance, 99.5)))
     core, halo = distance > threshold, (distance > HALO_DISTANCE) & (distance <= threshold)
     if core.sum() < 10 or halo.sum() < 10:
         return None

@@ -36,7 +36,8 @@ class Detection:
         return {"colour": self.colour == colour, "shape": self.shape == shape, "direction": self.direction == direction}
 
 
-def _background(frames: np.ndarray) -> np.ndarray:
+def background_colour(frames: np.ndarray) -> np.ndarray:
+    """The median colour of the border pixels of (F, H, W, 3) frames."""
     border = np.concatenate([frames[:, 0], frames[:, -1], frames[:, :, 0], frames[:, :, -1]], axis=1)
     return np.median(border.reshape(-1, 3), axis=0)
 
@@ -56,7 +57,7 @@ def _shape_of(mask: np.ndarray) -> str:
 def detect(frames: np.ndarray) -> Detection:
     """frames: uint8 (F, H, W, 3) RGB."""
     f, h, w, _ = frames.shape
-    background = _background(frames)
+    background = background_colour(frames)
     distance = np.linalg.norm(frames.astype(np.float32) - background, axis=-1)
     centres, areas, shapes, pixels = [], [], [], []
     for i in range(f):

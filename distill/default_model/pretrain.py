@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel, UNetMotionModel
+from diffusers import AutoencoderKL, DDIMScheduler, MotionAdapter, UNet2DConditionModel, UNetMotionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from ..consistency import make_alphas_cumprod
@@ -95,11 +95,9 @@ def alphas_cumprod(arch: ToyArchitecture, num_train_timesteps: int = 1000) -> to
                                arch.rescale_betas_zero_snr)
 
 
-def ddim_scheduler(arch: ToyArchitecture):
+def ddim_scheduler(arch: ToyArchitecture) -> DDIMScheduler:
     """The teachers' DDIM sampler (saved as teacher/scheduler). At zero terminal SNR, "trailing" spacing
     starts sampling at t = 999, the pure noise such a model was trained to start from."""
-    from diffusers import DDIMScheduler
-
     spacing = dict(timestep_spacing="trailing") if arch.rescale_betas_zero_snr else dict(steps_offset=1)
     return DDIMScheduler(beta_start=arch.beta_start, beta_end=arch.beta_end, beta_schedule="linear",
                          prediction_type=arch.prediction_type, rescale_betas_zero_snr=arch.rescale_betas_zero_snr,
