@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -66,6 +68,9 @@ def test_chain_smoke_scale_builds_a_bundle_that_generates(tmp_path):
     loaded = load_bundle(bundle)
     record = loaded.provenance["source"]["default_model"]
     assert record["seed"] == 0 and record["scale"]["stage2_steps"] == 2 and "stage2_s" in record["timings_s"]
+    # The builder's folders stay out of the shipped provenance (paths read WORKDIR/..., OUT).
+    assert str(tmp_path) not in json.dumps(loaded.provenance)
+    assert record["command"].endswith("chain WORKDIR --bundle OUT --scale smoke --threads 1")
     assert loaded.model.default_frames == 16 and loaded.model.default_height == 64
     assert loaded.scheduler_config.beta_schedule == "linear" and loaded.scheduler_config.original_inference_steps == 50
     result = AnimateLCMPipeline.from_bundle(bundle)("a red circle moving right", seed=1)

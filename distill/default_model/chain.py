@@ -412,14 +412,35 @@ def distill_student(workdir: Path, scale: ChainScale, arch: ToyArchitecture, see
     return timings
 
 
+def portable(record, places: dict[str, Path]):
+    """`record` with every path under one of `places` (name -> folder) written as NAME/relative: a shipped
+    bundle names where its parts came from without carrying the builder's folders."""
+    if isinstance(record, dict):
+        return {key: portable(value, places) for key, value in record.items()}
+    if isinstance(record, list):
+        return [portable(value, places) for value in record]
+    if isinstance(record, str):  # word by word, so a command line is rewritten too
+        return " ".join(_portable_word(word, places) for word in record.split(" "))
+    return record
+
+
+def _portable_word(word: str, places: dict[str, Path]) -> str:
+    for name, folder in places.items():
+        for form in (str(folder.resolve()), str(folder)):
+            if word == form or word.startswith(form.rstrip("/") + "/"):
+                return name + word[len(form.rstrip("/")):]
+    return word
+
+
 def export_student(workdir: Path, bundle: Path, provenance: dict) -> dict:
     """Step 8: the stage-2 model folder through the project's exporter (ONNX only: a few MB)."""
     from lcm_edge.export import export_bundle, load_diffusers_folder
 
     t0 = time.perf_counter()
     components = load_diffusers_folder(workdir / "stage2" / "model")
+    record = portable({**components.source, **provenance}, {"WORKDIR": workdir, "OUT": bundle})
     report = export_bundle(bundle, **components.export_kwargs(), default_frames=16, default_fps=8,
-                           provenance={**components.source, **provenance}, overwrite=True)
+                           provenance=record, overwrite=True)
     return {"export_s": time.perf_counter() - t0, "parity": report.summary()}
 
 
