@@ -63,9 +63,18 @@ def caption_for(colour: str, shape: str, direction: str) -> str:
 
 
 def draw_shape(image: np.ndarray, shape: str, centre: tuple[float, float], radius: float,
-               colour: tuple[int, int, int]) -> None:
-    """Draw in place, anti-aliased by 4x supersampling of the coverage mask."""
+               colour: tuple[int, int, int], direction: str | None = None, back_opacity: float = 1.0) -> None:
+    """Draw in place, anti-aliased by 4x supersampling of the coverage mask.
+
+    back_opacity < 1 draws the half of the shape behind its motion (`direction`) that much fainter: the
+    shape's front says, in one frame, which way it goes (see make_clip).
+    """
     coverage = shape_coverage(shape, centre, radius, image.shape[0], image.shape[1])
+    if back_opacity < 1.0:
+        dx, dy = DIRECTIONS[direction]
+        ys, xs = np.mgrid[0:image.shape[0], 0:image.shape[1]] + 0.5
+        front = (xs - centre[0]) * dx + (ys - centre[1]) * dy >= 0
+        coverage = coverage * np.where(front, 1.0, back_opacity)[..., None]
     image[:] = (image * (1 - coverage) + np.asarray(colour, np.float32) * coverage).round().astype(np.uint8)
 
 
@@ -111,12 +120,14 @@ def shape_coverage(shape: str, centre: tuple[float, float], radius: float, h: in
 
 
 def make_clip(colour: str, shape: str, direction: str, *, size: int, num_frames: int,
-              rng: np.random.Generator, trail: float = 0.0) -> ShapeClip:
+              rng: np.random.Generator, trail: float = 0.0, back_opacity: float = 1.0) -> ShapeClip:
     """One clip: the shape enters nowhere and leaves nowhere; it stays inside the frame throughout.
 
     trail > 0 draws a motion trail behind the shape (TRAIL; `trail` = its nearest copy's opacity, e.g.
-    FAINT_TRAIL), which may leave the frame.
+    FAINT_TRAIL), which may leave the frame. back_opacity < 1 shades the shape's back half (draw_shape).
     """
+    if not 0.0 < back_opacity <= 1.0:
+        raise InvalidArgumentError("back_opacity", f"{back_opacity} is outside (0, 1]", "use 1 for plain shapes")
     radius = size * rng.uniform(0.14, 0.2)
     speed = size * rng.uniform(0.3, 0.45) / max(num_frames - 1, 1)  # covers ~40% of the frame
     travel = speed * (num_frames - 1)
@@ -139,19 +150,20 @@ def make_clip(colour: str, shape: str, direction: str, *, size: int, num_frames:
         frame[:] = BACKGROUND
         if trail > 0:
             draw_trail(frame, shape, centre, radius, COLOURS[colour], direction, trail)
-        draw_shape(frame, shape, centre, radius, COLOURS[colour])
+        draw_shape(frame, shape, centre, radius, COLOURS[colour], direction, back_opacity)
         clip.frames[i] = frame
     return clip
 
 
 def synthetic_clips(count: int, *, seed: int = 0, size: int = 32, num_frames: int = 8,
-                    trail: float = 0.0) -> list[ShapeClip]:
-    """`count` clips cycling through every (colour, shape, direction) in a seeded order (trail: see make_clip)."""
+                    trail: float = 0.0, back_opacity: float = 1.0) -> list[ShapeClip]:
+    """`count` clips cycling through every (colour, shape, direction) in a seeded order (trail, back_opacity:
+    see make_clip)."""
     combos = [(c, s, d) for c in COLOURS for s in SHAPES for d in DIRECTIONS]
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(combos))
-    return [make_clip(*combos[order[i % len(combos)]], size=size, num_frames=num_frames, rng=rng, trail=trail)
-            for i in range(count)]
+    return [make_clip(*combos[order[i % len(combos)]], size=size, num_frames=num_frames, rng=rng, trail=trail,
+                      back_opacity=back_opacity) for i in range(count)]
 
 
 def write_video_dataset(folder: str | Path, clips: list[ShapeClip], *, fps: int = 8) -> Path:

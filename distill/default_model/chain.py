@@ -80,10 +80,15 @@ def training_combinations() -> list[tuple[str, str, str]]:
 # nor one half as opaque as the shape was tied to the word by the chain's image stage (the trail landed on a
 # random side: benchmarks/default_model_trail_side.py), so it is off.
 MOTION_TRAIL = 0.0
+# Opacity of the back half of every shape (synthetic.make_clip; 1 = plain): the shape's bright front, inside
+# the shape like its outline, is the in-frame cue for the direction word.
+BACK_OPACITY = 0.45
 
 
-def make_training_clips(count: int, arch: ToyArchitecture, seed: int, trail: float = MOTION_TRAIL) -> list[ShapeClip]:
-    clips = synthetic_clips(count * 2, seed=seed, size=arch.resolution, num_frames=arch.num_frames, trail=trail)
+def make_training_clips(count: int, arch: ToyArchitecture, seed: int, trail: float = MOTION_TRAIL,
+                        back_opacity: float = BACK_OPACITY) -> list[ShapeClip]:
+    clips = synthetic_clips(count * 2, seed=seed, size=arch.resolution, num_frames=arch.num_frames, trail=trail,
+                            back_opacity=back_opacity)
     kept = [c for c in clips if (c.colour, c.shape, c.direction) not in HELD_OUT]
     return kept[:count]
 
@@ -179,7 +184,7 @@ def pretrain_image_teacher(workdir: Path, scale: ChainScale, arch: ToyArchitectu
 def check_vae(vae, arch: ToyArchitecture, seed: int, log, count: int = 20) -> dict:
     """Detector-read rate of VAE reconstructions of clips never trained on, and their mean abs error (0-255)."""
     clips = synthetic_clips(count, seed=seed + 97, size=arch.resolution, num_frames=arch.num_frames,
-                            trail=MOTION_TRAIL)
+                            trail=MOTION_TRAIL, back_opacity=BACK_OPACITY)
     hits, errors = [], []
     for clip in clips:
         x = clip_frames([clip])[0]
