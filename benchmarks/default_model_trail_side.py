@@ -1,4 +1,4 @@
-"""Does an image teacher trained on trail clips draw the trail on the side the direction word says?
+"""Does an image teacher draw the direction cue (a trail, or a shaded back half) on the side the word says?
 
     python benchmarks/default_model_trail_side.py TEACHER_FOLDER [--combos 6] [--steps 25] [--threads N]
 
@@ -6,9 +6,10 @@ TEACHER_FOLDER is a chain's workdir/teacher right after step 4 (unet, vae, text_
 rewrites its unet). For each colour-shape pair, the same noise is sampled (DDIM, guidance 5) with each of
 the four direction words; every frame is an independent image. Each image's trail side is read from its
 pixels: the centroid of the shape's core (at least 0.7 of the frame's contrast) minus the centroid of the
-fainter halo around it points the way the shape moves (synthetic.TRAIL is drawn behind it). Prints the rate
-at which that side matches the word (chance 0.25) and how far apart the four words' images are (0-255).
-On clips drawn with a 0.5 trail the reading is right for every frame; on plain clips it reads ~0.17.
+fainter halo around it points the way the shape moves (synthetic.TRAIL is drawn behind it, a back_opacity < 1
+shades its back half). Prints the rate at which that side matches the word (chance 0.25) and how far apart
+the four words' images are (0-255). On clips drawn with a 0.5 trail or back_opacity 0.45 the reading is right
+for every frame; on plain clips it reads ~0.16.
 """
 
 from __future__ import annotations

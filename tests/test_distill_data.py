@@ -12,6 +12,7 @@ from lcm_edge.distill.config import DataConfig, config_from_dict, load_config
 from lcm_edge.distill.data import (LatentDataset, MediaDataset, StepSampler, precompute_latents, read_records,
                                    read_video_frames, resize_and_crop)
 from lcm_edge.distill.errors import ConfigError, DatasetError
+from lcm_edge.errors import InvalidArgumentError
 from lcm_edge.distill.synthetic import (COLOURS, DIRECTIONS, FAINT_TRAIL, latents_to_rgb, pixel_latents,
                                         synthetic_clips, write_image_dataset, write_pixel_latents,
                                         write_video_dataset)
@@ -59,6 +60,23 @@ def test_motion_trail_lies_behind_the_shape_and_leaves_it_unchanged():
         assert added.any() and np.mean(behind > 0) > 0.9 and behind.mean() > 0.5 * a.radius, a.caption
         # Faint: every trail pixel stays under the detector's foreground distance (60) from the background.
         assert np.linalg.norm(b.frames[added].astype(float) - 40, axis=-1).max() < 60
+
+
+def test_shaded_back_lies_behind_the_centre_and_the_front_stays_plain():
+    plain = synthetic_clips(8, seed=5, size=48, num_frames=6)
+    shaded = synthetic_clips(8, seed=5, size=48, num_frames=6, back_opacity=0.45)
+    for a, b in zip(plain, shaded):
+        assert a.centres() == b.centres()
+        changed = (a.frames != b.frames).any(-1)
+        f, ys, xs = np.nonzero(changed)
+        cx, cy = np.asarray(a.centres())[f].T
+        dx, dy = DIRECTIONS[a.direction]
+        assert changed.any() and (((xs + 0.5 - cx) * dx + (ys + 0.5 - cy) * dy) < 0).all(), a.caption
+        # Shaded pixels sit between the background and the plain shape's colour.
+        contrast = lambda frames: np.abs(frames[changed].astype(float) - 40).sum(-1)  # noqa: E731
+        assert (contrast(b.frames) < contrast(a.frames)).all()
+    with pytest.raises(InvalidArgumentError, match="back_opacity"):
+        synthetic_clips(1, seed=0, back_opacity=0.0)
 
 
 def test_pixel_latents_round_trip(clips):
