@@ -80,9 +80,12 @@ def training_combinations() -> list[tuple[str, str, str]]:
 # nor one half as opaque as the shape was tied to the word by the chain's image stage (the trail landed on a
 # random side: benchmarks/default_model_trail_side.py), so it is off.
 MOTION_TRAIL = 0.0
-# Opacity of the back half of every shape (synthetic.make_clip; 1 = plain): the shape's bright front, inside
-# the shape like its outline, is the in-frame cue for the direction word.
-BACK_OPACITY = 0.45
+# Opacity of the back half of every shape (synthetic.make_clip; 1 = plain). A bright front inside the shape, like
+# its outline, would tell the direction in every frame; at 0.45 the chain's image stage drew it on the word's
+# side for 0.30 of images (chance 0.25) and the motion module's clips followed the word for 1 of 10 prompts
+# (benchmarks/results/default_model_teacher_sweep/README.md), so it is off. The detector's colour reading
+# (the object's median) also misreads 2 of 60 such clips.
+BACK_OPACITY = 1.0
 
 
 def make_training_clips(count: int, arch: ToyArchitecture, seed: int, trail: float = MOTION_TRAIL,

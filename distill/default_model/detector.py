@@ -72,12 +72,10 @@ def detect(frames: np.ndarray) -> Detection:
         centres.append((i, *centroids[best]))
         areas.append(float(component.sum()))
         shapes.append(_shape_of(component))
-        strong = component & (distance[i] >= np.percentile(distance[i][component], 75))
-        pixels.append(frames[i][strong])
+        pixels.append(frames[i][component])
     if len(centres) < 2:
         return Detection(None, None, None, len(centres) / f, 0.0, 0.0, 0.0)
 
-    # The object's own colour: its most contrasting quarter (edges are blended, a shaded back is fainter).
     rgb = np.median(np.concatenate(pixels), axis=0)
     colour = min(COLOURS, key=lambda name: float(np.linalg.norm(rgb - np.asarray(COLOURS[name]))))
     shape = max(SHAPES, key=shapes.count)
