@@ -37,7 +37,9 @@ class ToyArchitecture:
     vae_channels: tuple[int, ...] = (16, 32, 32)
     unet_channels: tuple[int, ...] = (32, 64)
     unet_groups: int = 8
-    attention_head_dim: int = 8
+    # diffusers' UNet2DConditionModel reads attention_head_dim as the number of heads (its documented naming
+    # quirk): 8 heads, so 4 channels per head at 32 channels and 8 at 64. A tuple gives one value per level.
+    attention_head_dim: int | tuple[int, ...] = 8
     text_hidden: int = 64
     text_layers: int = 2
     text_heads: int = 4
