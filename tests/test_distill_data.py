@@ -12,10 +12,10 @@ from lcm_edge.distill.config import DataConfig, config_from_dict, load_config
 from lcm_edge.distill.data import (LatentDataset, MediaDataset, StepSampler, precompute_latents, read_records,
                                    read_video_frames, resize_and_crop)
 from lcm_edge.distill.errors import ConfigError, DatasetError
-from lcm_edge.errors import InvalidArgumentError
 from lcm_edge.distill.synthetic import (COLOURS, DIRECTIONS, FAINT_TRAIL, latents_to_rgb, pixel_latents,
                                         synthetic_clips, write_image_dataset, write_pixel_latents,
                                         write_video_dataset)
+from lcm_edge.errors import InvalidArgumentError
 
 
 @pytest.fixture(scope="module")

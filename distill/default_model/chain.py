@@ -84,7 +84,7 @@ MOTION_TRAIL = 0.0
 # its outline, would tell the direction in every frame; at 0.45 the chain's image stage drew it on the word's
 # side for 0.30 of images (chance 0.25) and the motion module's clips followed the word for 1 of 10 prompts
 # (benchmarks/results/default_model_teacher_sweep/README.md), so it is off. The detector's colour reading
-# (the object's median) also misreads 2 of 60 such clips.
+# (the object's median) also misreads such clips: every yellow and white one reads green.
 BACK_OPACITY = 1.0
 
 
@@ -434,9 +434,9 @@ def portable(record, places: dict[str, Path]):
 
 def _portable_word(word: str, places: dict[str, Path]) -> str:
     for name, folder in places.items():
-        for form in (str(folder.resolve()), str(folder)):
-            if word == form or word.startswith(form.rstrip("/") + "/"):
-                return name + word[len(form.rstrip("/")):]
+        for prefix in (str(folder.resolve()), str(folder).rstrip("/")):
+            if word == prefix or word.startswith(prefix + "/"):
+                return name + word[len(prefix):]
     return word
 
 
