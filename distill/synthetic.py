@@ -62,14 +62,28 @@ def caption_for(colour: str, shape: str, direction: str) -> str:
     return f"a {colour} {shape} moving {direction}"
 
 
+# An eye sits this fraction of the radius from the shape's incentre towards its front, and may be up to
+# MAX_EYE of the radius across: the triangle's incircle (radius 0.61, centre 0.19 below the frame centre,
+# see INCENTRE_DROP) holds it whichever way it looks (at 0.3 it touches the base when it looks down).
+EYE_OFFSET = 0.3
+MAX_EYE = 0.25
+INCENTRE_DROP = {"circle": 0.0, "square": 0.0, "triangle": 0.19}
+
+
 def draw_shape(image: np.ndarray, shape: str, centre: tuple[float, float], radius: float,
-               colour: tuple[int, int, int], direction: str | None = None, back_opacity: float = 1.0) -> None:
+               colour: tuple[int, int, int], direction: str | None = None, back_opacity: float = 1.0,
+               eye: float = 0.0) -> None:
     """Draw in place, anti-aliased by 4x supersampling of the coverage mask.
 
-    back_opacity < 1 draws the half of the shape behind its motion (`direction`) that much fainter: the
-    shape's front says, in one frame, which way it goes (see make_clip).
+    back_opacity < 1 draws the half of the shape behind its motion (`direction`) that much fainter; eye > 0
+    leaves a background-coloured dot of `eye` x radius near its front. Either says, in one frame, which way
+    the shape goes (see make_clip).
     """
     coverage = shape_coverage(shape, centre, radius, image.shape[0], image.shape[1])
+    if eye > 0:
+        dx, dy = DIRECTIONS[direction]
+        spot = (centre[0] + dx * EYE_OFFSET * radius, centre[1] + (INCENTRE_DROP[shape] + dy * EYE_OFFSET) * radius)
+        coverage = coverage * (1.0 - shape_coverage("circle", spot, eye * radius, image.shape[0], image.shape[1]))
     if back_opacity < 1.0:
         dx, dy = DIRECTIONS[direction]
         ys, xs = np.mgrid[0:image.shape[0], 0:image.shape[1]] + 0.5
@@ -120,14 +134,17 @@ def shape_coverage(shape: str, centre: tuple[float, float], radius: float, h: in
 
 
 def make_clip(colour: str, shape: str, direction: str, *, size: int, num_frames: int,
-              rng: np.random.Generator, trail: float = 0.0, back_opacity: float = 1.0) -> ShapeClip:
+              rng: np.random.Generator, trail: float = 0.0, back_opacity: float = 1.0, eye: float = 0.0) -> ShapeClip:
     """One clip: the shape enters nowhere and leaves nowhere; it stays inside the frame throughout.
 
     trail > 0 draws a motion trail behind the shape (TRAIL; `trail` = its nearest copy's opacity, e.g.
-    FAINT_TRAIL), which may leave the frame. back_opacity < 1 shades the shape's back half (draw_shape).
+    FAINT_TRAIL), which may leave the frame. back_opacity < 1 shades the shape's back half, eye > 0 gives it
+    an eye at its front (draw_shape).
     """
     if not 0.0 < back_opacity <= 1.0:
         raise InvalidArgumentError("back_opacity", f"{back_opacity} is outside (0, 1]", "use 1 for plain shapes")
+    if not 0.0 <= eye <= MAX_EYE:
+        raise InvalidArgumentError("eye", f"{eye} is outside [0, {MAX_EYE}]", "use 0 for no eye, or up to MAX_EYE for one")
     radius = size * rng.uniform(0.14, 0.2)
     speed = size * rng.uniform(0.3, 0.45) / max(num_frames - 1, 1)  # covers ~40% of the frame
     travel = speed * (num_frames - 1)
@@ -150,20 +167,20 @@ def make_clip(colour: str, shape: str, direction: str, *, size: int, num_frames:
         frame[:] = BACKGROUND
         if trail > 0:
             draw_trail(frame, shape, centre, radius, COLOURS[colour], direction, trail)
-        draw_shape(frame, shape, centre, radius, COLOURS[colour], direction, back_opacity)
+        draw_shape(frame, shape, centre, radius, COLOURS[colour], direction, back_opacity, eye)
         clip.frames[i] = frame
     return clip
 
 
 def synthetic_clips(count: int, *, seed: int = 0, size: int = 32, num_frames: int = 8,
-                    trail: float = 0.0, back_opacity: float = 1.0) -> list[ShapeClip]:
-    """`count` clips cycling through every (colour, shape, direction) in a seeded order (trail, back_opacity:
-    see make_clip)."""
+                    trail: float = 0.0, back_opacity: float = 1.0, eye: float = 0.0) -> list[ShapeClip]:
+    """`count` clips cycling through every (colour, shape, direction) in a seeded order (trail, back_opacity,
+    eye: see make_clip)."""
     combos = [(c, s, d) for c in COLOURS for s in SHAPES for d in DIRECTIONS]
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(combos))
     return [make_clip(*combos[order[i % len(combos)]], size=size, num_frames=num_frames, rng=rng, trail=trail,
-                      back_opacity=back_opacity) for i in range(count)]
+                      back_opacity=back_opacity, eye=eye) for i in range(count)]
 
 
 def write_video_dataset(folder: str | Path, clips: list[ShapeClip], *, fps: int = 8) -> Path:
