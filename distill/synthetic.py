@@ -144,7 +144,8 @@ def make_clip(colour: str, shape: str, direction: str, *, size: int, num_frames:
     if not 0.0 < back_opacity <= 1.0:
         raise InvalidArgumentError("back_opacity", f"{back_opacity} is outside (0, 1]", "use 1 for plain shapes")
     if not 0.0 <= eye <= MAX_EYE:
-        raise InvalidArgumentError("eye", f"{eye} is outside [0, {MAX_EYE}]", "use 0 for no eye, or up to MAX_EYE for one")
+        raise InvalidArgumentError("eye", f"{eye} is outside [0, {MAX_EYE}]",
+                                   "use 0 for no eye, or at most MAX_EYE (larger ones break the triangle's outline)")
     radius = size * rng.uniform(0.14, 0.2)
     speed = size * rng.uniform(0.3, 0.45) / max(num_frames - 1, 1)  # covers ~40% of the frame
     travel = speed * (num_frames - 1)

@@ -12,7 +12,7 @@ from lcm_edge.distill.config import DataConfig, config_from_dict, load_config
 from lcm_edge.distill.data import (LatentDataset, MediaDataset, StepSampler, precompute_latents, read_records,
                                    read_video_frames, resize_and_crop)
 from lcm_edge.distill.errors import ConfigError, DatasetError
-from lcm_edge.distill.synthetic import (COLOURS, DIRECTIONS, FAINT_TRAIL, latents_to_rgb, pixel_latents,
+from lcm_edge.distill.synthetic import (COLOURS, DIRECTIONS, FAINT_TRAIL, INCENTRE_DROP, latents_to_rgb, pixel_latents,
                                         synthetic_clips, write_image_dataset, write_pixel_latents,
                                         write_video_dataset)
 from lcm_edge.errors import InvalidArgumentError
@@ -77,6 +77,28 @@ def test_shaded_back_lies_behind_the_centre_and_the_front_stays_plain():
         assert (contrast(b.frames) < contrast(a.frames)).all()
     with pytest.raises(InvalidArgumentError, match="back_opacity"):
         synthetic_clips(1, seed=0, back_opacity=0.0)
+
+
+def test_eye_is_a_hole_in_front_of_the_centre_that_the_detector_reads_through():
+    from lcm_edge.distill.default_model.detector import detect
+
+    plain = synthetic_clips(24, seed=6, size=64, num_frames=6)
+    eyed = synthetic_clips(24, seed=6, size=64, num_frames=6, eye=0.25)
+    for a, b in zip(plain, eyed):
+        assert a.centres() == b.centres()
+        changed = (a.frames != b.frames).any(-1)
+        f, ys, xs = np.nonzero(changed)
+        cx, cy = np.asarray(a.centres())[f].T
+        cy = cy + INCENTRE_DROP[a.shape] * a.radius
+        dx, dy = DIRECTIONS[a.direction]
+        ahead = (xs + 0.5 - cx) * dx + (ys + 0.5 - cy) * dy
+        # Every frame has an eye, wholly inside the shape (only dimmed pixels), ahead of the shape's incentre.
+        assert sorted(set(f)) == list(range(6)) and ahead.mean() > 0.2 * a.radius, a.caption
+        contrast = lambda frames: np.abs(frames[changed].astype(float) - 40).sum(-1)  # noqa: E731
+        assert (contrast(b.frames) < contrast(a.frames)).all(), a.caption
+        assert all(detect(b.frames).matches(b.colour, b.shape, b.direction).values()), b.caption
+    with pytest.raises(InvalidArgumentError, match="eye"):
+        synthetic_clips(1, seed=0, eye=0.5)
 
 
 def test_pixel_latents_round_trip(clips):
