@@ -133,21 +133,33 @@ def shape_coverage(shape: str, centre: tuple[float, float], radius: float, h: in
     return inside.reshape(h, ss, w, ss).mean(axis=(1, 3))[..., None]
 
 
+# A shape's radius, as a fraction of the frame side (drawn uniformly in this range).
+RADIUS = (0.14, 0.2)
+# How far a shape travels, first to last frame, as a fraction of the frame side (drawn uniformly in this range).
+DEFAULT_TRAVEL = (0.3, 0.45)
+
+
 def make_clip(colour: str, shape: str, direction: str, *, size: int, num_frames: int,
-              rng: np.random.Generator, trail: float = 0.0, back_opacity: float = 1.0, eye: float = 0.0) -> ShapeClip:
+              rng: np.random.Generator, trail: float = 0.0, back_opacity: float = 1.0, eye: float = 0.0,
+              travel: tuple[float, float] = DEFAULT_TRAVEL) -> ShapeClip:
     """One clip: the shape enters nowhere and leaves nowhere; it stays inside the frame throughout.
 
     trail > 0 draws a motion trail behind the shape (TRAIL; `trail` = its nearest copy's opacity, e.g.
     FAINT_TRAIL), which may leave the frame. back_opacity < 1 shades the shape's back half, eye > 0 gives it
-    an eye at its front (draw_shape).
+    an eye at its front (draw_shape). `travel`: the range of the path's length, first to last frame, as a
+    fraction of the frame side (drawn uniformly).
     """
     if not 0.0 < back_opacity <= 1.0:
         raise InvalidArgumentError("back_opacity", f"{back_opacity} is outside (0, 1]", "use 1 for plain shapes")
     if not 0.0 <= eye <= MAX_EYE:
         raise InvalidArgumentError("eye", f"{eye} is outside [0, {MAX_EYE}]",
                                    "use 0 for no eye, or at most MAX_EYE (larger ones break the triangle's outline)")
-    radius = size * rng.uniform(0.14, 0.2)
-    speed = size * rng.uniform(0.3, 0.45) / max(num_frames - 1, 1)  # covers ~40% of the frame
+    low, high = travel
+    if not 0.0 < low <= high <= 1.0 - 2 * RADIUS[1] - 2 / size:  # the path and the largest shape fit the frame
+        raise InvalidArgumentError("travel", f"{travel} is not a range inside (0, 0.6)",
+                                   "give (low, high) with 0 < low <= high, short enough to keep the shape in frame")
+    radius = size * rng.uniform(*RADIUS)
+    speed = size * rng.uniform(low, high) / max(num_frames - 1, 1)
     travel = speed * (num_frames - 1)
     dx, dy = DIRECTIONS[direction]
     margin = radius + 1
@@ -174,14 +186,15 @@ def make_clip(colour: str, shape: str, direction: str, *, size: int, num_frames:
 
 
 def synthetic_clips(count: int, *, seed: int = 0, size: int = 32, num_frames: int = 8,
-                    trail: float = 0.0, back_opacity: float = 1.0, eye: float = 0.0) -> list[ShapeClip]:
+                    trail: float = 0.0, back_opacity: float = 1.0, eye: float = 0.0,
+                    travel: tuple[float, float] = DEFAULT_TRAVEL) -> list[ShapeClip]:
     """`count` clips cycling through every (colour, shape, direction) in a seeded order (trail, back_opacity,
-    eye: see make_clip)."""
+    eye, travel: see make_clip)."""
     combos = [(c, s, d) for c in COLOURS for s in SHAPES for d in DIRECTIONS]
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(combos))
     return [make_clip(*combos[order[i % len(combos)]], size=size, num_frames=num_frames, rng=rng, trail=trail,
-                      back_opacity=back_opacity, eye=eye) for i in range(count)]
+                      back_opacity=back_opacity, eye=eye, travel=travel) for i in range(count)]
 
 
 def write_video_dataset(folder: str | Path, clips: list[ShapeClip], *, fps: int = 8) -> Path:

@@ -92,12 +92,18 @@ BACK_OPACITY = 1.0
 # (chance 0.25; the four words' same-noise images 0.7/255 apart; benchmarks/results/default_model_teacher_sweep/
 # README.md), so it is off.
 EYE = 0.0
+# Path length, first to last frame, as a fraction of the frame side. With long paths (synthetic.DEFAULT_TRAVEL,
+# 0.3-0.45, more than a shape's width) the noisy clip shows the path as soon as it shows the shape, so the
+# word is never needed and never used. A path shorter than the shape is a detail of the clip, like a corner:
+# at middle noise the shape's place shows but not which way it drifts, and only the word can say.
+TRAVEL = (0.12, 0.2)
 
 
 def make_training_clips(count: int, arch: ToyArchitecture, seed: int, trail: float = MOTION_TRAIL,
-                        back_opacity: float = BACK_OPACITY, eye: float = EYE) -> list[ShapeClip]:
+                        back_opacity: float = BACK_OPACITY, eye: float = EYE,
+                        travel: tuple[float, float] = TRAVEL) -> list[ShapeClip]:
     clips = synthetic_clips(count * 2, seed=seed, size=arch.resolution, num_frames=arch.num_frames, trail=trail,
-                            back_opacity=back_opacity, eye=eye)
+                            back_opacity=back_opacity, eye=eye, travel=travel)
     kept = [c for c in clips if (c.colour, c.shape, c.direction) not in HELD_OUT]
     return kept[:count]
 
@@ -193,7 +199,7 @@ def pretrain_image_teacher(workdir: Path, scale: ChainScale, arch: ToyArchitectu
 def check_vae(vae, arch: ToyArchitecture, seed: int, log, count: int = 20) -> dict:
     """Detector-read rate of VAE reconstructions of clips never trained on, and their mean abs error (0-255)."""
     clips = synthetic_clips(count, seed=seed + 97, size=arch.resolution, num_frames=arch.num_frames,
-                            trail=MOTION_TRAIL, back_opacity=BACK_OPACITY, eye=EYE)
+                            trail=MOTION_TRAIL, back_opacity=BACK_OPACITY, eye=EYE, travel=TRAVEL)
     hits, errors = [], []
     for clip in clips:
         x = clip_frames([clip])[0]
