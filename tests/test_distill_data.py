@@ -101,6 +101,18 @@ def test_eye_is_a_hole_in_front_of_the_centre_that_the_detector_reads_through():
         synthetic_clips(1, seed=0, eye=0.5)
 
 
+def test_travel_sets_the_path_length_and_keeps_the_shape_in_frame():
+    for travel in ((0.12, 0.2), (0.3, 0.45)):
+        for clip in synthetic_clips(24, seed=8, size=64, num_frames=16, travel=travel):
+            centres = np.asarray(clip.centres())
+            length = np.abs(centres[-1] - centres[0]).max() / 64
+            assert travel[0] <= length <= travel[1], (travel, length)
+            assert (centres - clip.radius >= 0).all() and (centres + clip.radius <= 64).all(), clip.caption
+    for bad in ((0.0, 0.1), (0.3, 0.2), (0.5, 0.7)):
+        with pytest.raises(InvalidArgumentError, match="travel"):
+            synthetic_clips(1, seed=0, size=64, travel=bad)
+
+
 def test_pixel_latents_round_trip(clips):
     lat = pixel_latents(clips[0].frames, 12)
     assert lat.shape == (4, 9, 12, 12) and lat.dtype == np.float32 and -1 <= lat.min() and lat.max() <= 1

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .. import consistency as C
-from ..synthetic import COLOURS, DIRECTIONS, SHAPES, ShapeClip, caption_for, synthetic_clips
+from ..synthetic import COLOURS, DEFAULT_TRAVEL, DIRECTIONS, SHAPES, ShapeClip, caption_for, synthetic_clips
 from .bpe import train_bpe, write_tokenizer
 from .detector import Detection, detect
 from .pretrain import (ToyArchitecture, alphas_cumprod, build_motion_adapter, build_text_encoder, build_unet,
@@ -92,11 +92,12 @@ BACK_OPACITY = 1.0
 # (chance 0.25; the four words' same-noise images 0.7/255 apart; benchmarks/results/default_model_teacher_sweep/
 # README.md), so it is off.
 EYE = 0.0
-# Path length, first to last frame, as a fraction of the frame side. With long paths (synthetic.DEFAULT_TRAVEL,
-# 0.3-0.45, more than a shape's width) the noisy clip shows the path as soon as it shows the shape, so the
-# word is never needed and never used. A path shorter than the shape is a detail of the clip, like a corner:
-# at middle noise the shape's place shows but not which way it drifts, and only the word can say.
-TRAVEL = (0.12, 0.2)
+# Path length, first to last frame, as a fraction of the frame side. A path longer than the shape shows in the
+# noisy clip as soon as the shape does, so no noise level needs the word; a shorter one (0.12-0.2) would be a
+# detail only the word can settle at middle noise, like a corner. Through the chain the word stayed unused with
+# it too (direction_gain <= 0.0005 at t = 200-950 after steps 5 and 5b; benchmarks/results/
+# default_model_teacher_sweep/README.md), so the paths stay long.
+TRAVEL = DEFAULT_TRAVEL
 
 
 def make_training_clips(count: int, arch: ToyArchitecture, seed: int, trail: float = MOTION_TRAIL,
