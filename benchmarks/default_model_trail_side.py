@@ -32,6 +32,17 @@ CORE_FRACTION = 0.7  # of the frame's 99.5th-percentile distance from the backgr
 HALO_DISTANCE = 25.0  # RGB distance from the background above which a pixel is trail or edge, not background
 
 
+def _pointing(towards: np.ndarray, source: np.ndarray) -> str | None:
+    """The direction from the centroid of mask `source` to that of mask `towards`; None under a pixel."""
+    ys, xs = np.nonzero(towards)
+    ys0, xs0 = np.nonzero(source)
+    vx, vy = xs.mean() - xs0.mean(), ys.mean() - ys0.mean()
+    if max(abs(vx), abs(vy)) < 1.0:
+        return None
+    step = (int(np.sign(vx)), 0) if abs(vx) >= abs(vy) else (0, int(np.sign(vy)))
+    return next(name for name, d in DIRECTIONS.items() if d == step)
+
+
 def trail_side(frame: np.ndarray) -> str | None:
     """The direction the shape in one uint8 (H, W, 3) frame moves, read from where its trail lies; None if unclear."""
     distance = np.linalg.norm(frame.astype(np.float32) - background_colour(frame[None]), axis=-1)
@@ -39,12 +50,7 @@ def trail_side(frame: np.ndarray) -> str | None:
     core, halo = distance > threshold, (distance > HALO_DISTANCE) & (distance <= threshold)
     if core.sum() < 10 or halo.sum() < 10:
         return None
-    ys, xs = np.mgrid[:frame.shape[0], :frame.shape[1]]
-    vx, vy = xs[core].mean() - xs[halo].mean(), ys[core].mean() - ys[halo].mean()
-    if max(abs(vx), abs(vy)) < 1.0:
-        return None
-    step = (int(np.sign(vx)), 0) if abs(vx) >= abs(vy) else (0, int(np.sign(vy)))
-    return next(name for name, d in DIRECTIONS.items() if d == step)
+    return _pointing(core, halo)
 
 
 def eye_side(frame: np.ndarray) -> str | None:
@@ -60,12 +66,7 @@ def eye_side(frame: np.ndarray) -> str | None:
     hole = filled & ~shape.astype(bool)
     if hole.sum() < 2:
         return None
-    ys, xs = np.mgrid[:frame.shape[0], :frame.shape[1]]
-    vx, vy = xs[hole].mean() - xs[filled].mean(), ys[hole].mean() - ys[filled].mean()
-    if max(abs(vx), abs(vy)) < 1.0:
-        return None
-    step = (int(np.sign(vx)), 0) if abs(vx) >= abs(vy) else (0, int(np.sign(vy)))
-    return next(name for name, d in DIRECTIONS.items() if d == step)
+    return _pointing(hole, filled)
 
 
 def main(argv: list[str] | None = None) -> int:
