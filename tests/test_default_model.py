@@ -98,3 +98,24 @@ def test_architecture_schedule_reaches_the_teacher_sampler_and_the_distill_confi
     for config in distill_configs(tmp_path, SCALES["smoke"], zero_snr, 0):
         assert config["schedule"]["prediction_type"] == "v_prediction"
         assert config["schedule"]["rescale_betas_zero_snr"] is True
+
+
+def test_cue_readers_read_ground_truth_cues():
+    """benchmarks/default_model_trail_side.py's readers, which the sweep README's side rates come from."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "default_model_trail_side.py"
+    spec = importlib.util.spec_from_file_location("default_model_trail_side", path)
+    readers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(readers)
+
+    def rate(read, **cue):
+        clips = synthetic_clips(12, seed=9, size=64, num_frames=8, **cue)
+        return np.mean([read(frame) == clip.direction for clip in clips for frame in clip.frames])
+
+    assert rate(readers.trail_side, trail=0.5) == 1.0
+    assert rate(readers.trail_side, back_opacity=0.45) == 1.0
+    assert rate(readers.eye_side, eye=0.25) >= 0.99
+    plain = synthetic_clips(6, seed=9, size=64, num_frames=8)
+    assert all(readers.eye_side(frame) is None for clip in plain for frame in clip.frames)
