@@ -155,8 +155,9 @@ def make_clip(colour: str, shape: str, direction: str, *, size: int, num_frames:
         raise InvalidArgumentError("eye", f"{eye} is outside [0, {MAX_EYE}]",
                                    "use 0 for no eye, or at most MAX_EYE (larger ones break the triangle's outline)")
     low, high = travel
-    if not 0.0 < low <= high <= 1.0 - 2 * RADIUS[1] - 2 / size:  # the path and the largest shape fit the frame
-        raise InvalidArgumentError("travel", f"{travel} is not a range inside (0, 0.6)",
+    longest = 1.0 - 2 * RADIUS[1] - 2 / size  # the path and the largest shape, with a pixel's margin, fit the frame
+    if not 0.0 < low <= high <= longest:
+        raise InvalidArgumentError("travel", f"{travel} is not a range inside (0, {longest:.3f}]",
                                    "give (low, high) with 0 < low <= high, short enough to keep the shape in frame")
     radius = size * rng.uniform(*RADIUS)
     speed = size * rng.uniform(low, high) / max(num_frames - 1, 1)

@@ -62,19 +62,27 @@ def test_motion_trail_lies_behind_the_shape_and_leaves_it_unchanged():
         assert np.linalg.norm(b.frames[added].astype(float) - 40, axis=-1).max() < 60
 
 
+def _cue_pixels(plain, cued, drop: float = 0.0):
+    """Where `cued` differs from the same clip drawn `plain`: each pixel's frame, how far it lies ahead of the
+    shape's centre (moved down `drop` radii) along the motion, and whether it is closer to the background."""
+    assert plain.centres() == cued.centres()
+    changed = (plain.frames != cued.frames).any(-1)
+    frames, ys, xs = np.nonzero(changed)
+    cx, cy = np.asarray(plain.centres())[frames].T
+    dx, dy = DIRECTIONS[plain.direction]
+    ahead = (xs + 0.5 - cx) * dx + (ys + 0.5 - cy - drop * plain.radius) * dy
+    contrast = lambda clip: np.abs(clip.frames[changed].astype(float) - 40).sum(-1)  # noqa: E731
+    return frames, ahead, contrast(cued) < contrast(plain)
+
+
 def test_shaded_back_lies_behind_the_centre_and_the_front_stays_plain():
     plain = synthetic_clips(8, seed=5, size=48, num_frames=6)
     shaded = synthetic_clips(8, seed=5, size=48, num_frames=6, back_opacity=0.45)
     for a, b in zip(plain, shaded):
-        assert a.centres() == b.centres()
-        changed = (a.frames != b.frames).any(-1)
-        f, ys, xs = np.nonzero(changed)
-        cx, cy = np.asarray(a.centres())[f].T
-        dx, dy = DIRECTIONS[a.direction]
-        assert changed.any() and (((xs + 0.5 - cx) * dx + (ys + 0.5 - cy) * dy) < 0).all(), a.caption
+        frames, ahead, dimmed = _cue_pixels(a, b)
+        assert frames.size and (ahead < 0).all(), a.caption
         # Shaded pixels sit between the background and the plain shape's colour.
-        contrast = lambda frames: np.abs(frames[changed].astype(float) - 40).sum(-1)  # noqa: E731
-        assert (contrast(b.frames) < contrast(a.frames)).all()
+        assert dimmed.all()
     with pytest.raises(InvalidArgumentError, match="back_opacity"):
         synthetic_clips(1, seed=0, back_opacity=0.0)
 
@@ -85,17 +93,10 @@ def test_eye_is_a_hole_in_front_of_the_centre_that_the_detector_reads_through():
     plain = synthetic_clips(24, seed=6, size=64, num_frames=6)
     eyed = synthetic_clips(24, seed=6, size=64, num_frames=6, eye=0.25)
     for a, b in zip(plain, eyed):
-        assert a.centres() == b.centres()
-        changed = (a.frames != b.frames).any(-1)
-        f, ys, xs = np.nonzero(changed)
-        cx, cy = np.asarray(a.centres())[f].T
-        cy = cy + INCENTRE_DROP[a.shape] * a.radius
-        dx, dy = DIRECTIONS[a.direction]
-        ahead = (xs + 0.5 - cx) * dx + (ys + 0.5 - cy) * dy
+        frames, ahead, dimmed = _cue_pixels(a, b, INCENTRE_DROP[a.shape])
         # Every frame has an eye, wholly inside the shape (only dimmed pixels), ahead of the shape's incentre.
-        assert sorted(set(f)) == list(range(6)) and ahead.mean() > 0.2 * a.radius, a.caption
-        contrast = lambda frames: np.abs(frames[changed].astype(float) - 40).sum(-1)  # noqa: E731
-        assert (contrast(b.frames) < contrast(a.frames)).all(), a.caption
+        assert sorted(set(frames)) == list(range(6)) and ahead.mean() > 0.2 * a.radius, a.caption
+        assert dimmed.all(), a.caption
         assert all(detect(b.frames).matches(b.colour, b.shape, b.direction).values()), b.caption
     with pytest.raises(InvalidArgumentError, match="eye"):
         synthetic_clips(1, seed=0, eye=0.5)

@@ -95,7 +95,7 @@ EYE = 0.0
 # Path length, first to last frame, as a fraction of the frame side. A path longer than the shape shows in the
 # noisy clip as soon as the shape does, so no noise level needs the word; a shorter one (0.12-0.2) would be a
 # detail only the word can settle at middle noise, like a corner. Through the chain the word stayed unused with
-# it too (direction_gain <= 0.0005 at t = 200-950 after steps 5 and 5b; benchmarks/results/
+# it too (direction_gain <= 0.0008 at t = 200-950 after steps 5 and 5b; benchmarks/results/
 # default_model_teacher_sweep/README.md), so the paths stay long.
 TRAVEL = DEFAULT_TRAVEL
 
