@@ -52,6 +52,11 @@ VARIANTS = {
     "continue-motion-hi": {**CONTINUE, "spatial": "none", "motion_lr": 1e-3, "min_t": 300},
     **{f"continue-all-te-x0w{cap}": {**CONTINUE, "te": True, "x0w": float(cap)} for cap in (5, 20, 100, 1000)},
     "continue-all-x0w20": {**CONTINUE, "x0w": 20.0},
+    # 16x the clips per step (batch 32): is the word learnt with far more video data (GPU only)?
+    **{f"{name}-b32": {**base, "motion_batch": 32} for name, base in (
+        ("continue-all", CONTINUE), ("continue-all-te", {**CONTINUE, "te": True}),
+        ("continue-all-te-hi", {**CONTINUE, "te": True, "min_t": 300}),
+        ("continue-all-te-x0w20", {**CONTINUE, "te": True, "x0w": 20.0}))},
     # Image teacher alone (batch 64 as in the chain), read every 500 steps: with --trail, does the word steer
     # the trail (direction_gain on images)?
     "image-only": dict(vae=2500, image=1500, image_batch=64, motion=0, motion_batch=2, motion_lr=1e-3,
@@ -79,6 +84,14 @@ def _fresh(args, arch: ToyArchitecture, v: dict, device: torch.device, log):
     unet = build_unet(arch).to(device)
     text_encoder = build_text_encoder(arch, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
     return vae, unet, text_encoder.to(device), tokenizer, None, video_latents, captions, ids, empty_ids
+
+
+def save_teacher(folder: Path, unet, adapter, text_encoder) -> None:
+    """The teacher as a chain WORKDIR holds it (teacher/unet, teacher/text_encoder, teacher_motion), so the
+    chain's distillation can continue from it; replaced at every check."""
+    unet.save_pretrained(folder / "teacher" / "unet")
+    text_encoder.save_pretrained(folder / "teacher" / "text_encoder")
+    adapter.save_pretrained(folder / "teacher_motion")
 
 
 class OutOfTime(Exception):
@@ -146,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                                                arch, seed=args.seed)
         results.append(row)
         print("RESULT " + json.dumps(row), flush=True)
+        if args.out is not None and stage == "motion" and step:
+            save_teacher(args.out / args.variant, unet, adapter, text_encoder)
         if time.perf_counter() - start > args.budget_s:
             raise OutOfTime
 
