@@ -68,6 +68,7 @@ def test_chain_smoke_scale_builds_a_bundle_that_generates(tmp_path):
     loaded = load_bundle(bundle)
     record = loaded.provenance["source"]["default_model"]
     assert record["seed"] == 0 and record["scale"]["stage2_steps"] == 2 and "stage2_s" in record["timings_s"]
+    assert "teacher_continue_s" in record["timings_s"] and "video_continued" in record["teacher_check"]
     # The builder's folders stay out of the shipped provenance (paths read WORKDIR/..., OUT).
     assert str(tmp_path) not in json.dumps(loaded.provenance)
     assert record["command"].endswith("chain WORKDIR --bundle OUT --scale smoke --threads 1")
@@ -77,6 +78,48 @@ def test_chain_smoke_scale_builds_a_bundle_that_generates(tmp_path):
     assert result.frames.shape == (16, 64, 64, 3)
     # Resuming a finished chain re-exports from the markers without training again.
     assert main([str(tmp_path / "work"), "--bundle", str(bundle), "--scale", "smoke", "--threads", "1"]) == 0
+
+
+def test_a_workdir_without_step_5c_resumed_at_a_scale_with_it_runs_5c_then_distils_anew(tmp_path, monkeypatch):
+    """A "cpu" workdir resumed at "full": 5c runs, and the student is distilled again from the new teacher
+    (not resumed from the old student's checkpoints)."""
+    from dataclasses import replace
+
+    from lcm_edge.distill.default_model import chain
+
+    monkeypatch.setitem(chain.SCALES, "smoke-no-5c", replace(chain.SCALES["smoke"], continue_steps=0))
+    work, bundle = tmp_path / "work", tmp_path / "bundle"
+    assert chain.main([str(work), "--bundle", str(bundle), "--scale", "smoke-no-5c", "--threads", "1"]) == 0
+    assert not (work / "teacher_continue.json").exists()
+    first_student = (work / "stage2" / "model" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    first_distill = (work / "distill.json").read_text()
+
+    assert chain.main([str(work), "--bundle", str(bundle), "--scale", "smoke", "--threads", "1",
+                       "--note", "resumed at smoke"]) == 0
+    assert json.loads((work / "teacher_continue.json").read_text())["teacher_continue_s"] > 0
+    assert (work / "distill.json").read_text() != first_distill
+    assert (work / "stage2" / "model" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() != first_student
+    record = json.loads((bundle / "bundle.json").read_text())["provenance"]["source"]["default_model"]
+    assert record["note"] == "resumed at smoke" and record["scale"]["continue_steps"] == 1
+
+
+def test_a_schedule_shorter_than_its_run_is_refused():
+    import torch
+
+    from lcm_edge.distill.default_model.pretrain import _optimise
+    from lcm_edge.errors import InvalidArgumentError
+
+    weight = torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(InvalidArgumentError, match="schedule_steps"):
+        _optimise("t", [weight], lambda _: weight.square().sum(), steps=4, lr=0.1, weight_decay=0.0, warmup=1,
+                  log=lambda _: None, schedule_steps=2)
+    # A longer schedule stopped early: the lr is still high at the last step, so the weight moves further.
+    short, long_ = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    _optimise("t", [short], lambda _: short.square().sum(), steps=4, lr=0.1, weight_decay=0.0, warmup=1,
+              log=lambda _: None)
+    _optimise("t", [long_], lambda _: long_.square().sum(), steps=4, lr=0.1, weight_decay=0.0, warmup=1,
+              log=lambda _: None, schedule_steps=40)
+    assert float(long_.detach()[0]) < float(short.detach()[0]) < 1.0
 
 
 def test_architecture_schedule_reaches_the_teacher_sampler_and_the_distill_configs(tmp_path):

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, MotionAdapter, UNet2DConditionModel, UNetMotionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from lcm_edge.errors import InvalidArgumentError
+
 from ..consistency import make_alphas_cumprod
 from ..pretrain import diffusion_loss
 
@@ -119,16 +121,21 @@ Checkpoint = Callable[[int], None]
 
 def _optimise(name: str, params: list[torch.nn.Parameter], loss_fn: Callable[[int], torch.Tensor], *, steps: int,
               lr: float, weight_decay: float, warmup: int, log: Log, on_checkpoint: Checkpoint | None = None,
-              checkpoint_every: int = 0) -> list[float]:
+              checkpoint_every: int = 0, schedule_steps: int | None = None) -> list[float]:
     """AdamW with warm-up + cosine, gradient clipping at 1, a log line every tenth of the run.
 
     on_checkpoint(step) runs every `checkpoint_every` steps (a quality check during long runs).
+    schedule_steps > steps: the warm-up + cosine of a run that long, stopped after `steps`.
     """
+    if schedule_steps is not None and schedule_steps < steps:
+        raise InvalidArgumentError("schedule_steps", f"{schedule_steps} is below steps={steps}",
+                                   "give at least `steps` (a longer schedule stopped early), or None")
+    total = schedule_steps or steps
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     losses, start = [], time.perf_counter()
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = _lr(step, steps, lr, warmup=min(warmup, steps // 10 + 1))
+            group["lr"] = _lr(step, total, lr, warmup=min(warmup, total // 10 + 1))
         loss = loss_fn(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -235,12 +242,14 @@ def train_motion_teacher(unet: UNet2DConditionModel, adapter: MotionAdapter, tex
                          arch: ToyArchitecture, *, steps: int, batch_size: int, lr: float, seed: int, log: Log,
                          uncond_probability: float = 0.1, spatial: str = "cross_attention",
                          min_timestep: int = 0, x0_weight_cap: float = 0.0, train_text_encoder: bool = False,
-                         on_checkpoint: Checkpoint | None = None, checkpoint_every: int = 0) -> list[float]:
+                         on_checkpoint: Checkpoint | None = None, checkpoint_every: int = 0,
+                         schedule_steps: int | None = None) -> list[float]:
     """AnimateDiff's recipe (video_latents (N, C, F, h, w)), with the cross-attention layers trained too.
 
     spatial="all" trains every spatial weight with the motion modules (a video fine-tune of the
     whole teacher), "none" the motion modules alone; the default trains the cross-attention too.
     min_timestep > 0 trains on high noise only; x0_weight_cap > 0 weights the loss towards it (see diffusion_loss).
+    schedule_steps: see _optimise.
     train_text_encoder=True trains the text encoder with them (updated in place): the image teacher's
     text encoder had no reason to tell "left" from "right" (a direction token moves its output by
     ~1/10 of what a colour token does), so frozen it hides the direction from every later layer.
@@ -298,7 +307,8 @@ def train_motion_teacher(unet: UNet2DConditionModel, adapter: MotionAdapter, tex
 
     model.train()
     losses = _optimise("teacher-motion", params, loss_fn, steps=steps, lr=lr, weight_decay=1e-4, warmup=200, log=log,
-                       on_checkpoint=checkpoint if on_checkpoint else None, checkpoint_every=checkpoint_every)
+                       on_checkpoint=checkpoint if on_checkpoint else None, checkpoint_every=checkpoint_every,
+                       schedule_steps=schedule_steps)
     model.eval()
     text_encoder.eval()
     write_back()
