@@ -19,6 +19,7 @@ Recipe (every step is the project's own code, as a full-scale user would run it)
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -549,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     teacher_check = json.loads((args.workdir / "teacher_check.json").read_text())
     provenance = {
         "default_model": {
-            "command": "python -m lcm_edge.distill.default_model.chain " + " ".join(argv or sys.argv[1:]),
+            "command": "python -m lcm_edge.distill.default_model.chain " + shlex.join(argv or sys.argv[1:]),
             "seed": args.seed, "scale": asdict(scale), "architecture": asdict(arch), "code_version": code_version(),
             "held_out": [list(c) for c in HELD_OUT], "timings_s": timings, "prompts": prompt_form(),
             "teacher_check": teacher_check,
