@@ -126,6 +126,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"  prompts: {trained['prompts']}")
         print(f"  trained here by `{trained['command']}` in {sum(trained['timings_s'].values()) / 60:.0f} min "
               f"(code {trained['code_version']}, seed {trained['seed']})")
+        if trained.get("note"):
+            print(f"  note: {trained['note']}")
     backend = create_backend("onnxruntime", "cpu")
     for name, component in bundle.components.items():
         session = backend.open(bundle.root, component)

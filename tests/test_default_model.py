@@ -101,6 +101,7 @@ def test_a_workdir_without_step_5c_resumed_at_a_scale_with_it_runs_5c_then_disti
     assert (work / "stage2" / "model" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() != first_student
     record = json.loads((bundle / "bundle.json").read_text())["provenance"]["source"]["default_model"]
     assert record["note"] == "resumed at smoke" and record["scale"]["continue_steps"] == 1
+    assert record["command"].endswith("--scale smoke --threads 1 --note NOTE")
 
 
 def test_a_schedule_shorter_than_its_run_is_refused():

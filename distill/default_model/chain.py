@@ -504,6 +504,23 @@ def export_student(workdir: Path, bundle: Path, provenance: dict) -> dict:
     return {"export_s": time.perf_counter() - t0, "parity": report.summary()}
 
 
+def _without_note(argv: list[str]) -> list[str]:
+    """The command line with --note's text as NOTE: the note is recorded on its own, and changes no result."""
+    out, skip = [], False
+    for word in argv:
+        if skip:
+            out.append("NOTE")
+            skip = False
+        elif word == "--note":
+            out.append(word)
+            skip = True
+        elif word.startswith("--note="):
+            out.append("--note=NOTE")
+        else:
+            out.append(word)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -548,9 +565,10 @@ def main(argv: list[str] | None = None) -> int:
             retrained = True
         timings.update(json.loads(path.read_text()))
     teacher_check = json.loads((args.workdir / "teacher_check.json").read_text())
+    command = "python -m lcm_edge.distill.default_model.chain " + shlex.join(_without_note(argv or sys.argv[1:]))
     provenance = {
         "default_model": {
-            "command": "python -m lcm_edge.distill.default_model.chain " + shlex.join(argv or sys.argv[1:]),
+            "command": command,
             "seed": args.seed, "scale": asdict(scale), "architecture": asdict(arch), "code_version": code_version(),
             "held_out": [list(c) for c in HELD_OUT], "timings_s": timings, "prompts": prompt_form(),
             "teacher_check": teacher_check,
