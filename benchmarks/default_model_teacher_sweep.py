@@ -56,7 +56,9 @@ VARIANTS = {
     **{f"{name}-b32": {**base, "motion_batch": 32} for name, base in (
         ("continue-all", CONTINUE), ("continue-all-te", {**CONTINUE, "te": True}),
         ("continue-all-te-hi", {**CONTINUE, "te": True, "min_t": 300}),
-        ("continue-all-te-x0w20", {**CONTINUE, "te": True, "x0w": 20.0}))},
+        ("continue-all-te-x0w20", {**CONTINUE, "te": True, "x0w": 20.0}),
+        # with --zero-snr: where the word is needed (benchmarks/default_model_ideal_gain.py), read often
+        ("continue-all-te-often", {**CONTINUE, "te": True, "check_motion": 300}))},
     # Image teacher alone (batch 64 as in the chain), read every 500 steps: with --trail, does the word steer
     # the trail (direction_gain on images)?
     "image-only": dict(vae=2500, image=1500, image_batch=64, motion=0, motion_batch=2, motion_lr=1e-3,
@@ -110,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", type=Path, default=None,
                         help="a chain WORKDIR: start from its finished teacher (the continue-* variants)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--zero-snr", action="store_true",
+                        help="train (and read) with v-prediction on the zero-terminal-SNR schedule")
     parser.add_argument("--trail", type=float, default=0.0,
                         help="draw the clips with a motion trail of this opacity (synthetic.TRAIL); with --resume "
                              "the chain's clips are redrawn and re-encoded")
@@ -122,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     torch.manual_seed(args.seed)  # model init: two runs of one variant start from the same weights
     start = time.perf_counter()
-    arch = ToyArchitecture()
+    arch = ToyArchitecture(**(dict(prediction_type="v_prediction", rescale_betas_zero_snr=True) if args.zero_snr
+                              else {}))
     log = lambda message: print(f"[{args.variant} {time.perf_counter() - start:6.0f}s] {message}",  # noqa: E731
                                 flush=True)
     results = []
@@ -166,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
 
     image_latents = video_latents.permute(0, 2, 1, 3, 4).flatten(0, 1)
     try:
-        if args.resume is not None:
+        if args.resume is not None and not args.zero_snr:  # an epsilon teacher read as a v one says nothing
             check("motion", 0)  # the chain's teacher as it is, read on the same prompts
         if v.get("image"):
             train_image_teacher(unet, text_encoder, image_latents, ids.repeat_interleave(arch.num_frames, dim=0),
