@@ -59,6 +59,10 @@ VARIANTS = {
         ("continue-all-te-x0w20", {**CONTINUE, "te": True, "x0w": 20.0}),
         # with --zero-snr: where the word is needed (benchmarks/default_model_ideal_gain.py), read often
         ("continue-all-te-often", {**CONTINUE, "te": True, "check_motion": 300}))},
+    # With --zero-snr: pure noise in (t >= 990), the caption's mean clip out. Can this model place a track
+    # from the word alone at all? (direction_gain read at t = 999 only: the steps below are not trained)
+    "continue-top-te": {**CONTINUE, "te": True, "min_t": 990, "motion": 400, "motion_batch": 8, "motion_lr": 1e-3,
+                        "check_motion": 100, "gain_t": (999,)},
     # Image teacher alone (batch 64 as in the chain), read every 500 steps: with --trail, does the word steer
     # the trail (direction_gain on images)?
     "image-only": dict(vae=2500, image=1500, image_batch=64, motion=0, motion_batch=2, motion_lr=1e-3,
@@ -161,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         row["all"] = float(np.mean([all(m.values()) for m in matches]))
         row["consistency"] = float(np.mean([d.present_fraction * d.area_stability for d in detections]))
         row["direction_gain"] = direction_gain(unet, adapter, text_encoder, tokenizer, video_latents, captions,
-                                               arch, seed=args.seed)
+                                               arch, timesteps=v.get("gain_t"), seed=args.seed)
         results.append(row)
         print("RESULT " + json.dumps(row), flush=True)
         if args.out is not None and stage == "motion" and step:

@@ -104,6 +104,19 @@ def test_a_workdir_without_step_5c_resumed_at_a_scale_with_it_runs_5c_then_disti
     assert record["command"].endswith("--scale smoke --threads 1 --note NOTE")
 
 
+def test_a_continue_device_this_torch_cannot_use_is_refused_up_front(tmp_path, capsys):
+    import torch
+
+    from lcm_edge.distill.default_model.chain import main
+
+    for device, says in (("tpu9", "use cpu or cuda"), *([("cuda", "sees no CUDA device")]
+                                                        if not torch.cuda.is_available() else [])):
+        with pytest.raises(SystemExit):
+            main([str(tmp_path / "work"), "--bundle", str(tmp_path / "b"), "--continue-device", device])
+        assert says in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()  # refused before anything was written
+
+
 def test_a_schedule_shorter_than_its_run_is_refused():
     import torch
 

@@ -535,6 +535,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--note", default=None,
                         help="recorded in the bundle's provenance (e.g. where a step ran, if not in this command)")
     args = parser.parse_args(argv)
+    try:
+        continue_device = torch.device(args.continue_device)
+    except RuntimeError as error:
+        parser.error(f"--continue-device {args.continue_device!r}: {error}; use cpu or cuda")
+    if continue_device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--continue-device {args.continue_device}: this torch sees no CUDA device; use cpu (step 5c "
+                     "then takes ~3 h on 2 cores) or run the chain where a GPU is")
     if args.threads:
         torch.set_num_threads(args.threads)
     args.workdir.mkdir(parents=True, exist_ok=True)
