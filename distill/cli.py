@@ -9,10 +9,9 @@ DistillConfig.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from lcm_edge.errors import LcmEdgeError
+from lcm_edge.errors import run_command
 
 STAGE_HELP = {
     "image": "stage 1: distil the image model into a consistency LoRA (teacher: the 2-D model with CFG)",
@@ -79,12 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except LcmEdgeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: resume with --resume latest (the steps since the last checkpoint are lost)",
-              file=sys.stderr)
-        return 130
+    return run_command(lambda: args.func(args),
+                       interrupted="interrupted: resume with --resume latest "
+                                   "(the steps since the last checkpoint are lost)")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import __version__
 from .backends import BACKENDS
-from .errors import LcmEdgeError
+from .errors import LcmEdgeError, run_command
 from .pipeline import PromptTruncatedWarning, StepInfo
 
 
@@ -209,14 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except LcmEdgeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_command(lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ classes let an app react (re-export a bundle, ask for another prompt, ...).
 
 from __future__ import annotations
 
+import sys
+from typing import Callable
+
 
 class LcmEdgeError(Exception):
     """Base class of every error lcm_edge raises on purpose."""
@@ -77,3 +80,16 @@ class MissingExtraError(LcmEdgeError, ImportError):
         super().__init__(
             f"{feature} needs the '{missing}' package. Fix: pip install 'lcm-edge[{extra}]'"
         )
+
+
+def run_command(command: Callable[[], int], *, interrupted: str = "interrupted") -> int:
+    """A CLI's exit code for `command`: 2 with the error's own words for an LcmEdgeError (no traceback: it
+    names the argument and the fix), 130 with `interrupted` on Ctrl-C; anything else is a bug and propagates."""
+    try:
+        return command()
+    except LcmEdgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        return 130

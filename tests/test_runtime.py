@@ -201,3 +201,21 @@ def test_cli_wires_distill(tmp_path, capsys):
     assert main(["distill", "image", "--config", str(tmp_path / "missing.toml")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "--config" in err and "Fix:" in err
+
+
+def test_run_command_turns_our_errors_and_ctrl_c_into_exit_codes(capsys):
+    from lcm_edge.errors import InvalidArgumentError, run_command
+
+    def bad_argument():
+        raise InvalidArgumentError("--steps", "0 is below 1", "pass --steps 4")
+
+    def ctrl_c():
+        raise KeyboardInterrupt
+
+    assert run_command(bad_argument) == 2
+    assert "error: --steps: 0 is below 1. Fix: pass --steps 4" in capsys.readouterr().err
+    assert run_command(ctrl_c, interrupted="interrupted: resume with --resume latest") == 130
+    assert "resume with --resume latest" in capsys.readouterr().err
+    assert run_command(lambda: 0) == 0
+    with pytest.raises(ZeroDivisionError):  # a bug is not an input error: it keeps its traceback
+        run_command(lambda: 1 // 0)
