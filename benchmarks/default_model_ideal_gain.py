@@ -31,10 +31,16 @@ from lcm_edge.distill.default_model.pretrain import ToyArchitecture
 from lcm_edge.distill.synthetic import COLOURS, DIRECTIONS, SHAPES, make_clip
 
 SHOWN = (500, 700, 850, 900, 950, 980, 999)
-TIMESTEPS = tuple(sorted(set(range(0, 1000, 25)) | set(SHOWN)))  # the grid the loss average runs over
+# Every t is evaluated (the noise draws follow this grid); the loss figure integrates t >= HIGH of it.
+TIMESTEPS = tuple(sorted(set(range(0, 1000, 25)) | set(SHOWN)))
 BASE = {"colour": "red", "shape": "circle", "direction": "right"}
 HIGH = 850
 VALUES = {"direction": tuple(DIRECTIONS), "shape": SHAPES, "colour": tuple(COLOURS)}
+
+
+def caption(word: str, value: str) -> tuple[str, str, str]:
+    """(colour, shape, direction): BASE with `word` set to `value`."""
+    return tuple({**BASE, word: value}[k] for k in ("colour", "shape", "direction"))
 
 
 def encoded_clips(vae, count: int, colour: str, shape: str, direction: str, arch: ToyArchitecture,
@@ -79,8 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     vae = AutoencoderKL.from_pretrained(args.teacher / "vae").eval()
     rng = np.random.default_rng(args.seed)
     t0 = time.perf_counter()
-    captions = sorted({tuple({**BASE, word: v}[k] for k in ("colour", "shape", "direction"))
-                       for word, values in VALUES.items() for v in values})
+    captions = sorted({caption(word, v) for word, values in VALUES.items() for v in values})
     reference = {c: encoded_clips(vae, args.reference, *c, arch, rng) for c in captions}
     test = {c: encoded_clips(vae, args.test, *c, arch, rng) for c in captions}
     ref_sq = {c: (r * r).sum(1) for c, r in reference.items()}
@@ -93,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         acp = make_alphas_cumprod("linear", arch.beta_start, arch.beta_end, 1000, zero_snr).double().numpy()
         schedule = "zero-SNR" if zero_snr else "AnimateLCM"
         for word, values in VALUES.items():
-            group = [tuple({**BASE, word: v}[k] for k in ("colour", "shape", "direction")) for v in values]
+            group = [caption(word, v) for v in values]
             pooled = np.concatenate([reference[c] for c in group])
             pooled_sq = (pooled * pooled).sum(1)
             saved = []

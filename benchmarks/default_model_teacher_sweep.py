@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from lcm_edge.distill.default_model.chain import (caption_ids, clip_frames, direction_gain, encode_clips, load_teacher,
-                                                  make_training_clips, sample_check_prompts, train_tokenizer)
+                                                  make_training_clips, sample_check_prompts, save_teacher,
+                                                  train_tokenizer)
 from lcm_edge.distill.default_model.pretrain import (ToyArchitecture, build_motion_adapter, build_text_encoder,
                                                      build_unet, build_vae, train_image_teacher, train_motion_teacher,
                                                      train_vae)
@@ -92,14 +93,6 @@ def _fresh(args, arch: ToyArchitecture, v: dict, device: torch.device, log):
     return vae, unet, text_encoder.to(device), tokenizer, None, video_latents, captions, ids, empty_ids
 
 
-def save_teacher(folder: Path, unet, adapter, text_encoder) -> None:
-    """The teacher as a chain WORKDIR holds it (teacher/unet, teacher/text_encoder, teacher_motion), so the
-    chain's distillation can continue from it; replaced at every check."""
-    unet.save_pretrained(folder / "teacher" / "unet")
-    text_encoder.save_pretrained(folder / "teacher" / "text_encoder")
-    adapter.save_pretrained(folder / "teacher_motion")
-
-
 class OutOfTime(Exception):
     """The budget is spent: stop training, keep what was printed."""
 
@@ -168,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                                                arch, timesteps=v.get("gain_t"), seed=args.seed)
         results.append(row)
         print("RESULT " + json.dumps(row), flush=True)
-        if args.out is not None and stage == "motion" and step:
+        if args.out is not None and stage == "motion" and step:  # as a chain WORKDIR holds it; replaced each time
             save_teacher(args.out / args.variant, unet, adapter, text_encoder)
         if time.perf_counter() - start > args.budget_s:
             raise OutOfTime

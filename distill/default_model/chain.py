@@ -315,6 +315,15 @@ def load_teacher(workdir: Path, with_motion: bool) -> dict:
             "video_latents": video_latents, "captions": captions}
 
 
+def save_teacher(workdir: Path, unet, adapter, text_encoder=None) -> None:
+    """What load_teacher reads back: workdir/teacher/unet, workdir/teacher_motion and, where it was trained,
+    workdir/teacher/text_encoder."""
+    unet.save_pretrained(workdir / "teacher" / "unet")
+    adapter.save_pretrained(workdir / "teacher_motion")
+    if text_encoder is not None:
+        text_encoder.save_pretrained(workdir / "teacher" / "text_encoder")
+
+
 # steps, batch, schedule: the ChainScale fields; check, timing: where its check and wall time are recorded; the
 # rest goes to train_motion_teacher.
 VIDEO_STAGES = {
@@ -367,10 +376,7 @@ def train_video_teacher(workdir: Path, scale: ChainScale, arch: ToyArchitecture,
     check["direction_gain"] = direction_gain(unet, adapter, text_encoder, tokenizer, video_latents,
                                              parts["captions"], arch, clips=min(24, len(parts["captions"])), seed=seed)
     log(f"direction_gain after step {stage}: {check['direction_gain']:.4f}")
-    unet.save_pretrained(workdir / "teacher" / "unet")
-    adapter.save_pretrained(workdir / "teacher_motion")
-    if settings.get("train_text_encoder"):
-        text_encoder.save_pretrained(workdir / "teacher" / "text_encoder")
+    save_teacher(workdir, unet, adapter, text_encoder if settings.get("train_text_encoder") else None)
     checks = json.loads((workdir / "teacher_check.json").read_text())
     (workdir / "teacher_check.json").write_text(json.dumps({**checks, check_name: check}) + "\n")
     return {timing: elapsed}
@@ -506,19 +512,8 @@ def export_student(workdir: Path, bundle: Path, provenance: dict) -> dict:
 
 def _without_note(argv: list[str]) -> list[str]:
     """The command line with --note's text as NOTE: the note is recorded on its own, and changes no result."""
-    out, skip = [], False
-    for word in argv:
-        if skip:
-            out.append("NOTE")
-            skip = False
-        elif word == "--note":
-            out.append(word)
-            skip = True
-        elif word.startswith("--note="):
-            out.append("--note=NOTE")
-        else:
-            out.append(word)
-    return out
+    return ["NOTE" if i and argv[i - 1] == "--note" else "--note=NOTE" if word.startswith("--note=") else word
+            for i, word in enumerate(argv)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -565,7 +560,8 @@ def main(argv: list[str] | None = None) -> int:
     for marker, run in steps.items():
         path = args.workdir / marker
         # Once a step runs, every later one runs again: its output came from the step's old result (a "cpu"
-        # workdir resumed at scale "full" runs 5c, then distils anew).
+        # workdir resumed at scale "full" runs 5c, then distils anew). The old marker goes first, so a step
+        # that fails here is rerun next time rather than taken as done.
         if retrained or not path.is_file():
             path.unlink(missing_ok=True)
             path.write_text(json.dumps(run()) + "\n")
