@@ -1,6 +1,7 @@
 """Can the default model's UNet make a word's layout from pure noise if it is told where each pixel is?
 
-    python benchmarks/default_model_position_probe.py WORKDIR [--coords] [--steps 300] [--threads 1]
+    python benchmarks/default_model_position_probe.py WORKDIR [--coords] [--frame-index] [--mid-block]
+                                                      [--steps 300] [--threads 1]
 
 A probe, not a recipe. A fresh toy UNet + motion module (and WORKDIR's text encoder, trained with them) learns
 only the pure-noise end of zero-terminal-SNR v-prediction (t >= 990): there the noisy clip says nothing, so
@@ -8,12 +9,15 @@ the best output is the caption's mean clip, whose track only the direction word 
 the colour word sets. With --coords the UNet also sees two channels holding each pixel's x and y (CoordConv),
 the absolute position a convolutional UNet otherwise has only through its zero padding. Printed every 50 steps:
 the x_0 error at t = 999 with the direction (or colour) word flipped / with the true caption - 1 on 32 training
-clips (0: the word is unused).
+clips (0: the word is unused), and once at the start the x_0 error of mean clips that know only some of the words
+(FLOORS: where a model that has learnt just those words stalls). --mid-block adds AnimateLCM's mid-block motion
+module; --frame-index is a diagnostic that hands every pixel its frame number.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -31,12 +35,33 @@ from lcm_edge.distill.synthetic import COLOURS
 OTHER_COLOUR = dict(zip(COLOURS, list(COLOURS)[1:] + list(COLOURS)[:1]))
 
 
-def with_coords(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, F, h, w) -> (B, C + 2, F, h, w): each pixel's x and y in [-1, 1] appended."""
+def with_channels(x: torch.Tensor, coords: bool, frame_index: bool) -> torch.Tensor:
+    """(B, C, F, h, w) -> (B, C + extra, F, h, w): each pixel's x and y in [-1, 1] (coords) and/or its frame's
+    index in [-1, 1] (frame_index) appended as constant channels."""
     b, _, f, h, w = x.shape
-    ys, xs = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
-    grid = torch.stack([xs, ys])[None, :, None].expand(b, 2, f, h, w)
-    return torch.cat([x, grid.to(x)], dim=1)
+    extra = []
+    if coords:
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+        extra.append(torch.stack([xs, ys])[None, :, None].expand(b, 2, f, h, w))
+    if frame_index:
+        extra.append(torch.linspace(-1, 1, f)[None, None, :, None, None].expand(b, 1, f, h, w))
+    return torch.cat([x, *(e.to(x) for e in extra)], dim=1)
+
+
+def mean_clip_floors(latents: torch.Tensor, captions: list[str], probe: list[int]) -> dict[str, float]:
+    """x_0 error on the probe clips of the mean of the other training clips that share the named caption words:
+    what an output that knows only those words can reach at pure noise ("colour" about where a model that has
+    learnt only the colour word stalls)."""
+    words = {"colour": (1,), "colour+shape": (1, 2), "colour+direction": (1, 4), "global": ()}
+    floors = {}
+    for name, keep in words.items():
+        def key(i: int) -> tuple[str, ...]:
+            w = captions[i].split()  # "a {colour} {shape} moving {direction}"
+            return tuple(w[k] for k in keep)
+        errors = [(latents[[j for j in range(len(captions)) if j != i and key(j) == key(i)]].mean(0)
+                   - latents[i]).pow(2).mean() for i in probe]
+        floors[name] = round(float(torch.stack(errors).mean()), 4)
+    return floors
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("workdir", type=Path, help="a chain WORKDIR (latents, teacher/tokenizer, teacher/text_encoder)")
     parser.add_argument("--coords", action="store_true")
+    parser.add_argument("--frame-index", action="store_true",
+                        help="diagnostic: give every pixel its frame's index, which the motion modules' attention "
+                             "otherwise has to carry into the features")
+    parser.add_argument("--mid-block", action="store_true",
+                        help="add a motion module to the mid block, as AnimateLCM's adapter has (use_motion_mid_block)")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -61,8 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     text_encoder = CLIPTextModel.from_pretrained(args.workdir / "teacher" / "text_encoder")
     torch.manual_seed(args.seed)
     plain = build_unet(arch)
-    unet = UNet2DConditionModel.from_config({**plain.config, "in_channels": arch.latent_channels + 2}) \
-        if args.coords else plain
+    extra = 2 * args.coords + args.frame_index
+    unet = UNet2DConditionModel.from_config({**plain.config, "in_channels": arch.latent_channels + extra}) \
+        if extra else plain
+    arch = dataclasses.replace(arch, motion_mid_block=args.mid_block)
     model = UNetMotionModel.from_unet2d(unet, build_motion_adapter(arch))
     ids = caption_ids(tokenizer, captions, arch)
     params = list(model.parameters()) + list(text_encoder.parameters())
@@ -71,10 +103,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def denoise(x_t, t, caption_ids):
         text = text_encoder(caption_ids).last_hidden_state.repeat_interleave(x_t.shape[2], dim=0)
-        return model(with_coords(x_t) if args.coords else x_t, t, encoder_hidden_states=text).sample
+        return model(with_channels(x_t, args.coords, args.frame_index), t, encoder_hidden_states=text).sample
 
     probe = torch.randperm(len(captions), generator=torch.Generator().manual_seed(1))[:32].tolist()
     probe_noise = torch.randn(latents[probe].shape, generator=torch.Generator().manual_seed(2))
+    print("FLOORS " + json.dumps(mean_clip_floors(latents, captions, probe)), flush=True)
 
     @torch.no_grad()
     def gains() -> dict[str, float]:
@@ -104,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % 50 == 0:
-            row = {"coords": args.coords, "step": step, "loss": float(loss), **gains(),
-                   "elapsed_s": round(time.perf_counter() - start)}
+            row = {"coords": args.coords, "frame_index": args.frame_index, "mid_block": args.mid_block, "step": step,
+                   "loss": float(loss), **gains(), "elapsed_s": round(time.perf_counter() - start)}
             print("RESULT " + json.dumps(row), flush=True)
     return 0
 

@@ -48,6 +48,8 @@ class ToyArchitecture:
     text_max_length: int = 16
     motion_heads: int = 4
     motion_max_frames: int = 32
+    # AnimateLCM's adapter has a motion module in the mid block too; v1-v4 of the default model did not.
+    motion_mid_block: bool = False
     beta_start: float = 0.00085
     beta_end: float = 0.012
     # AnimateLCM's parameterisation. v_prediction + rescale_betas_zero_snr (Lin et al. 2024) train the
@@ -91,7 +93,8 @@ def build_unet(arch: ToyArchitecture) -> UNet2DConditionModel:
 def build_motion_adapter(arch: ToyArchitecture) -> MotionAdapter:
     return MotionAdapter(block_out_channels=arch.unet_channels, motion_layers_per_block=1,
                          motion_norm_num_groups=arch.unet_groups, motion_num_attention_heads=arch.motion_heads,
-                         motion_max_seq_length=arch.motion_max_frames, use_motion_mid_block=False)
+                         motion_max_seq_length=arch.motion_max_frames,
+                         use_motion_mid_block=arch.motion_mid_block)
 
 
 def alphas_cumprod(arch: ToyArchitecture, num_train_timesteps: int = 1000) -> torch.Tensor:
