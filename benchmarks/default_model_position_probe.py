@@ -7,7 +7,7 @@ A probe, not a recipe. A fresh toy UNet + motion module (and WORKDIR's text enco
 only the pure-noise end of zero-terminal-SNR v-prediction (t >= 990): there the noisy clip says nothing, so
 the best output is the caption's mean clip, whose track only the direction word sets, and whose colour only
 the colour word sets. With --coords the UNet also sees two channels holding each pixel's x and y (CoordConv),
-the absolute position a convolutional UNet otherwise has only through its zero padding. Printed every 50 steps:
+the absolute position a convolutional UNet otherwise has only through its zero padding. Printed every --every steps (50):
 the x_0 error at t = 999 with the direction (or colour) word flipped / with the true caption - 1 on 32 training
 clips (0: the word is unused), and once at the start the x_0 error of mean clips that know only some of the words
 (FLOORS: where a model that has learnt just those words stalls). --mid-block adds AnimateLCM's mid-block motion
@@ -77,15 +77,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mid-block", action="store_true",
                         help="add a motion module to the mid block, as AnimateLCM's adapter has (use_motion_mid_block)")
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--every", type=int, default=50, help="steps between readings")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (a GPU runs the ~10k-step probe in minutes)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this torch build sees no CUDA device; use --device cpu")
+    device = torch.device(args.device)
     arch = ToyArchitecture(prediction_type="v_prediction", rescale_betas_zero_snr=True)
-    acp = alphas_cumprod(arch)
+    acp = alphas_cumprod(arch).to(device)
     latents, captions = _read_latents(args.workdir / "latents")
     tokenizer = CLIPTokenizer.from_pretrained(args.workdir / "teacher" / "tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(args.workdir / "teacher" / "text_encoder")
@@ -95,8 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     unet = UNet2DConditionModel.from_config({**plain.config, "in_channels": arch.latent_channels + extra}) \
         if extra else plain
     arch = dataclasses.replace(arch, motion_mid_block=args.mid_block)
-    model = UNetMotionModel.from_unet2d(unet, build_motion_adapter(arch))
-    ids = caption_ids(tokenizer, captions, arch)
+    model = UNetMotionModel.from_unet2d(unet, build_motion_adapter(arch)).to(device)
+    text_encoder.to(device)
+    ids = caption_ids(tokenizer, captions, arch).to(device)
     params = list(model.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed)
@@ -106,19 +112,20 @@ def main(argv: list[str] | None = None) -> int:
         return model(with_channels(x_t, args.coords, args.frame_index), t, encoder_hidden_states=text).sample
 
     probe = torch.randperm(len(captions), generator=torch.Generator().manual_seed(1))[:32].tolist()
-    probe_noise = torch.randn(latents[probe].shape, generator=torch.Generator().manual_seed(2))
+    probe_noise = torch.randn(latents[probe].shape, generator=torch.Generator().manual_seed(2)).to(device)
     print("FLOORS " + json.dumps(mean_clip_floors(latents, captions, probe)), flush=True)
+    latents = latents.to(device)
 
     @torch.no_grad()
     def gains() -> dict[str, float]:
         model.eval()
         text_encoder.eval()
-        t = torch.full((len(probe),), 999)
+        t = torch.full((len(probe),), 999, device=device)
         x_t = C.add_noise(latents[probe], probe_noise, t, acp)  # pure noise at zero terminal SNR
         errors = {}
         for name, swap in (("true", {}), ("direction", OPPOSITE), ("colour", OTHER_COLOUR)):
             flipped = [" ".join(swap.get(w, w) for w in captions[i].split()) for i in probe]
-            v = denoise(x_t, t, caption_ids(tokenizer, flipped, arch))
+            v = denoise(x_t, t, caption_ids(tokenizer, flipped, arch).to(device))
             x0 = C.predicted_original_sample(v, x_t, acp[999].sqrt(), (1 - acp[999]).sqrt(), arch.prediction_type)
             errors[name] = float((x0 - latents[probe]).pow(2).mean())
         model.train()
@@ -130,15 +137,15 @@ def main(argv: list[str] | None = None) -> int:
     text_encoder.train()
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
-        idx = torch.randint(0, len(captions), (args.batch,), generator=gen)
+        idx = torch.randint(0, len(captions), (args.batch,), generator=gen).to(device)
         loss = diffusion_loss(denoise, latents[idx], ids[idx], acp, arch.prediction_type, gen, min_timestep=990)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        if step % 50 == 0:
+        if step % args.every == 0 or step == args.steps:
             row = {"coords": args.coords, "frame_index": args.frame_index, "mid_block": args.mid_block, "step": step,
-                   "loss": float(loss), **gains(), "elapsed_s": round(time.perf_counter() - start)}
+                   "loss": loss.item(), **gains(), "elapsed_s": round(time.perf_counter() - start)}
             print("RESULT " + json.dumps(row), flush=True)
     return 0
 
