@@ -1,17 +1,22 @@
-"""Can the default model's UNet make a word's layout from pure noise if it is told where each pixel is?
+"""What keeps the default model's UNet from making the direction word's track out of pure noise?
 
-    python benchmarks/default_model_position_probe.py WORKDIR [--coords] [--frame-index] [--mid-block]
-                                                      [--steps 300] [--threads 1]
+    python benchmarks/default_model_position_probe.py WORKDIR [--mean-targets] [--fresh-text-encoder]
+        [--coords] [--frame-index] [--blank-input] [--mid-block] [--steps 300] [--every 50] [--batch 8]
+        [--device cpu|cuda] [--threads 1]
 
 A probe, not a recipe. A fresh toy UNet + motion module (and WORKDIR's text encoder, trained with them) learns
 only the pure-noise end of zero-terminal-SNR v-prediction (t >= 990): there the noisy clip says nothing, so
 the best output is the caption's mean clip, whose track only the direction word sets, and whose colour only
-the colour word sets. With --coords the UNet also sees two channels holding each pixel's x and y (CoordConv),
-the absolute position a convolutional UNet otherwise has only through its zero padding. Printed every --every steps (50):
-the x_0 error at t = 999 with the direction (or colour) word flipped / with the true caption - 1 on 32 training
-clips (0: the word is unused), and once at the start the x_0 error of mean clips that know only some of the words
-(FLOORS: where a model that has learnt just those words stalls). --mid-block adds AnimateLCM's mid-block motion
-module; --frame-index is a diagnostic that hands every pixel its frame number.
+the colour word sets. Printed once at the start (FLOORS): the x_0 error of mean clips that know only some of
+the words, where a model that has learnt just those words stalls; then every --every steps: the x_0 error at
+t = 999 with the direction (or colour) word flipped / with the true caption - 1 on 32 training clips
+(0: the word is unused).
+
+Switches, one question each: --mean-targets trains towards each caption's mean clip instead of the clip (the
+best output at pure noise, without the clip-to-clip spread in the gradient); --fresh-text-encoder starts the
+text encoder afresh (WORKDIR's hardly tells the direction words apart); --coords adds each pixel's x and y as
+channels (CoordConv) and --frame-index its frame number; --blank-input shows the UNet zeros instead of noise;
+--mid-block adds AnimateLCM's mid-block motion module.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import torch
 from lcm_edge.distill import consistency as C
 from lcm_edge.distill.default_model.chain import OPPOSITE, _read_latents, caption_ids
 from lcm_edge.distill.default_model.pretrain import (ToyArchitecture, alphas_cumprod, build_motion_adapter,
-                                                     build_unet)
+                                                     build_text_encoder, build_unet)
 from lcm_edge.distill.pretrain import diffusion_loss
 from lcm_edge.distill.synthetic import COLOURS
 
@@ -74,6 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frame-index", action="store_true",
                         help="diagnostic: give every pixel its frame's index, which the motion modules' attention "
                              "otherwise has to carry into the features")
+    parser.add_argument("--blank-input", action="store_true",
+                        help="diagnostic: the UNet sees zeros instead of the noisy clip (a layout from the words "
+                             "and the extra channels alone, no noise to see through)")
+    parser.add_argument("--fresh-text-encoder", action="store_true",
+                        help="a freshly initialised text encoder instead of WORKDIR's (whose output hardly differs "
+                             "between direction words)")
+    parser.add_argument("--mean-targets", action="store_true",
+                        help="diagnostic: train towards each caption's mean clip instead of the clip itself (the "
+                             "best pure-noise output, without the clip-to-clip spread in the gradient)")
     parser.add_argument("--mid-block", action="store_true",
                         help="add a motion module to the mid block, as AnimateLCM's adapter has (use_motion_mid_block)")
     parser.add_argument("--steps", type=int, default=300)
@@ -95,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = CLIPTokenizer.from_pretrained(args.workdir / "teacher" / "tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(args.workdir / "teacher" / "text_encoder")
     torch.manual_seed(args.seed)
+    if args.fresh_text_encoder:
+        text_encoder = build_text_encoder(arch, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    torch.manual_seed(args.seed)
     plain = build_unet(arch)
     extra = 2 * args.coords + args.frame_index
     unet = UNet2DConditionModel.from_config({**plain.config, "in_channels": arch.latent_channels + extra}) \
@@ -109,12 +126,18 @@ def main(argv: list[str] | None = None) -> int:
 
     def denoise(x_t, t, caption_ids):
         text = text_encoder(caption_ids).last_hidden_state.repeat_interleave(x_t.shape[2], dim=0)
+        x_t = torch.zeros_like(x_t) if args.blank_input else x_t
         return model(with_channels(x_t, args.coords, args.frame_index), t, encoder_hidden_states=text).sample
 
     probe = torch.randperm(len(captions), generator=torch.Generator().manual_seed(1))[:32].tolist()
     probe_noise = torch.randn(latents[probe].shape, generator=torch.Generator().manual_seed(2)).to(device)
     print("FLOORS " + json.dumps(mean_clip_floors(latents, captions, probe)), flush=True)
     latents = latents.to(device)
+    targets = latents
+    if args.mean_targets:
+        groups = {c: torch.tensor([i for i, o in enumerate(captions) if o == c]) for c in set(captions)}
+        means = {c: latents[g.to(device)].mean(0) for c, g in groups.items()}
+        targets = torch.stack([means[c] for c in captions])
 
     @torch.no_grad()
     def gains() -> dict[str, float]:
@@ -138,13 +161,15 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
         idx = torch.randint(0, len(captions), (args.batch,), generator=gen).to(device)
-        loss = diffusion_loss(denoise, latents[idx], ids[idx], acp, arch.prediction_type, gen, min_timestep=990)
+        loss = diffusion_loss(denoise, targets[idx], ids[idx], acp, arch.prediction_type, gen, min_timestep=990)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % args.every == 0 or step == args.steps:
-            row = {"coords": args.coords, "frame_index": args.frame_index, "mid_block": args.mid_block, "step": step,
+            row = {"coords": args.coords, "frame_index": args.frame_index, "blank_input": args.blank_input,
+                   "fresh_text_encoder": args.fresh_text_encoder,
+                   "mean_targets": args.mean_targets, "mid_block": args.mid_block, "step": step,
                    "loss": loss.item(), **gains(), "elapsed_s": round(time.perf_counter() - start)}
             print("RESULT " + json.dumps(row), flush=True)
     return 0
