@@ -167,10 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % args.every == 0 or step == args.steps:
-            row = {"coords": args.coords, "frame_index": args.frame_index, "blank_input": args.blank_input,
-                   "fresh_text_encoder": args.fresh_text_encoder,
-                   "mean_targets": args.mean_targets, "mid_block": args.mid_block, "step": step,
-                   "loss": loss.item(), **gains(), "elapsed_s": round(time.perf_counter() - start)}
+            switches = {k: v for k, v in vars(args).items() if isinstance(v, bool)}
+            row = {**switches, "step": step, "loss": loss.item(), **gains(),
+                   "elapsed_s": round(time.perf_counter() - start)}
             print("RESULT " + json.dumps(row), flush=True)
     return 0
 
