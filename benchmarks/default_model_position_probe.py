@@ -53,6 +53,15 @@ def with_channels(x: torch.Tensor, coords: bool, frame_index: bool) -> torch.Ten
     return torch.cat([x, *(e.to(x) for e in extra)], dim=1)
 
 
+def sharing_words(captions: list[str], i: int, keep: tuple[int, ...]) -> list[int]:
+    """Indices of the captions whose words at positions `keep` ("a {colour} {shape} moving {direction}": 1, 2,
+    4) are those of caption i, i itself included."""
+    def key(caption: str) -> tuple[str, ...]:
+        words = caption.split()
+        return tuple(words[k] for k in keep)
+    return [j for j, c in enumerate(captions) if key(c) == key(captions[i])]
+
+
 def mean_clip_floors(latents: torch.Tensor, captions: list[str], probe: list[int]) -> dict[str, float]:
     """x_0 error on the probe clips of the mean of the other training clips that share the named caption words:
     what an output that knows only those words can reach at pure noise ("colour" about where a model that has
@@ -60,11 +69,8 @@ def mean_clip_floors(latents: torch.Tensor, captions: list[str], probe: list[int
     words = {"colour": (1,), "colour+shape": (1, 2), "colour+direction": (1, 4), "global": ()}
     floors = {}
     for name, keep in words.items():
-        def key(i: int) -> tuple[str, ...]:
-            w = captions[i].split()  # "a {colour} {shape} moving {direction}"
-            return tuple(w[k] for k in keep)
-        errors = [(latents[[j for j in range(len(captions)) if j != i and key(j) == key(i)]].mean(0)
-                   - latents[i]).pow(2).mean() for i in probe]
+        errors = [(latents[[j for j in sharing_words(captions, i, keep) if j != i]].mean(0) - latents[i]).pow(2).mean()
+                  for i in probe]
         floors[name] = round(float(torch.stack(errors).mean()), 4)
     return floors
 
@@ -75,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("workdir", type=Path, help="a chain WORKDIR (latents, teacher/tokenizer, teacher/text_encoder)")
-    parser.add_argument("--coords", action="store_true")
+    parser.add_argument("--coords", action="store_true", help="give every pixel its x and y (CoordConv)")
     parser.add_argument("--frame-index", action="store_true",
                         help="diagnostic: give every pixel its frame's index, which the motion modules' attention "
                              "otherwise has to carry into the features")
@@ -107,11 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     acp = alphas_cumprod(arch).to(device)
     latents, captions = _read_latents(args.workdir / "latents")
     tokenizer = CLIPTokenizer.from_pretrained(args.workdir / "teacher" / "tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(args.workdir / "teacher" / "text_encoder")
     torch.manual_seed(args.seed)
-    if args.fresh_text_encoder:
-        text_encoder = build_text_encoder(arch, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
-    torch.manual_seed(args.seed)
+    text_encoder = build_text_encoder(arch, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id) \
+        if args.fresh_text_encoder else CLIPTextModel.from_pretrained(args.workdir / "teacher" / "text_encoder")
+    torch.manual_seed(args.seed)  # the same UNet whichever text encoder
     plain = build_unet(arch)
     extra = 2 * args.coords + args.frame_index
     unet = UNet2DConditionModel.from_config({**plain.config, "in_channels": arch.latent_channels + extra}) \
@@ -133,10 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     probe_noise = torch.randn(latents[probe].shape, generator=torch.Generator().manual_seed(2)).to(device)
     print("FLOORS " + json.dumps(mean_clip_floors(latents, captions, probe)), flush=True)
     latents = latents.to(device)
+    probe_latents = latents[probe]
     targets = latents
     if args.mean_targets:
-        groups = {c: torch.tensor([i for i, o in enumerate(captions) if o == c]) for c in set(captions)}
-        means = {c: latents[g.to(device)].mean(0) for c, g in groups.items()}
+        firsts = {c: i for i, c in reversed(list(enumerate(captions)))}
+        means = {c: latents[sharing_words(captions, i, (1, 2, 4))].mean(0) for c, i in firsts.items()}
         targets = torch.stack([means[c] for c in captions])
 
     @torch.no_grad()
@@ -144,13 +150,13 @@ def main(argv: list[str] | None = None) -> int:
         model.eval()
         text_encoder.eval()
         t = torch.full((len(probe),), 999, device=device)
-        x_t = C.add_noise(latents[probe], probe_noise, t, acp)  # pure noise at zero terminal SNR
+        x_t = C.add_noise(probe_latents, probe_noise, t, acp)  # pure noise at zero terminal SNR
         errors = {}
         for name, swap in (("true", {}), ("direction", OPPOSITE), ("colour", OTHER_COLOUR)):
             flipped = [" ".join(swap.get(w, w) for w in captions[i].split()) for i in probe]
             v = denoise(x_t, t, caption_ids(tokenizer, flipped, arch).to(device))
             x0 = C.predicted_original_sample(v, x_t, acp[999].sqrt(), (1 - acp[999]).sqrt(), arch.prediction_type)
-            errors[name] = float((x0 - latents[probe]).pow(2).mean())
+            errors[name] = float((x0 - probe_latents).pow(2).mean())
         model.train()
         text_encoder.train()
         return {"x0_error": errors["true"], "direction_gain": errors["direction"] / errors["true"] - 1,
@@ -158,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model.train()
     text_encoder.train()
+    switches = {k: v for k, v in vars(args).items() if isinstance(v, bool)}
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
         idx = torch.randint(0, len(captions), (args.batch,), generator=gen).to(device)
@@ -167,7 +174,6 @@ def main(argv: list[str] | None = None) -> int:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % args.every == 0 or step == args.steps:
-            switches = {k: v for k, v in vars(args).items() if isinstance(v, bool)}
             row = {**switches, "step": step, "loss": loss.item(), **gains(),
                    "elapsed_s": round(time.perf_counter() - start)}
             print("RESULT " + json.dumps(row), flush=True)
