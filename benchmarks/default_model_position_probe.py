@@ -1,8 +1,8 @@
 """What keeps the default model's UNet from making the direction word's track out of pure noise?
 
     python benchmarks/default_model_position_probe.py WORKDIR [--mean-targets] [--fresh-text-encoder]
-        [--coords] [--frame-index] [--blank-input] [--mid-block] [--steps 300] [--every 50] [--batch 8]
-        [--device cpu|cuda] [--threads 1]
+        [--coords] [--frame-index] [--blank-input] [--mid-block] [--unet-channels 32,64,64] [--stf-targets]
+        [--min-timestep 990] [--steps 300] [--every 50] [--batch 8] [--device cpu|cuda] [--threads 1]
 
 A probe, not a recipe. A fresh toy UNet + motion module (and WORKDIR's text encoder, trained with them) learns
 only the pure-noise end of zero-terminal-SNR v-prediction (t >= 990): there the noisy clip says nothing, so
@@ -16,7 +16,10 @@ Switches, one question each: --mean-targets trains towards each caption's mean c
 best output at pure noise, without the clip-to-clip spread in the gradient); --fresh-text-encoder starts the
 text encoder afresh (WORKDIR's hardly tells the direction words apart); --coords adds each pixel's x and y as
 channels (CoordConv) and --frame-index its frame number; --blank-input shows the UNet zeros instead of noise;
---mid-block adds AnimateLCM's mid-block motion module.
+--mid-block adds AnimateLCM's mid-block motion module; --unet-channels sets the UNet's levels (a third level
+puts a 4x4 grid at the bottom, where zero padding tells every cell where it is); --stf-targets trains towards
+the posterior mean over the clip's same-caption clips (diffusion_loss's reference; the caption's mean clip at
+pure noise, the clip itself where it shows), and --min-timestep widens the trained noise levels below 990.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from lcm_edge.distill import consistency as C
 from lcm_edge.distill.default_model.chain import OPPOSITE, _read_latents, caption_ids
 from lcm_edge.distill.default_model.pretrain import (ToyArchitecture, alphas_cumprod, build_motion_adapter,
                                                      build_text_encoder, build_unet)
-from lcm_edge.distill.pretrain import diffusion_loss
+from lcm_edge.distill.pretrain import diffusion_loss, same_caption_reference
 from lcm_edge.distill.synthetic import COLOURS
 
 OTHER_COLOUR = dict(zip(COLOURS, list(COLOURS)[1:] + list(COLOURS)[:1]))
@@ -96,6 +99,13 @@ def main(argv: list[str] | None = None) -> int:
                              "best pure-noise output, without the clip-to-clip spread in the gradient)")
     parser.add_argument("--mid-block", action="store_true",
                         help="add a motion module to the mid block, as AnimateLCM's adapter has (use_motion_mid_block)")
+    parser.add_argument("--unet-channels", default=None,
+                        help="the UNet's channels per level, e.g. 32,64,64 (default: ToyArchitecture's)")
+    parser.add_argument("--stf-targets", action="store_true",
+                        help="train towards the posterior mean of x_0 over the clip's same-caption clips "
+                             "(Stable Target Field; diffusion_loss's reference)")
+    parser.add_argument("--min-timestep", type=int, default=990,
+                        help="train on t >= this (990: only where the noisy clip says nothing)")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--every", type=int, default=50, help="steps between readings")
     parser.add_argument("--batch", type=int, default=8)
@@ -109,7 +119,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: this torch build sees no CUDA device; use --device cpu")
     device = torch.device(args.device)
+    if args.mean_targets and args.stf_targets:
+        parser.error("--mean-targets and --stf-targets are two different targets: give one")
     arch = ToyArchitecture(prediction_type="v_prediction", rescale_betas_zero_snr=True)
+    if args.unet_channels:
+        try:
+            channels = tuple(int(c) for c in args.unet_channels.split(","))
+        except ValueError:
+            parser.error(f"--unet-channels {args.unet_channels!r}: give integers separated by commas, e.g. 32,64,64")
+        arch = dataclasses.replace(arch, unet_channels=channels)
     acp = alphas_cumprod(arch).to(device)
     latents, captions = _read_latents(args.workdir / "latents")
     tokenizer = CLIPTokenizer.from_pretrained(args.workdir / "teacher" / "tokenizer")
@@ -144,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         firsts = {c: i for i, c in reversed(list(enumerate(captions)))}
         means = {c: latents[sharing_words(captions, i, (1, 2, 4))].mean(0) for c, i in firsts.items()}
         targets = torch.stack([means[c] for c in captions])
+    groups, group_mask = (t.to(device) for t in same_caption_reference(captions))
 
     @torch.no_grad()
     def gains() -> dict[str, float]:
@@ -165,10 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     model.train()
     text_encoder.train()
     switches = {k: v for k, v in vars(args).items() if isinstance(v, bool)}
+    switches.update(unet_channels=list(arch.unet_channels), min_timestep=args.min_timestep)
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
         idx = torch.randint(0, len(captions), (args.batch,), generator=gen).to(device)
-        loss = diffusion_loss(denoise, targets[idx], ids[idx], acp, arch.prediction_type, gen, min_timestep=990)
+        reference = dict(reference=latents[groups[idx]], reference_mask=group_mask[idx]) if args.stf_targets else {}
+        loss = diffusion_loss(denoise, targets[idx], ids[idx], acp, arch.prediction_type, gen,
+                              min_timestep=args.min_timestep, **reference)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

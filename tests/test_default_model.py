@@ -141,12 +141,13 @@ def test_architecture_schedule_reaches_the_teacher_sampler_and_the_distill_confi
     from lcm_edge.distill.default_model.chain import SCALES, distill_configs
     from lcm_edge.distill.default_model.pretrain import ToyArchitecture, alphas_cumprod, ddim_scheduler
 
-    plain = ToyArchitecture()
-    sampler = ddim_scheduler(plain).config  # AnimateLCM's: what the shipped v3 teacher was trained with
+    plain = ToyArchitecture(prediction_type="epsilon", rescale_betas_zero_snr=False)
+    sampler = ddim_scheduler(plain).config  # AnimateLCM's: what the v1-v4 teachers were trained with
     assert (sampler.prediction_type, sampler.rescale_betas_zero_snr, sampler.steps_offset) == ("epsilon", False, 1)
     assert float(alphas_cumprod(plain)[-1]) > 1e-3
 
-    zero_snr = ToyArchitecture(prediction_type="v_prediction", rescale_betas_zero_snr=True)
+    zero_snr = ToyArchitecture()  # the default since v5
+    assert (zero_snr.prediction_type, zero_snr.rescale_betas_zero_snr) == ("v_prediction", True)
     acp = alphas_cumprod(zero_snr)
     sampler = ddim_scheduler(zero_snr)
     assert float(acp[-1]) < 1e-6 and sampler.config.prediction_type == "v_prediction"

@@ -13,7 +13,7 @@ import torch
 
 from lcm_edge.distill import consistency as C
 from lcm_edge.distill.config import ScheduleConfig
-from lcm_edge.distill.pretrain import diffusion_loss, pretrain
+from lcm_edge.distill.pretrain import diffusion_loss, posterior_mean_x0, pretrain, same_caption_reference
 from lcm_edge.distill.sampling import guided_model, sample_ddim, sample_lcm
 from lcm_edge.scheduler import LCMScheduler, SchedulerConfig
 
@@ -113,6 +113,66 @@ def test_diffusion_loss_timestep_floor_and_x0_weighting():
         diffusion_loss(model, x0, None, ACP, "epsilon", torch.Generator(), min_timestep=len(ACP))
     with pytest.raises(ValueError, match="epsilon"):
         diffusion_loss(model, x0, None, ACP, "v_prediction", torch.Generator(), x0_weight_cap=5.0)
+
+
+def test_posterior_mean_over_reference_clips():
+    g = torch.Generator().manual_seed(0)
+    reference = torch.randn(2, 5, 3, 4, 4, generator=g)  # 2 samples, 5 reference clips each
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    noise = torch.randn(2, 3, 4, 4, generator=g)
+    # Pure noise (alpha_bar 0): every real reference clip is equally likely, so the caption's mean clip.
+    at_zero = posterior_mean_x0(noise, torch.zeros(2, 1, 1, 1), reference, mask)
+    assert torch.allclose(at_zero[0], reference[0].mean(0), atol=1e-6)
+    assert torch.allclose(at_zero[1], reference[1, :3].mean(0), atol=1e-6)
+    # Little noise: the clip x_t came from (the first) and nothing else.
+    a = torch.full((2, 1, 1, 1), 0.999)
+    x_t = a.sqrt() * reference[:, 0] + (1 - a).sqrt() * noise
+    assert torch.allclose(posterior_mean_x0(x_t, a, reference, mask), reference[:, 0], atol=1e-5)
+    # In between: Bayes' rule over the clips, written out.
+    a = torch.tensor(0.02)
+    x_t = a.sqrt() * reference[:, 1] + (1 - a).sqrt() * noise
+    log_p = torch.stack([-(x_t - a.sqrt() * reference[:, r]).pow(2).flatten(1).sum(1) / (2 * (1 - a))
+                         for r in range(5)], 1).masked_fill(~mask, float("-inf"))
+    expected = torch.einsum("br,br...->b...", torch.softmax(log_p, 1), reference)
+    assert torch.allclose(posterior_mean_x0(x_t, a, reference, mask), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="reference"):
+        posterior_mean_x0(x_t, a, reference[:, :, :2], mask)
+    with pytest.raises(ValueError, match="reference_mask"):
+        posterior_mean_x0(x_t, a, reference, torch.zeros(2, 5, dtype=torch.bool))
+
+
+def test_same_caption_reference_and_the_stable_target():
+    index, mask = same_caption_reference(["a", "b", "a", "a"])
+    assert index.tolist() == [[0, 2, 3], [1, 1, 1], [2, 0, 3], [3, 0, 2]]
+    assert mask.tolist() == [[True] * 3, [True, False, False], [True] * 3, [True] * 3]
+    seen = []
+
+    def model(x, t, text):
+        seen.append(t)
+        return torch.zeros_like(x)
+
+    x0 = torch.randn(4, 2, 3, 3, generator=torch.Generator().manual_seed(1))
+    # Each sample its own only reference: the plain loss, draw for draw.
+    for prediction_type in ("epsilon", "v_prediction"):
+        plain = diffusion_loss(model, x0, None, ACP, prediction_type, torch.Generator().manual_seed(0))
+        alone = diffusion_loss(model, x0, None, ACP, prediction_type, torch.Generator().manual_seed(0),
+                               reference=x0[:, None], reference_mask=torch.ones(4, 1, dtype=torch.bool))
+        assert torch.isclose(plain, alone, rtol=1e-5)
+    # At pure noise (zero terminal SNR, t = 999) the x_0 target is the group's mean, whichever clip was drawn.
+    zero_snr = C.make_alphas_cumprod("linear", 0.00085, 0.012, 1000, True)
+    captured = []
+
+    def x0_model(x, t, text):
+        out = torch.zeros_like(x, requires_grad=True)
+        captured.append(out)
+        return out
+
+    loss = diffusion_loss(x0_model, x0, None, zero_snr, "sample", torch.Generator().manual_seed(0),
+                          min_timestep=999, reference=x0[index], reference_mask=mask)
+    loss.backward()  # d loss / d out = 2 (out - target) / n, out = 0: the target, read off the gradient
+    target = -captured[0].grad * x0.numel() / 2
+    assert torch.allclose(target[0], x0[[0, 2, 3]].mean(0), atol=1e-5)
+    assert torch.allclose(target[1], x0[1], atol=1e-5)
 
 
 def test_gpu_smoke_script_refuses_without_cuda():

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from .. import consistency as C
+from ..pretrain import same_caption_reference
 from ..synthetic import COLOURS, DEFAULT_TRAVEL, DIRECTIONS, SHAPES, ShapeClip, caption_for, synthetic_clips
 from .bpe import train_bpe, write_tokenizer
 from .detector import Detection, detect
@@ -113,6 +114,12 @@ EYE = 0.0
 # it too (direction_gain <= 0.0008 at t = 200-950 after steps 5 and 5b; benchmarks/results/
 # default_model_teacher_sweep/README.md), so the paths stay long.
 TRAVEL = DEFAULT_TRAVEL
+# Stable Target Field targets in every teacher stage (diffusion_loss's reference: the posterior mean over the
+# clip's same-caption clips). Where the noise hides the clip, a single clip's target is one random start point of
+# many; its caption's mean clip is what the word decides. With single clips as targets a pure-noise probe never
+# learnt the direction word; with mean clips it did in 200-300 steps (benchmarks/results/
+# default_model_teacher_sweep/README.md).
+STABLE_TARGETS = True
 
 
 def make_training_clips(count: int, arch: ToyArchitecture, seed: int, trail: float = MOTION_TRAIL,
@@ -196,8 +203,10 @@ def pretrain_image_teacher(workdir: Path, scale: ChainScale, arch: ToyArchitectu
     text_encoder = build_text_encoder(arch, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
     image_latents = video_latents.permute(0, 2, 1, 3, 4).flatten(0, 1)  # every frame is an image
     frame_ids = ids.repeat_interleave(arch.num_frames, dim=0)
+    frame_captions = [c for c in captions for _ in range(arch.num_frames)]
     train_image_teacher(unet, text_encoder, image_latents, frame_ids, empty_ids, arch, steps=scale.image_steps,
-                        batch_size=scale.batch_image_teacher, lr=1e-3, seed=seed + 1, log=log)
+                        batch_size=scale.batch_image_teacher, lr=1e-3, seed=seed + 1, log=log,
+                        reference=same_caption_reference(frame_captions) if STABLE_TARGETS else None)
     timings["teacher_image_s"] = time.perf_counter() - t0
     checks["image"] = check_teacher(vae, unet, text_encoder, tokenizer, empty_ids, arch, None, scale, seed, log)
     (workdir / "teacher_check.json").write_text(json.dumps(checks) + "\n")
@@ -327,12 +336,13 @@ def save_teacher(workdir: Path, unet, adapter, text_encoder=None) -> None:
 # steps, batch, schedule: the ChainScale fields; check, timing: where its check and wall time are recorded; the
 # rest goes to train_motion_teacher.
 VIDEO_STAGES = {
-    # step 5: a new motion module on the image teacher, its cross-attention trained with it.
+    # step 5: a new motion module on the image teacher, its cross-attention and the text encoder trained with it
+    # (in single frames "left" and "right" look the same, so after the image stage it hardly tells them apart).
     "motion": dict(steps="motion_steps", batch="batch_videos", lr=1e-3, seed_offset=2, spatial="cross_attention",
-                   check="video", timing="teacher_motion_s"),
+                   train_text_encoder=True, check="video", timing="teacher_motion_s"),
     # step 5b: the whole teacher (every spatial weight + motion modules) fine-tuned on the clips.
     "finetune": dict(steps="video_finetune_steps", batch="batch_videos", lr=3e-4, seed_offset=77, spatial="all",
-                     check="video_finetuned", timing="teacher_video_finetune_s"),
+                     train_text_encoder=True, check="video_finetuned", timing="teacher_video_finetune_s"),
     # step 5c: 5b continued at a larger batch, on t >= 300 only, the text encoder trained too. Of four such
     # continuations (benchmarks/results/default_model_teacher_sweep/README.md) the two that moved the loss to
     # high noise drew the right shape for 0.96-0.98 of prompts, the others 0.62; none learnt the direction.
@@ -369,8 +379,9 @@ def train_video_teacher(workdir: Path, scale: ChainScale, arch: ToyArchitecture,
     else:
         adapter = parts["adapter"]
     adapter.to(device)
+    reference = tuple(t.to(device) for t in same_caption_reference(parts["captions"])) if STABLE_TARGETS else None
     train_motion_teacher(unet, adapter, text_encoder, video_latents, ids, empty_ids, arch, steps=steps,
-                         batch_size=batch_size, log=log, seed=stage_seed, **settings)
+                         batch_size=batch_size, log=log, seed=stage_seed, reference=reference, **settings)
     elapsed = time.perf_counter() - t0
     check = check_teacher(vae, unet, text_encoder, tokenizer, empty_ids, arch, adapter, scale, seed, log)
     check["direction_gain"] = direction_gain(unet, adapter, text_encoder, tokenizer, video_latents,

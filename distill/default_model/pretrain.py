@@ -31,13 +31,15 @@ Log = Callable[[str], None]
 
 @dataclass(frozen=True)
 class ToyArchitecture:
-    """Sizes of the default model. 64x64 px clips, VAE /4 -> 16x16 latents, UNet /2."""
+    """Sizes of the default model. 64x64 px clips, VAE /4 -> 16x16 latents, UNet /4 (16, 8, 4)."""
 
     resolution: int = 64
     num_frames: int = 16
     latent_channels: int = 4
     vae_channels: tuple[int, ...] = (16, 32, 32)
-    unet_channels: tuple[int, ...] = (32, 64)
+    # A third level (v1-v4 had two) puts a 4x4 grid at the bottom, where zero padding tells every cell where it
+    # is: a word that decides where the object is in frame k (its direction) needs that absolute position.
+    unet_channels: tuple[int, ...] = (32, 64, 64)
     unet_groups: int = 8
     # diffusers' UNet2DConditionModel reads attention_head_dim as the number of heads (its documented naming
     # quirk): 8 heads, so 4 channels per head at 32 channels and 8 at 64. A tuple gives one value per level.
@@ -52,11 +54,12 @@ class ToyArchitecture:
     motion_mid_block: bool = False
     beta_start: float = 0.00085
     beta_end: float = 0.012
-    # AnimateLCM's parameterisation. v_prediction + rescale_betas_zero_snr (Lin et al. 2024) train the
-    # teachers to start from pure noise; measured, that alone did not make the direction word used
-    # (benchmarks/results/default_model_teacher_sweep/README.md).
-    prediction_type: str = "epsilon"
-    rescale_betas_zero_snr: bool = False
+    # v_prediction + rescale_betas_zero_snr (Lin et al. 2024; v1-v4 had AnimateLCM's epsilon and linear betas):
+    # sampling starts from pure noise, so the caption alone decides which way the clip goes. Under the linear
+    # betas the noisy clip still shows the track at t = 999, and the word is worth nothing to the loss
+    # (benchmarks/results/default_model_teacher_sweep/README.md, "What each word is worth").
+    prediction_type: str = "v_prediction"
+    rescale_betas_zero_snr: bool = True
 
     @property
     def vae_scale(self) -> int:
@@ -82,10 +85,13 @@ def build_text_encoder(arch: ToyArchitecture, vocab_size: int, bos_id: int, eos_
 
 
 def build_unet(arch: ToyArchitecture) -> UNet2DConditionModel:
+    """SD1.5's layout at toy size: cross-attention at every level but the last (one level per unet_channels)."""
+    levels = len(arch.unet_channels)
     return UNet2DConditionModel(
         sample_size=arch.resolution // arch.vae_scale, in_channels=arch.latent_channels,
         out_channels=arch.latent_channels, block_out_channels=arch.unet_channels, layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
         cross_attention_dim=arch.text_hidden, attention_head_dim=arch.attention_head_dim,
         norm_num_groups=arch.unet_groups)
 
@@ -200,19 +206,37 @@ def encode_latents(vae: AutoencoderKL, frames: torch.Tensor, batch_size: int = 6
 
 
 def _captions_with_drop(source: torch.Tensor, empty: torch.Tensor, batch_size: int, probability: float,
-                        gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """A random batch of indices, and their captions with `probability` of them made empty (for CFG)."""
+                        gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A random batch of indices, their captions with `probability` of them made empty (for CFG), and which."""
     idx = torch.randint(0, source.shape[0], (batch_size,), generator=gen).to(source.device)
     captions = source[idx].clone()
-    captions[(torch.rand(batch_size, generator=gen) < probability).to(source.device)] = empty
-    return idx, captions
+    dropped = (torch.rand(batch_size, generator=gen) < probability).to(source.device)
+    captions[dropped] = empty
+    return idx, captions, dropped
+
+
+Reference = tuple[torch.Tensor, torch.Tensor]  # pretrain.same_caption_reference: (N, R) indices, (N, R) mask
+
+
+def _stable_target(latents: torch.Tensor, idx: torch.Tensor, dropped: torch.Tensor,
+                   reference: Reference | None) -> dict:
+    """diffusion_loss's reference for a batch: each sample's same-caption samples; a sample whose caption was
+    dropped keeps itself alone (its caption no longer says which clips it shares)."""
+    if reference is None:
+        return {}
+    index, mask = reference[0][idx], reference[1][idx].clone()
+    mask[dropped, 1:] = False
+    return {"reference": latents[index], "reference_mask": mask}
 
 
 def train_image_teacher(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, latents: torch.Tensor,
                         input_ids: torch.Tensor, empty_ids: torch.Tensor, arch: ToyArchitecture, *, steps: int,
                         batch_size: int, lr: float, seed: int, log: Log, uncond_probability: float = 0.1,
-                        on_checkpoint: Checkpoint | None = None, checkpoint_every: int = 0) -> list[float]:
-    """latents (N, C, h, w) with captions input_ids (N, L). arch.prediction_type's loss; text encoder trains jointly."""
+                        on_checkpoint: Checkpoint | None = None, checkpoint_every: int = 0,
+                        reference: Reference | None = None) -> list[float]:
+    """latents (N, C, h, w) with captions input_ids (N, L). arch.prediction_type's loss; text encoder trains jointly.
+
+    reference (same_caption_reference over the N captions): Stable Target Field targets (diffusion_loss)."""
     gen = torch.Generator().manual_seed(seed)
     acp = alphas_cumprod(arch)
 
@@ -220,8 +244,9 @@ def train_image_teacher(unet: UNet2DConditionModel, text_encoder: CLIPTextModel,
         return unet(x_t, t, encoder_hidden_states=text_encoder(caption_ids).last_hidden_state).sample
 
     def loss_fn(_step: int) -> torch.Tensor:
-        idx, ids = _captions_with_drop(input_ids, empty_ids, batch_size, uncond_probability, gen)
-        return diffusion_loss(denoiser, latents[idx], ids, acp, arch.prediction_type, gen)
+        idx, ids, dropped = _captions_with_drop(input_ids, empty_ids, batch_size, uncond_probability, gen)
+        return diffusion_loss(denoiser, latents[idx], ids, acp, arch.prediction_type, gen,
+                              **_stable_target(latents, idx, dropped, reference))
 
     def checkpoint(step: int) -> None:
         unet.eval()
@@ -246,13 +271,14 @@ def train_motion_teacher(unet: UNet2DConditionModel, adapter: MotionAdapter, tex
                          uncond_probability: float = 0.1, spatial: str = "cross_attention",
                          min_timestep: int = 0, x0_weight_cap: float = 0.0, train_text_encoder: bool = False,
                          on_checkpoint: Checkpoint | None = None, checkpoint_every: int = 0,
-                         schedule_steps: int | None = None) -> list[float]:
+                         schedule_steps: int | None = None, reference: Reference | None = None) -> list[float]:
     """AnimateDiff's recipe (video_latents (N, C, F, h, w)), with the cross-attention layers trained too.
 
     spatial="all" trains every spatial weight with the motion modules (a video fine-tune of the
     whole teacher), "none" the motion modules alone; the default trains the cross-attention too.
     min_timestep > 0 trains on high noise only; x0_weight_cap > 0 weights the loss towards it (see diffusion_loss).
-    schedule_steps: see _optimise.
+    schedule_steps: see _optimise. reference (same_caption_reference over the N captions): Stable Target Field
+    targets (diffusion_loss), the caption's mean clip where the noise hides the clip.
     train_text_encoder=True trains the text encoder with them (updated in place): the image teacher's
     text encoder had no reason to tell "left" from "right" (a direction token moves its output by
     ~1/10 of what a colour token does), so frozen it hides the direction from every later layer.
@@ -287,12 +313,12 @@ def train_motion_teacher(unet: UNet2DConditionModel, adapter: MotionAdapter, tex
 
     def loss_fn(_step: int) -> torch.Tensor:
         if train_text_encoder:
-            idx, ids = _captions_with_drop(input_ids, empty_ids, batch_size, uncond_probability, gen)
+            idx, ids, dropped = _captions_with_drop(input_ids, empty_ids, batch_size, uncond_probability, gen)
             context = text_encoder(ids).last_hidden_state
         else:
-            idx, context = _captions_with_drop(contexts, empty, batch_size, uncond_probability, gen)
+            idx, context, dropped = _captions_with_drop(contexts, empty, batch_size, uncond_probability, gen)
         return diffusion_loss(denoiser, video_latents[idx], context, acp, arch.prediction_type, gen, min_timestep,
-                              x0_weight_cap)
+                              x0_weight_cap, **_stable_target(video_latents, idx, dropped, reference))
 
     def write_back() -> None:
         # from_unet2d copied the weights; copy the trained ones back (strict: the same keys on both sides).
