@@ -177,3 +177,20 @@ def test_cue_readers_read_ground_truth_cues():
     assert rate(readers.eye_side, eye=0.25) >= 0.99
     plain = synthetic_clips(6, seed=9, size=64, num_frames=8)
     assert all(readers.eye_side(frame) is None for clip in plain for frame in clip.frames)
+
+
+def test_stable_targets_share_a_caption_unless_it_was_dropped():
+    """The teachers' Stable Target Field batch: same-caption clips as reference, a sample alone once its caption
+    is dropped for classifier-free guidance (an empty caption says nothing about which clips it shares)."""
+    import torch
+
+    from lcm_edge.distill.default_model.pretrain import _stable_target
+    from lcm_edge.distill.pretrain import same_caption_reference
+
+    latents = torch.arange(5.0)[:, None, None].expand(5, 2, 2)  # clip i is all i
+    reference = same_caption_reference(["left", "right", "left", "left", "right"])
+    batch = _stable_target(latents, torch.tensor([0, 4, 3]), torch.tensor([False, False, True]), reference)
+    assert batch["reference_mask"].tolist() == [[True, True, True], [True, True, False], [True, False, False]]
+    assert batch["reference"][:, :, 0, 0].tolist() == [[0, 2, 3], [4, 1, 4], [3, 0, 2]]
+    assert reference[1][2].all()  # the source mask is untouched by a dropped caption
+    assert _stable_target(latents, torch.tensor([0]), torch.tensor([False]), None) == {}

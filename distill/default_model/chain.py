@@ -7,10 +7,11 @@ Recipe (every step is the project's own code, as a full-scale user would run it)
 1. synthetic clips (deterministic by seed; some colour-shape-direction combinations held out);
 2. a CLIP-format BPE tokenizer trained on the captions;
 3. an AutoencoderKL trained on the frames, then the clips encoded to latents;
-4. the teacher image UNet + text encoder (plain diffusion training);
-5. the teacher motion module on the frozen image model (AnimateDiff's recipe, + cross-attention),
-   then (5b) a video fine-tune of the whole teacher, and (5c) that fine-tune continued on 16x more clips per
-   step, the loss on t >= 300 and the text encoder trained too (scale "full"; a GPU's work: --continue-device);
+4. the teacher image UNet + text encoder (diffusion training, v-prediction on a zero-terminal-SNR schedule,
+   Stable Target Field targets: STABLE_TARGETS);
+5. the teacher motion module on the frozen image model (AnimateDiff's recipe, + cross-attention and the text
+   encoder), then (5b) a video fine-tune of the whole teacher, and (5c) that fine-tune continued on 16x more
+   clips per step, the loss on t >= 300 (scale "full"; a GPU's work: --continue-device);
 6. stage 1 of lcm_edge.distill: the image consistency LoRA;
 7. stage 2 of lcm_edge.distill: video consistency distillation of a fresh motion module;
 8. export of the student to a bundle with provenance (command, seeds, code version, timings).

@@ -2,10 +2,11 @@
 
 AnimateLCM distils SD1.5 + AnimateDiff; here there is no SD1.5, so the same family is trained
 from scratch at toy size on synthetic clips: an AutoencoderKL, a CLIP text encoder trained
-jointly with the image UNet (epsilon prediction, AnimateLCM's linear betas, 10% empty captions
+jointly with the image UNet (ToyArchitecture's parameterisation and schedule, 10% empty captions
 so classifier-free guidance works), then an AnimateDiff-style motion module on the frozen
 image model. Stage 1 and stage 2 of `lcm_edge.distill` then distil these teachers. The loss is
-`lcm_edge.distill.pretrain.diffusion_loss`; this module adds the models and what each trains.
+`lcm_edge.distill.pretrain.diffusion_loss` (with Stable Target Field targets where the caller gives
+a reference); this module adds the models and what each trains.
 """
 
 from __future__ import annotations
