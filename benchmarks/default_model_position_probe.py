@@ -2,7 +2,7 @@
 
     python benchmarks/default_model_position_probe.py WORKDIR [--mean-targets] [--fresh-text-encoder]
         [--coords] [--frame-index] [--blank-input] [--mid-block] [--unet-channels 32,64,64] [--stf-targets]
-        [--min-timestep 990] [--steps 300] [--every 50] [--batch 8] [--device cpu|cuda] [--threads 1]
+        [--min-timestep 990] [--resume] [--steps 300] [--every 50] [--batch 8] [--device cpu|cuda] [--threads 1]
 
 A probe, not a recipe. A fresh toy UNet + motion module (and WORKDIR's text encoder, trained with them) learns
 only the pure-noise end of zero-terminal-SNR v-prediction (t >= 990): there the noisy clip says nothing, so
@@ -20,6 +20,8 @@ channels (CoordConv) and --frame-index its frame number; --blank-input shows the
 puts a 4x4 grid at the bottom, where zero padding tells every cell where it is); --stf-targets trains towards
 the posterior mean over the clip's same-caption clips (diffusion_loss's reference; the caption's mean clip at
 pure noise, the clip itself where it shows), and --min-timestep widens the trained noise levels below 990.
+--resume starts from WORKDIR's teacher (teacher/unet, teacher_motion, its text encoder) instead of a fresh model:
+does a chain teacher pick the word up at pure noise, and with which targets?
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def mean_clip_floors(latents: torch.Tensor, captions: list[str], probe: list[int
 
 
 def main(argv: list[str] | None = None) -> int:
-    from diffusers import UNet2DConditionModel, UNetMotionModel
+    from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -106,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
                              "(Stable Target Field; diffusion_loss's reference)")
     parser.add_argument("--min-timestep", type=int, default=990,
                         help="train on t >= this (990: only where the noisy clip says nothing)")
+    parser.add_argument("--resume", action="store_true",
+                        help="start from WORKDIR's teacher (a zero-terminal-SNR v-prediction chain's) instead of "
+                             "a fresh UNet and motion module")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--every", type=int, default=50, help="steps between readings")
     parser.add_argument("--batch", type=int, default=8)
@@ -121,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if args.mean_targets and args.stf_targets:
         parser.error("--mean-targets and --stf-targets are two different targets: give one")
+    if args.resume and (args.coords or args.frame_index or args.mid_block or args.unet_channels):
+        parser.error("--resume takes WORKDIR's teacher as it is: drop --coords, --frame-index, --mid-block and "
+                     "--unet-channels")
     arch = ToyArchitecture(prediction_type="v_prediction", rescale_betas_zero_snr=True)
     if args.unet_channels:
         try:
@@ -140,7 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     unet = UNet2DConditionModel.from_config({**plain.config, "in_channels": arch.latent_channels + extra}) \
         if extra else plain
     arch = dataclasses.replace(arch, motion_mid_block=args.mid_block)
-    model = UNetMotionModel.from_unet2d(unet, build_motion_adapter(arch)).to(device)
+    if args.resume:
+        unet = UNet2DConditionModel.from_pretrained(args.workdir / "teacher" / "unet")
+        adapter = MotionAdapter.from_pretrained(args.workdir / "teacher_motion")
+    else:
+        adapter = build_motion_adapter(arch)
+    model = UNetMotionModel.from_unet2d(unet, adapter).to(device)
     text_encoder.to(device)
     ids = caption_ids(tokenizer, captions, arch).to(device)
     params = list(model.parameters()) + list(text_encoder.parameters())

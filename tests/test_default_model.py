@@ -194,3 +194,31 @@ def test_stable_targets_share_a_caption_unless_it_was_dropped():
     assert batch["reference"][:, :, 0, 0].tolist() == [[0, 2, 3], [4, 1, 4], [3, 0, 2]]
     assert reference[1][2].all()  # the source mask is untouched by a dropped caption
     assert _stable_target(latents, torch.tensor([0]), torch.tensor([False]), None) == {}
+
+
+def test_teachers_train_with_stable_targets_on_the_tried_architecture(tmp_path, monkeypatch):
+    """The stable-target chain run's teacher steps (STABLE_TARGETS, three UNet levels, v-prediction on zero
+    terminal SNR) at smoke scale: every frame's and clip's same-caption reference reaches the loss."""
+    from lcm_edge.distill import pretrain
+    from lcm_edge.distill.default_model import chain
+    from lcm_edge.distill.default_model.pretrain import ToyArchitecture
+
+    calls = []
+    real = pretrain.posterior_mean_x0
+
+    def counted(x_t, a, reference, reference_mask=None):
+        calls.append((reference.shape, int(reference_mask.sum())))
+        return real(x_t, a, reference, reference_mask)
+
+    monkeypatch.setattr(chain, "STABLE_TARGETS", True)
+    monkeypatch.setattr(pretrain, "posterior_mean_x0", counted)
+    arch = ToyArchitecture(unet_channels=(32, 64, 64), prediction_type="v_prediction", rescale_betas_zero_snr=True)
+    scale = chain.SCALES["smoke"]
+    chain.pretrain_image_teacher(tmp_path, scale, arch, 0, lambda message: None)
+    chain.train_video_teacher(tmp_path, scale, arch, 0, lambda message: None, stage="motion")
+    image_calls, video_calls = calls[:scale.image_steps], calls[scale.image_steps:]
+    assert len(video_calls) == scale.motion_steps
+    # 24 smoke clips over 55 trained combinations: each caption's group is its one clip (x 16 frames as images).
+    assert image_calls[0][0][1] == arch.num_frames and video_calls[0][0][1] == 1
+    check = json.loads((tmp_path / "teacher_check.json").read_text())["video"]
+    assert "direction_gain" in check

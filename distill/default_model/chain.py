@@ -66,13 +66,19 @@ class ChainScale:
     continue_steps: int = 0
     continue_schedule_steps: int = 0
     batch_continue: int = 1
+    # Step 5d: the pure-noise end (t >= 990) with stable targets, `pure_noise_steps` of a
+    # `pure_noise_schedule_steps`-long schedule (kept near its peak rate) at batch `batch_pure_noise`.
+    pure_noise_steps: int = 0
+    pure_noise_schedule_steps: int = 0
+    batch_pure_noise: int = 1
 
 
 # Image teacher at batch 64: at batch 16 its shapes stayed at chance after 4000 steps; at 64 they
 # were right for 24 of 24 prompts from 1500 steps (benchmarks/default_model_teacher_sweep.py, H100).
 CPU_SCALE = ChainScale(clips=1100, vae_steps=2500, image_steps=2000, motion_steps=1000, video_finetune_steps=3000,
                        stage1_steps=500, stage2_steps=500, batch_images=16, batch_image_teacher=64, batch_videos=2,
-                       vae_crop=32, check_prompts=10, check_steps=25)
+                       vae_crop=32, check_prompts=10, check_steps=25, pure_noise_steps=400,
+                       pure_noise_schedule_steps=4000, batch_pure_noise=8)
 SCALES = {
     # The shipped recipe. Step 5c at batch 32 took the teacher's shapes from 0.58 to 0.96 of 48 prompts (and the
     # 4-step student's from 0.67 to 1.0); 1000 steps of a 3000-step schedule, as in the run that made the
@@ -83,7 +89,7 @@ SCALES = {
     "smoke": ChainScale(clips=24, vae_steps=3, image_steps=3, motion_steps=2, video_finetune_steps=1,
                         stage1_steps=2, stage2_steps=2, batch_images=4, batch_image_teacher=4, batch_videos=1,
                         vae_crop=32, check_prompts=1, check_steps=2, continue_steps=1, continue_schedule_steps=2,
-                        batch_continue=1),
+                        batch_continue=1, pure_noise_steps=1, pure_noise_schedule_steps=2, batch_pure_noise=1),
 }
 
 
@@ -354,6 +360,14 @@ VIDEO_STAGES = {
     "continue": dict(steps="continue_steps", batch="batch_continue", schedule="continue_schedule_steps", lr=3e-4,
                      seed_offset=2, spatial="all", train_text_encoder=True, min_timestep=300,
                      check="video_continued", timing="teacher_continue_s"),
+    # step 5d: the whole teacher and the text encoder on the pure-noise end only (t >= 990), where the caption is
+    # all the model has and the stable target is the caption's mean clip. After 5b the teacher left the direction
+    # word unused (direction_gain -0.0004); continued this way its x_0 error at t = 999 with the word flipped
+    # rose 7% by 300 steps, against 0.01% with the clips themselves as targets
+    # (benchmarks/default_model_position_probe.py --resume; results/default_model_teacher_sweep/README.md).
+    "pure_noise": dict(steps="pure_noise_steps", batch="batch_pure_noise", schedule="pure_noise_schedule_steps",
+                       lr=1e-3, seed_offset=5, spatial="all", train_text_encoder=True, min_timestep=990,
+                       check="video_pure_noise", timing="teacher_pure_noise_s"),
 }
 
 
@@ -568,10 +582,14 @@ def main(argv: list[str] | None = None) -> int:
                                                              stage="finetune"),
         "teacher_continue.json": lambda: train_video_teacher(args.workdir, scale, arch, args.seed, log,
                                                              stage="continue", device=args.continue_device),
+        "teacher_pure_noise.json": lambda: train_video_teacher(args.workdir, scale, arch, args.seed, log,
+                                                               stage="pure_noise"),
         "distill.json": lambda: distill_student(args.workdir, scale, arch, args.seed, log, fresh=retrained),
     }
     if not scale.continue_steps:
         del steps["teacher_continue.json"]
+    if not scale.pure_noise_steps:
+        del steps["teacher_pure_noise.json"]
     timings, retrained = {}, False
     for marker, run in steps.items():
         path = args.workdir / marker
