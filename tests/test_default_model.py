@@ -141,13 +141,12 @@ def test_architecture_schedule_reaches_the_teacher_sampler_and_the_distill_confi
     from lcm_edge.distill.default_model.chain import SCALES, distill_configs
     from lcm_edge.distill.default_model.pretrain import ToyArchitecture, alphas_cumprod, ddim_scheduler
 
-    plain = ToyArchitecture(prediction_type="epsilon", rescale_betas_zero_snr=False)
-    sampler = ddim_scheduler(plain).config  # AnimateLCM's: what the v1-v4 teachers were trained with
+    plain = ToyArchitecture()
+    sampler = ddim_scheduler(plain).config  # AnimateLCM's: what the shipped teacher was trained with
     assert (sampler.prediction_type, sampler.rescale_betas_zero_snr, sampler.steps_offset) == ("epsilon", False, 1)
     assert float(alphas_cumprod(plain)[-1]) > 1e-3
 
-    zero_snr = ToyArchitecture()  # the default since v5
-    assert (zero_snr.prediction_type, zero_snr.rescale_betas_zero_snr) == ("v_prediction", True)
+    zero_snr = ToyArchitecture(prediction_type="v_prediction", rescale_betas_zero_snr=True)
     acp = alphas_cumprod(zero_snr)
     sampler = ddim_scheduler(zero_snr)
     assert float(acp[-1]) < 1e-6 and sampler.config.prediction_type == "v_prediction"
@@ -198,7 +197,9 @@ def test_stable_targets_share_a_caption_unless_it_was_dropped():
 
 def test_teachers_train_with_stable_targets_on_the_tried_architecture(tmp_path, monkeypatch):
     """The stable-target chain run's teacher steps (STABLE_TARGETS, three UNet levels, v-prediction on zero
-    terminal SNR) at smoke scale: every frame's and clip's same-caption reference reaches the loss."""
+    terminal SNR, step 5d) at smoke scale: every frame's and clip's same-caption reference reaches the loss."""
+    from dataclasses import replace
+
     from lcm_edge.distill import pretrain
     from lcm_edge.distill.default_model import chain
     from lcm_edge.distill.default_model.pretrain import ToyArchitecture
@@ -213,12 +214,14 @@ def test_teachers_train_with_stable_targets_on_the_tried_architecture(tmp_path, 
     monkeypatch.setattr(chain, "STABLE_TARGETS", True)
     monkeypatch.setattr(pretrain, "posterior_mean_x0", counted)
     arch = ToyArchitecture(unet_channels=(32, 64, 64), prediction_type="v_prediction", rescale_betas_zero_snr=True)
-    scale = chain.SCALES["smoke"]
+    scale = replace(chain.SCALES["smoke"], pure_noise_steps=2, pure_noise_schedule_steps=4, batch_pure_noise=2)
     chain.pretrain_image_teacher(tmp_path, scale, arch, 0, lambda message: None)
     chain.train_video_teacher(tmp_path, scale, arch, 0, lambda message: None, stage="motion")
+    timings = chain.train_video_teacher(tmp_path, scale, arch, 0, lambda message: None, stage="pure_noise")
     image_calls, video_calls = calls[:scale.image_steps], calls[scale.image_steps:]
-    assert len(video_calls) == scale.motion_steps
+    assert len(video_calls) == scale.motion_steps + scale.pure_noise_steps and timings["teacher_pure_noise_s"] > 0
+    assert video_calls[-1][0][0] == scale.batch_pure_noise
     # 24 smoke clips over 55 trained combinations: each caption's group is its one clip (x 16 frames as images).
     assert image_calls[0][0][1] == arch.num_frames and video_calls[0][0][1] == 1
-    check = json.loads((tmp_path / "teacher_check.json").read_text())["video"]
-    assert "direction_gain" in check
+    checks = json.loads((tmp_path / "teacher_check.json").read_text())
+    assert "direction_gain" in checks["video"] and "direction_gain" in checks["video_pure_noise"]
