@@ -142,16 +142,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     text_encoder = build_text_encoder(arch, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id) \
         if args.fresh_text_encoder else CLIPTextModel.from_pretrained(args.workdir / "teacher" / "text_encoder")
-    torch.manual_seed(args.seed)  # the same UNet whichever text encoder
-    plain = build_unet(arch)
-    extra = 2 * args.coords + args.frame_index
-    unet = UNet2DConditionModel.from_config({**plain.config, "in_channels": arch.latent_channels + extra}) \
-        if extra else plain
     arch = dataclasses.replace(arch, motion_mid_block=args.mid_block)
     if args.resume:
         unet = UNet2DConditionModel.from_pretrained(args.workdir / "teacher" / "unet")
         adapter = MotionAdapter.from_pretrained(args.workdir / "teacher_motion")
     else:
+        torch.manual_seed(args.seed)  # the same UNet whichever text encoder
+        plain = build_unet(arch)
+        extra = 2 * args.coords + args.frame_index
+        unet = UNet2DConditionModel.from_config({**plain.config, "in_channels": arch.latent_channels + extra}) \
+            if extra else plain
         adapter = build_motion_adapter(arch)
     model = UNetMotionModel.from_unet2d(unet, adapter).to(device)
     text_encoder.to(device)
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         firsts = {c: i for i, c in reversed(list(enumerate(captions)))}
         means = {c: latents[sharing_words(captions, i, (1, 2, 4))].mean(0) for c, i in firsts.items()}
         targets = torch.stack([means[c] for c in captions])
-    groups, group_mask = (t.to(device) for t in same_caption_reference(captions))
+    groups = tuple(t.to(device) for t in same_caption_reference(captions)) if args.stf_targets else None
 
     @torch.no_grad()
     def gains() -> dict[str, float]:
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
         idx = torch.randint(0, len(captions), (args.batch,), generator=gen).to(device)
-        reference = dict(reference=latents[groups[idx]], reference_mask=group_mask[idx]) if args.stf_targets else {}
+        reference = dict(reference=latents[groups[0][idx]], reference_mask=groups[1][idx]) if groups else {}
         loss = diffusion_loss(denoise, targets[idx], ids[idx], acp, arch.prediction_type, gen,
                               min_timestep=args.min_timestep, **reference)
         opt.zero_grad(set_to_none=True)

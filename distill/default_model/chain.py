@@ -66,7 +66,7 @@ class ChainScale:
     continue_steps: int = 0
     continue_schedule_steps: int = 0
     batch_continue: int = 1
-    # Step 5d: the pure-noise end (t >= 990) with stable targets, `pure_noise_steps` of a
+    # Step 5d: the pure-noise end (t >= 990; stable targets where STABLE_TARGETS), `pure_noise_steps` of a
     # `pure_noise_schedule_steps`-long schedule (kept near its peak rate) at batch `batch_pure_noise` (0 steps:
     # no 5d). Off in the shipped scales (STABLE_TARGETS); the run that tried it: 400 of 4000, batch 8.
     pure_noise_steps: int = 0
@@ -214,10 +214,11 @@ def pretrain_image_teacher(workdir: Path, scale: ChainScale, arch: ToyArchitectu
     text_encoder = build_text_encoder(arch, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
     image_latents = video_latents.permute(0, 2, 1, 3, 4).flatten(0, 1)  # every frame is an image
     frame_ids = ids.repeat_interleave(arch.num_frames, dim=0)
-    frame_captions = [c for c in captions for _ in range(arch.num_frames)]
+    frame_reference = same_caption_reference([c for c in captions for _ in range(arch.num_frames)]) \
+        if STABLE_TARGETS else None
     train_image_teacher(unet, text_encoder, image_latents, frame_ids, empty_ids, arch, steps=scale.image_steps,
                         batch_size=scale.batch_image_teacher, lr=1e-3, seed=seed + 1, log=log,
-                        reference=same_caption_reference(frame_captions) if STABLE_TARGETS else None)
+                        reference=frame_reference)
     timings["teacher_image_s"] = time.perf_counter() - t0
     checks["image"] = check_teacher(vae, unet, text_encoder, tokenizer, empty_ids, arch, None, scale, seed, log)
     (workdir / "teacher_check.json").write_text(json.dumps(checks) + "\n")
