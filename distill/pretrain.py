@@ -19,10 +19,12 @@ from .errors import TrainingDivergedError
 def diffusion_loss(model, x0: torch.Tensor, text: torch.Tensor, alphas_cumprod: torch.Tensor,
                    prediction_type: str, g: torch.Generator, min_timestep: int = 0,
                    x0_weight_cap: float = 0.0, reference: torch.Tensor | None = None,
-                   reference_mask: torch.Tensor | None = None) -> torch.Tensor:
+                   reference_mask: torch.Tensor | None = None, high_noise_share: float = 1.0) -> torch.Tensor:
     """|| model(x_t, t) - target ||^2 with t ~ U{min_timestep..T-1}; target eps, v or x_0 per the parameterisation.
 
     min_timestep > 0 spends the training on high noise, where a sample's layout (and a video's track) is decided.
+    high_noise_share < 1 keeps the rest of the batch on every t (the first round(share * B) samples get
+    t >= min_timestep): weights shared by all noise levels learn the high end without forgetting the rest.
     x0_weight_cap > 0 weights each epsilon sample by clamp(1/SNR(t), 1, cap): the x_0 error from mid noise up.
     Plain epsilon loss weights the x_0 error by SNR(t) (~0.01 at t=800), so what only the caption can say at
     high noise (which way a clip moves) is nearly absent from its gradient.
@@ -36,7 +38,13 @@ def diffusion_loss(model, x0: torch.Tensor, text: torch.Tensor, alphas_cumprod: 
     b = x0.shape[0]
     if not 0 <= min_timestep < alphas_cumprod.numel():
         raise ValueError(f"min_timestep={min_timestep}: must be in [0, {alphas_cumprod.numel() - 1}]")
-    t = torch.randint(min_timestep, alphas_cumprod.numel(), (b,), generator=g).to(x0.device)
+    if not 0.0 < high_noise_share <= 1.0:
+        raise ValueError(f"high_noise_share={high_noise_share}: must be in (0, 1]")
+    t = torch.randint(min_timestep, alphas_cumprod.numel(), (b,), generator=g)
+    if high_noise_share < 1.0:
+        anywhere = torch.randint(0, alphas_cumprod.numel(), (b,), generator=g)
+        t = torch.where(torch.arange(b) < round(high_noise_share * b), t, anywhere)
+    t = t.to(x0.device)
     noise = torch.randn(x0.shape, generator=g).to(x0.device)
     x_t = C.add_noise(x0, noise, t, alphas_cumprod)
     a = C.extract(alphas_cumprod, t, x0.ndim)

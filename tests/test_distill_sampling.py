@@ -115,6 +115,29 @@ def test_diffusion_loss_timestep_floor_and_x0_weighting():
         diffusion_loss(model, x0, None, ACP, "v_prediction", torch.Generator(), x0_weight_cap=5.0)
 
 
+def test_diffusion_loss_high_noise_share_keeps_the_rest_on_every_timestep():
+    seen = []
+
+    def model(x, t, text):
+        seen.append(t)
+        return torch.zeros_like(x)
+
+    x0 = torch.zeros(64, 2, 3, 3)
+    whole = diffusion_loss(model, x0, None, ACP, "epsilon", torch.Generator().manual_seed(0), min_timestep=990)
+    share_one = diffusion_loss(model, x0, None, ACP, "epsilon", torch.Generator().manual_seed(0), min_timestep=990,
+                               high_noise_share=1.0)
+    assert torch.equal(seen[0], seen[1]) and torch.equal(whole, share_one)  # 1.0 is the plain floor, draw for draw
+    diffusion_loss(model, x0, None, ACP, "epsilon", torch.Generator().manual_seed(0), min_timestep=990,
+                   high_noise_share=0.25)
+    head, rest = seen[-1][:16], seen[-1][16:]
+    assert int(head.min()) >= 990
+    assert int(rest.min()) < 500 and int(rest.max()) >= 500  # the rest spans the schedule
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="high_noise_share"):
+            diffusion_loss(model, x0, None, ACP, "epsilon", torch.Generator(), min_timestep=990,
+                           high_noise_share=bad)
+
+
 def test_posterior_mean_over_reference_clips():
     g = torch.Generator().manual_seed(0)
     reference = torch.randn(2, 5, 3, 4, 4, generator=g)  # 2 samples, 5 reference clips each

@@ -274,12 +274,14 @@ def train_motion_teacher(unet: UNet2DConditionModel, adapter: MotionAdapter, tex
                          uncond_probability: float = 0.1, spatial: str = "cross_attention",
                          min_timestep: int = 0, x0_weight_cap: float = 0.0, train_text_encoder: bool = False,
                          on_checkpoint: Checkpoint | None = None, checkpoint_every: int = 0,
-                         schedule_steps: int | None = None, reference: Reference | None = None) -> list[float]:
+                         schedule_steps: int | None = None, reference: Reference | None = None,
+                         high_noise_share: float = 1.0) -> list[float]:
     """AnimateDiff's recipe (video_latents (N, C, F, h, w)), with the cross-attention layers trained too.
 
     spatial="all" trains every spatial weight with the motion modules (a video fine-tune of the
     whole teacher), "none" the motion modules alone; the default trains the cross-attention too.
-    min_timestep > 0 trains on high noise only; x0_weight_cap > 0 weights the loss towards it (see diffusion_loss).
+    min_timestep > 0 trains on high noise only (high_noise_share < 1: that share of each batch, the rest on every t;
+    see diffusion_loss); x0_weight_cap > 0 weights the loss towards it (see diffusion_loss).
     schedule_steps: see _optimise. reference (same_caption_reference over the N captions): Stable Target Field
     targets (diffusion_loss), the caption's mean clip where the noise hides the clip.
     train_text_encoder=True trains the text encoder with them (updated in place): the image teacher's
@@ -321,7 +323,8 @@ def train_motion_teacher(unet: UNet2DConditionModel, adapter: MotionAdapter, tex
         else:
             idx, context, dropped = _captions_with_drop(contexts, empty, batch_size, uncond_probability, gen)
         return diffusion_loss(denoiser, video_latents[idx], context, acp, arch.prediction_type, gen, min_timestep,
-                              x0_weight_cap, **_stable_target(video_latents, idx, dropped, reference))
+                              x0_weight_cap, high_noise_share=high_noise_share,
+                              **_stable_target(video_latents, idx, dropped, reference))
 
     def write_back() -> None:
         # from_unet2d copied the weights; copy the trained ones back (strict: the same keys on both sides).
