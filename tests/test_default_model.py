@@ -141,12 +141,12 @@ def test_architecture_schedule_reaches_the_teacher_sampler_and_the_distill_confi
     from lcm_edge.distill.default_model.chain import SCALES, distill_configs
     from lcm_edge.distill.default_model.pretrain import ToyArchitecture, alphas_cumprod, ddim_scheduler
 
-    plain = ToyArchitecture()
-    sampler = ddim_scheduler(plain).config  # AnimateLCM's: what the shipped teacher was trained with
+    plain = ToyArchitecture(prediction_type="epsilon", rescale_betas_zero_snr=False)  # AnimateLCM's
+    sampler = ddim_scheduler(plain).config
     assert (sampler.prediction_type, sampler.rescale_betas_zero_snr, sampler.steps_offset) == ("epsilon", False, 1)
     assert float(alphas_cumprod(plain)[-1]) > 1e-3
 
-    zero_snr = ToyArchitecture(prediction_type="v_prediction", rescale_betas_zero_snr=True)
+    zero_snr = ToyArchitecture()  # the chain's default
     acp = alphas_cumprod(zero_snr)
     sampler = ddim_scheduler(zero_snr)
     assert float(acp[-1]) < 1e-6 and sampler.config.prediction_type == "v_prediction"
@@ -195,26 +195,28 @@ def test_stable_targets_share_a_caption_unless_it_was_dropped():
     assert _stable_target(latents, torch.tensor([0]), torch.tensor([False]), None) == {}
 
 
-def test_teachers_train_with_stable_targets_on_the_tried_architecture(tmp_path, monkeypatch):
-    """The stable-target chain run's teacher steps (STABLE_TARGETS, three UNet levels, v-prediction on zero
-    terminal SNR, step 5d) at smoke scale: every frame's and clip's same-caption reference reaches the loss."""
+def test_teacher_steps_train_with_stable_targets_and_a_mixed_pure_noise_batch(tmp_path, monkeypatch):
+    """The chain's teacher steps 4, 5 and 5d as shipped (STABLE_TARGETS, three UNet levels, v-prediction on zero
+    terminal SNR) at smoke scale: every frame's and clip's same-caption reference reaches the loss, and 5d puts
+    its high_noise_share of each batch on t >= 990, the rest anywhere."""
     from dataclasses import replace
+
+    import torch
 
     from lcm_edge.distill import pretrain
     from lcm_edge.distill.default_model import chain
-    from lcm_edge.distill.default_model.pretrain import ToyArchitecture
+    from lcm_edge.distill.default_model.pretrain import ToyArchitecture, alphas_cumprod
 
     calls = []
     real = pretrain.posterior_mean_x0
 
     def counted(x_t, a, reference, reference_mask=None):
-        calls.append((reference.shape, int(reference_mask.sum())))
+        calls.append((reference.shape, int(reference_mask.sum()), a.flatten().clone()))
         return real(x_t, a, reference, reference_mask)
 
-    monkeypatch.setattr(chain, "STABLE_TARGETS", True)
     monkeypatch.setattr(pretrain, "posterior_mean_x0", counted)
-    arch = ToyArchitecture(unet_channels=(32, 64, 64), prediction_type="v_prediction", rescale_betas_zero_snr=True)
-    scale = replace(chain.SCALES["smoke"], pure_noise_steps=2, pure_noise_schedule_steps=4, batch_pure_noise=2)
+    arch = ToyArchitecture()
+    scale = replace(chain.SCALES["smoke"], pure_noise_steps=2, pure_noise_schedule_steps=4, batch_pure_noise=3)
     chain.pretrain_image_teacher(tmp_path, scale, arch, 0, lambda message: None)
     chain.train_video_teacher(tmp_path, scale, arch, 0, lambda message: None, stage="motion")
     timings = chain.train_video_teacher(tmp_path, scale, arch, 0, lambda message: None, stage="pure_noise")
@@ -223,5 +225,11 @@ def test_teachers_train_with_stable_targets_on_the_tried_architecture(tmp_path, 
     assert video_calls[-1][0][0] == scale.batch_pure_noise
     # 24 smoke clips over 55 trained combinations: each caption's group is its one clip (x 16 frames as images).
     assert image_calls[0][0][1] == arch.num_frames and video_calls[0][0][1] == 1
+    share = chain.VIDEO_STAGES["pure_noise"]["high_noise_share"]
+    high = round(share * scale.batch_pure_noise)
+    floor = float(alphas_cumprod(arch)[990])
+    pure_noise_a = torch.stack([call[2] for call in video_calls[-scale.pure_noise_steps:]])  # (steps, batch)
+    assert bool((pure_noise_a[:, :high] <= floor).all())
+    assert bool((pure_noise_a[:, high:] > floor).any())  # 2 draws from every t: both >= 990 has odds 1e-4
     checks = json.loads((tmp_path / "teacher_check.json").read_text())
     assert "direction_gain" in checks["video"] and "direction_gain" in checks["video_pure_noise"]

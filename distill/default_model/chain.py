@@ -7,11 +7,12 @@ Recipe (every step is the project's own code, as a full-scale user would run it)
 1. synthetic clips (deterministic by seed; some colour-shape-direction combinations held out);
 2. a CLIP-format BPE tokenizer trained on the captions;
 3. an AutoencoderKL trained on the frames, then the clips encoded to latents;
-4. the teacher image UNet + text encoder (plain diffusion training; STABLE_TARGETS for Stable Target Field);
-5. the teacher motion module on the frozen image model (AnimateDiff's recipe, + cross-attention),
-   then (5b) a video fine-tune of the whole teacher, and (5c) that fine-tune continued on 16x more clips per
-   step, the loss on t >= 300 and the text encoder trained too (scale "full"; a GPU's work: --continue-device);
-   (5d, off as shipped: the pure-noise end alone, with stable targets: ChainScale.pure_noise_steps);
+4. the teacher image UNet + text encoder (v-prediction on zero terminal SNR, Stable Target Field targets:
+   STABLE_TARGETS);
+5. the teacher motion module on the frozen image model (AnimateDiff's recipe, + cross-attention and the text
+   encoder), then (5b) more of the same at a lower rate, (5c) a fine-tune of the whole teacher on 16x more clips
+   per step, the loss on t >= 300 (scale "full"; a GPU's work: --continue-device), and (5d) the pure-noise end,
+   where the caption is all the model has, mixed with every noise level;
 6. stage 1 of lcm_edge.distill: the image consistency LoRA;
 7. stage 2 of lcm_edge.distill: video consistency distillation of a fresh motion module;
 8. export of the student to a bundle with provenance (command, seeds, code version, timings).
@@ -66,9 +67,9 @@ class ChainScale:
     continue_steps: int = 0
     continue_schedule_steps: int = 0
     batch_continue: int = 1
-    # Step 5d: the pure-noise end (t >= 990; stable targets where STABLE_TARGETS), `pure_noise_steps` of a
-    # `pure_noise_schedule_steps`-long schedule (kept near its peak rate) at batch `batch_pure_noise` (0 steps:
-    # no 5d). Off in the shipped scales (STABLE_TARGETS); the run that tried it: 400 of 4000, batch 8.
+    # Step 5d: the pure-noise end (t >= 990 for VIDEO_STAGES["pure_noise"]'s share of each batch),
+    # `pure_noise_steps` of a `pure_noise_schedule_steps`-long schedule (kept near its peak rate) at batch
+    # `batch_pure_noise` (0 steps: no 5d).
     pure_noise_steps: int = 0
     pure_noise_schedule_steps: int = 0
     batch_pure_noise: int = 1
@@ -78,7 +79,8 @@ class ChainScale:
 # were right for 24 of 24 prompts from 1500 steps (benchmarks/default_model_teacher_sweep.py, H100).
 CPU_SCALE = ChainScale(clips=1100, vae_steps=2500, image_steps=2000, motion_steps=1000, video_finetune_steps=3000,
                        stage1_steps=500, stage2_steps=500, batch_images=16, batch_image_teacher=64, batch_videos=2,
-                       vae_crop=32, check_prompts=10, check_steps=25)
+                       vae_crop=32, check_prompts=10, check_steps=25, pure_noise_steps=400,
+                       pure_noise_schedule_steps=4000, batch_pure_noise=12)
 SCALES = {
     # The shipped recipe. Step 5c at batch 32 took the teacher's shapes from 0.58 to 0.96 of 48 prompts (and the
     # 4-step student's from 0.67 to 1.0); 1000 steps of a 3000-step schedule, as in the run that made the
@@ -123,14 +125,10 @@ EYE = 0.0
 TRAVEL = DEFAULT_TRAVEL
 # Stable Target Field targets in every teacher stage (diffusion_loss's reference: the posterior mean over the
 # clip's same-caption clips). Where the noise hides the clip, a single clip's target is one random start point of
-# many; its caption's mean clip is what the word decides. The chain with them, v-prediction on zero terminal SNR,
-# a third UNet level, the text encoder trained in steps 5 and 5b, 5b on t >= 700 and step 5d (commit 373d31d)
-# made a teacher that uses the direction word (direction_gain 0.039; every earlier one <= 0.0022) and a 4-step
-# student that follows it for 0.42 of 24 prompts (1 and 2 steps: 0.58; chance 0.25), but whose colour and shape
-# fell to 0.75 and 0.46 (shipped: 1.00, 1.00), so adherence fell from 0.25 to 0.17; with 5d's resnets frozen the
-# student followed the word for 0.79 (adherence 0.29) but read colour 0.62, shape 0.46, consistency 0.67
-# (benchmarks/results/default_model_teacher_sweep/README.md). So it is off, and the shipped recipe stands.
-STABLE_TARGETS = False
+# many; its caption's mean clip is what the word decides. With single clips as targets a pure-noise probe never
+# learnt the direction word; with mean clips it did in 200-300 steps, and through the chain (with step 5d) the
+# teacher came to use it (benchmarks/results/default_model_teacher_sweep/README.md).
+STABLE_TARGETS = True
 
 
 def make_training_clips(count: int, arch: ToyArchitecture, seed: int, trail: float = MOTION_TRAIL,
@@ -348,30 +346,32 @@ def save_teacher(workdir: Path, unet, adapter, text_encoder=None) -> None:
 # steps, batch, schedule: the ChainScale fields; check, timing: where its check and wall time are recorded; the
 # rest goes to train_motion_teacher.
 VIDEO_STAGES = {
-    # step 5: a new motion module on the image teacher, its cross-attention trained with it.
+    # step 5: a new motion module on the image teacher, its cross-attention and the text encoder trained with it
+    # (in single frames "left" and "right" look the same, so after the image stage it hardly tells them apart).
     "motion": dict(steps="motion_steps", batch="batch_videos", lr=1e-3, seed_offset=2, spatial="cross_attention",
-                   check="video", timing="teacher_motion_s"),
-    # step 5b: the whole teacher (every spatial weight + motion modules) fine-tuned on the clips.
-    "finetune": dict(steps="video_finetune_steps", batch="batch_videos", lr=3e-4, seed_offset=77, spatial="all",
-                     check="video_finetuned", timing="teacher_video_finetune_s"),
+                   train_text_encoder=True, check="video", timing="teacher_motion_s"),
+    # step 5b: step 5 continued at a lower rate. The resnets stay frozen: trained here too (batch 2), they cost
+    # the teacher the image stage's shapes (1.0 -> 0.6 of 10 prompts in the stable-target run, 0.58 in v3).
+    "finetune": dict(steps="video_finetune_steps", batch="batch_videos", lr=3e-4, seed_offset=77,
+                     spatial="cross_attention", train_text_encoder=True, check="video_finetuned",
+                     timing="teacher_video_finetune_s"),
     # step 5c: 5b continued at a larger batch, on t >= 300 only, the text encoder trained too. Of four such
     # continuations (benchmarks/results/default_model_teacher_sweep/README.md) the two that moved the loss to
     # high noise drew the right shape for 0.96-0.98 of prompts, the others 0.62; none learnt the direction.
     "continue": dict(steps="continue_steps", batch="batch_continue", schedule="continue_schedule_steps", lr=3e-4,
                      seed_offset=2, spatial="all", train_text_encoder=True, min_timestep=300,
                      check="video_continued", timing="teacher_continue_s"),
-    # step 5d: the whole teacher and the text encoder on the pure-noise end only (t >= 990), where the caption is
-    # all the model has and the stable target is the caption's mean clip. After 5b the teacher left the direction
-    # word unused (direction_gain -0.0004); continued this way its x_0 error at t = 999 with the word flipped
-    # rose 7% by 300 steps, against 0.01% with the clips themselves as targets
+    # step 5d: the motion modules, cross-attention and text encoder on the pure-noise end (t >= 990), where the
+    # caption is all the model has and the stable target is the caption's mean clip. After a 5b the teacher left
+    # the direction word unused (direction_gain -0.0004); continued this way its x_0 error at t = 999 with the
+    # word flipped rose 7% by 300 steps, against 0.01% with the clips themselves as targets
     # (benchmarks/default_model_position_probe.py --resume; results/default_model_teacher_sweep/README.md).
-    # Through the chain, training every weight there: direction_gain 0.039, the teacher's shapes 0.6 -> 0.5;
-    # with the resnets frozen (motion modules, cross-attention, text encoder): 0.40, and its DDIM samples
-    # followed the word for 9 of 10 prompts (shapes 0.3). Part of the stable-target recipe (STABLE_TARGETS), off
-    # in the shipped scales (pure_noise_steps 0).
+    # On t >= 990 alone the teacher's DDIM samples followed the word for 9 of 10 prompts but its shapes fell
+    # 0.6 -> 0.3 (every weight trained: direction_gain 0.039, shapes 0.5): the weights it trains serve every noise
+    # level, so a third of each batch stays on every t.
     "pure_noise": dict(steps="pure_noise_steps", batch="batch_pure_noise", schedule="pure_noise_schedule_steps",
                        lr=1e-3, seed_offset=5, spatial="cross_attention", train_text_encoder=True, min_timestep=990,
-                       check="video_pure_noise", timing="teacher_pure_noise_s"),
+                       high_noise_share=2 / 3, check="video_pure_noise", timing="teacher_pure_noise_s"),
 }
 
 
@@ -381,7 +381,8 @@ def train_video_teacher(workdir: Path, scale: ChainScale, arch: ToyArchitecture,
     (and teacher/text_encoder where the stage trains it), and the teacher's check (with its direction_gain) to
     teacher_check.json.
 
-    After step 5 the teacher's frames keep their colour but not their track; 5b improves both, 5c the shapes.
+    After step 5 the teacher's frames keep their colour but not their track; 5b improves both, 5c the shapes,
+    5d the direction.
     """
     t0 = time.perf_counter()
     settings = dict(VIDEO_STAGES[stage])
