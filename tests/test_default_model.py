@@ -68,7 +68,8 @@ def test_chain_smoke_scale_builds_a_bundle_that_generates(tmp_path):
     loaded = load_bundle(bundle)
     record = loaded.provenance["source"]["default_model"]
     assert record["seed"] == 0 and record["scale"]["stage2_steps"] == 2 and "stage2_s" in record["timings_s"]
-    assert "teacher_continue_s" in record["timings_s"] and "video_continued" in record["teacher_check"]
+    assert all(f"teacher_{step}_s" in record["timings_s"] for step in ("continue", "pure_noise", "anchor"))
+    assert all(check in record["teacher_check"] for check in ("video_continued", "video_pure_noise", "video_anchored"))
     # The builder's folders stay out of the shipped provenance (paths read WORKDIR/..., OUT).
     assert str(tmp_path) not in json.dumps(loaded.provenance)
     assert record["command"].endswith("chain WORKDIR --bundle OUT --scale smoke --threads 1")
@@ -195,10 +196,10 @@ def test_stable_targets_share_a_caption_unless_it_was_dropped():
     assert _stable_target(latents, torch.tensor([0]), torch.tensor([False]), None) == {}
 
 
-def test_teacher_steps_train_with_stable_targets_and_a_mixed_pure_noise_batch(tmp_path, monkeypatch):
-    """The chain's teacher steps 4, 5 and 5d as shipped (STABLE_TARGETS, three UNet levels, v-prediction on zero
-    terminal SNR) at smoke scale: every frame's and clip's same-caption reference reaches the loss, and 5d puts
-    its high_noise_share of each batch on t >= 990, the rest anywhere."""
+def test_teacher_steps_train_with_stable_targets_and_an_anchored_pure_noise_batch(tmp_path, monkeypatch):
+    """The chain's teacher steps 4, 5, 5d and 5e as shipped (STABLE_TARGETS, three UNet levels, v-prediction on
+    zero terminal SNR) at smoke scale: every frame's and clip's same-caption reference reaches the loss, 5d trains
+    on t >= 990 alone, and 5e puts its high_noise_share of each batch there, the rest anywhere."""
     from dataclasses import replace
 
     import torch
@@ -216,20 +217,25 @@ def test_teacher_steps_train_with_stable_targets_and_a_mixed_pure_noise_batch(tm
 
     monkeypatch.setattr(pretrain, "posterior_mean_x0", counted)
     arch = ToyArchitecture()
-    scale = replace(chain.SCALES["smoke"], pure_noise_steps=2, pure_noise_schedule_steps=4, batch_pure_noise=3)
+    scale = replace(chain.SCALES["smoke"], pure_noise_steps=2, pure_noise_schedule_steps=4, batch_pure_noise=2,
+                    anchor_steps=2, anchor_schedule_steps=4, batch_anchor=3)
     chain.pretrain_image_teacher(tmp_path, scale, arch, 0, lambda message: None)
     chain.train_video_teacher(tmp_path, scale, arch, 0, lambda message: None, stage="motion")
     timings = chain.train_video_teacher(tmp_path, scale, arch, 0, lambda message: None, stage="pure_noise")
+    timings.update(chain.train_video_teacher(tmp_path, scale, arch, 0, lambda message: None, stage="anchor"))
     image_calls, video_calls = calls[:scale.image_steps], calls[scale.image_steps:]
-    assert len(video_calls) == scale.motion_steps + scale.pure_noise_steps and timings["teacher_pure_noise_s"] > 0
-    assert video_calls[-1][0][0] == scale.batch_pure_noise
+    assert len(video_calls) == scale.motion_steps + scale.pure_noise_steps + scale.anchor_steps
+    assert timings["teacher_pure_noise_s"] > 0 and timings["teacher_anchor_s"] > 0
+    assert video_calls[-1][0][0] == scale.batch_anchor
     # 24 smoke clips over 55 trained combinations: each caption's group is its one clip (x 16 frames as images).
     assert image_calls[0][0][1] == arch.num_frames and video_calls[0][0][1] == 1
-    share = chain.VIDEO_STAGES["pure_noise"]["high_noise_share"]
-    high = round(share * scale.batch_pure_noise)
     floor = float(alphas_cumprod(arch)[990])
-    pure_noise_a = torch.stack([call[2] for call in video_calls[-scale.pure_noise_steps:]])  # (steps, batch)
-    assert bool((pure_noise_a[:, :high] <= floor).all())
-    assert bool((pure_noise_a[:, high:] > floor).any())  # 2 draws from every t: both >= 990 has odds 1e-4
+    pure_noise_a = torch.stack([call[2] for call in video_calls[-scale.anchor_steps - scale.pure_noise_steps:
+                                                                -scale.anchor_steps]])  # (steps, batch)
+    assert bool((pure_noise_a <= floor).all())
+    high = round(chain.VIDEO_STAGES["anchor"]["high_noise_share"] * scale.batch_anchor)
+    anchor_a = torch.stack([call[2] for call in video_calls[-scale.anchor_steps:]])
+    assert bool((anchor_a[:, :high] <= floor).all())
+    assert bool((anchor_a[:, high:] > floor).any())  # 2 draws from every t: both >= 990 has odds 1e-4
     checks = json.loads((tmp_path / "teacher_check.json").read_text())
-    assert "direction_gain" in checks["video"] and "direction_gain" in checks["video_pure_noise"]
+    assert all("direction_gain" in checks[name] for name in ("video", "video_pure_noise", "video_anchored"))

@@ -11,8 +11,8 @@ Recipe (every step is the project's own code, as a full-scale user would run it)
    STABLE_TARGETS);
 5. the teacher motion module on the frozen image model (AnimateDiff's recipe, + cross-attention and the text
    encoder), then (5b) more of the same at a lower rate, (5c) a fine-tune of the whole teacher on 16x more clips
-   per step, the loss on t >= 300 (scale "full"; a GPU's work: --continue-device), and (5d) the pure-noise end,
-   where the caption is all the model has, mixed with every noise level;
+   per step, the loss on t >= 300 (scale "full"; a GPU's work: --continue-device), (5d) the pure-noise end,
+   where the caption is all the model has, and (5e) that end mixed with every noise level;
 6. stage 1 of lcm_edge.distill: the image consistency LoRA;
 7. stage 2 of lcm_edge.distill: video consistency distillation of a fresh motion module;
 8. export of the student to a bundle with provenance (command, seeds, code version, timings).
@@ -67,12 +67,15 @@ class ChainScale:
     continue_steps: int = 0
     continue_schedule_steps: int = 0
     batch_continue: int = 1
-    # Step 5d: the pure-noise end (t >= 990 for VIDEO_STAGES["pure_noise"]'s share of each batch),
-    # `pure_noise_steps` of a `pure_noise_schedule_steps`-long schedule (kept near its peak rate) at batch
+    # Step 5d: the pure-noise end (t >= 990), `pure_noise_steps` of a `pure_noise_schedule_steps`-long schedule (kept near its peak rate) at batch
     # `batch_pure_noise` (0 steps: no 5d).
     pure_noise_steps: int = 0
     pure_noise_schedule_steps: int = 0
     batch_pure_noise: int = 1
+    # Step 5e: 5d continued with VIDEO_STAGES["anchor"]'s share of each batch on every t (0 steps: no 5e).
+    anchor_steps: int = 0
+    anchor_schedule_steps: int = 0
+    batch_anchor: int = 1
 
 
 # Image teacher at batch 64: at batch 16 its shapes stayed at chance after 4000 steps; at 64 they
@@ -80,7 +83,8 @@ class ChainScale:
 CPU_SCALE = ChainScale(clips=1100, vae_steps=2500, image_steps=2000, motion_steps=1000, video_finetune_steps=3000,
                        stage1_steps=500, stage2_steps=500, batch_images=16, batch_image_teacher=64, batch_videos=2,
                        vae_crop=32, check_prompts=10, check_steps=25, pure_noise_steps=400,
-                       pure_noise_schedule_steps=4000, batch_pure_noise=12)
+                       pure_noise_schedule_steps=4000, batch_pure_noise=8, anchor_steps=200,
+                       anchor_schedule_steps=2000, batch_anchor=12)
 SCALES = {
     # The shipped recipe. Step 5c at batch 32 took the teacher's shapes from 0.58 to 0.96 of 48 prompts (and the
     # 4-step student's from 0.67 to 1.0); 1000 steps of a 3000-step schedule, as in the run that made the
@@ -91,7 +95,8 @@ SCALES = {
     "smoke": ChainScale(clips=24, vae_steps=3, image_steps=3, motion_steps=2, video_finetune_steps=1,
                         stage1_steps=2, stage2_steps=2, batch_images=4, batch_image_teacher=4, batch_videos=1,
                         vae_crop=32, check_prompts=1, check_steps=2, continue_steps=1, continue_schedule_steps=2,
-                        batch_continue=1),
+                        batch_continue=1, pure_noise_steps=1, pure_noise_schedule_steps=2, batch_pure_noise=1,
+                        anchor_steps=1, anchor_schedule_steps=2, batch_anchor=2),
 }
 
 
@@ -366,23 +371,28 @@ VIDEO_STAGES = {
     # the direction word unused (direction_gain -0.0004); continued this way its x_0 error at t = 999 with the
     # word flipped rose 7% by 300 steps, against 0.01% with the clips themselves as targets
     # (benchmarks/default_model_position_probe.py --resume; results/default_model_teacher_sweep/README.md).
-    # On t >= 990 alone the teacher's DDIM samples followed the word for 9 of 10 prompts but its shapes fell
-    # 0.6 -> 0.3 (every weight trained: direction_gain 0.039, shapes 0.5): the weights it trains serve every noise
-    # level, so a third of each batch stays on every t.
+    # Through the chain, with the resnets frozen (every weight trained: direction_gain 0.039), its DDIM samples
+    # followed the word for 9 of 10 prompts (direction_gain 0.40), but its shapes fell 0.6 -> 0.3: hence 5e.
     "pure_noise": dict(steps="pure_noise_steps", batch="batch_pure_noise", schedule="pure_noise_schedule_steps",
                        lr=1e-3, seed_offset=5, spatial="cross_attention", train_text_encoder=True, min_timestep=990,
-                       high_noise_share=2 / 3, check="video_pure_noise", timing="teacher_pure_noise_s"),
+                       check="video_pure_noise", timing="teacher_pure_noise_s"),
+    # step 5e: 5d's weights serve every noise level, so 5d continues with a third of each batch on every t. From a
+    # 5b teacher, this mix alone kept the shapes (0.8 -> 0.9 of 10 prompts) but hardly taught the word
+    # (direction_gain 0.0002 -> 0.0046 in 400 steps at batch 12): the word is learnt first, then kept.
+    "anchor": dict(steps="anchor_steps", batch="batch_anchor", schedule="anchor_schedule_steps", lr=1e-3,
+                   seed_offset=6, spatial="cross_attention", train_text_encoder=True, min_timestep=990,
+                   high_noise_share=2 / 3, check="video_anchored", timing="teacher_anchor_s"),
 }
 
 
 def train_video_teacher(workdir: Path, scale: ChainScale, arch: ToyArchitecture, seed: int, log, *,
                         stage: str, device: str = "cpu") -> dict:
-    """Steps 5, 5b, 5c and 5d (VIDEO_STAGES) on `device`: writes workdir/teacher/unet and workdir/teacher_motion
+    """Steps 5 to 5e (VIDEO_STAGES) on `device`: writes workdir/teacher/unet and workdir/teacher_motion
     (and teacher/text_encoder where the stage trains it), and the teacher's check (with its direction_gain) to
     teacher_check.json.
 
     After step 5 the teacher's frames keep their colour but not their track; 5b improves both, 5c the shapes,
-    5d the direction.
+    5d the direction, 5e the shapes 5d cost.
     """
     t0 = time.perf_counter()
     settings = dict(VIDEO_STAGES[stage])
@@ -589,12 +599,16 @@ def main(argv: list[str] | None = None) -> int:
                                                              stage="continue", device=args.continue_device),
         "teacher_pure_noise.json": lambda: train_video_teacher(args.workdir, scale, arch, args.seed, log,
                                                                stage="pure_noise"),
+        "teacher_anchor.json": lambda: train_video_teacher(args.workdir, scale, arch, args.seed, log,
+                                                           stage="anchor"),
         "distill.json": lambda: distill_student(args.workdir, scale, arch, args.seed, log, fresh=retrained),
     }
     if not scale.continue_steps:
         del steps["teacher_continue.json"]
     if not scale.pure_noise_steps:
         del steps["teacher_pure_noise.json"]
+    if not scale.anchor_steps:
+        del steps["teacher_anchor.json"]
     timings, retrained = {}, False
     for marker, run in steps.items():
         path = args.workdir / marker
