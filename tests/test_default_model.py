@@ -141,12 +141,12 @@ def test_architecture_schedule_reaches_the_teacher_sampler_and_the_distill_confi
     from lcm_edge.distill.default_model.chain import SCALES, distill_configs
     from lcm_edge.distill.default_model.pretrain import ToyArchitecture, alphas_cumprod, ddim_scheduler
 
-    plain = ToyArchitecture()
-    sampler = ddim_scheduler(plain).config  # AnimateLCM's: what the shipped teacher was trained with
+    plain = ToyArchitecture(prediction_type="epsilon", rescale_betas_zero_snr=False)
+    sampler = ddim_scheduler(plain).config  # AnimateLCM's: what v1-v4's teachers were trained with
     assert (sampler.prediction_type, sampler.rescale_betas_zero_snr, sampler.steps_offset) == ("epsilon", False, 1)
     assert float(alphas_cumprod(plain)[-1]) > 1e-3
 
-    zero_snr = ToyArchitecture(prediction_type="v_prediction", rescale_betas_zero_snr=True)
+    zero_snr = ToyArchitecture()  # the shipped v5's
     acp = alphas_cumprod(zero_snr)
     sampler = ddim_scheduler(zero_snr)
     assert float(acp[-1]) < 1e-6 and sampler.config.prediction_type == "v_prediction"

@@ -1,19 +1,18 @@
 """The one command that builds the default model from an empty folder.
 
-    python -m lcm_edge.distill.default_model.chain WORKDIR --bundle OUT [--scale full|cpu|smoke]
+    python -m lcm_edge.distill.default_model.chain WORKDIR --bundle OUT [--scale cpu|smoke]
                                                    [--continue-device cuda]
 
 Recipe (every step is the project's own code, as a full-scale user would run it):
 1. synthetic clips (deterministic by seed; some colour-shape-direction combinations held out);
 2. a CLIP-format BPE tokenizer trained on the captions;
 3. an AutoencoderKL trained on the frames, then the clips encoded to latents;
-4. the teacher image UNet + text encoder (plain diffusion training; STABLE_TARGETS for Stable Target Field);
-5. the teacher motion module on the frozen image model (AnimateDiff's recipe, + cross-attention),
-   then (5b) a video fine-tune of the whole teacher, and (5c) that fine-tune continued on 16x more clips per
-   step, the loss on t >= 300 and the text encoder trained too (scale "full"; a GPU's work: --continue-device);
-   (5d and 5e, off as shipped: the pure-noise end, where the caption is all the model has, then that end mixed
-   with every noise level: ChainScale.pure_noise_steps, anchor_steps);
-6. stage 1 of lcm_edge.distill: the image consistency LoRA;
+4. the teacher image UNet + text encoder (diffusion training on Stable Target Field targets: STABLE_TARGETS);
+5. the teacher motion module on the frozen image model (AnimateDiff's recipe, + cross-attention and text
+   encoder), then (5b) a video fine-tune of the motion modules, cross-attention and text encoder, (5d) the
+   pure-noise end alone, where the caption is all the model has, and (5e) that end mixed with every noise level
+   (VIDEO_STAGES; 5c, a larger-batch continuation of 5b for a GPU, is off: ChainScale.continue_steps);
+6. stage 1 of lcm_edge.distill: the image consistency LoRA (EMA target; cross-attention left out);
 7. stage 2 of lcm_edge.distill: video consistency distillation of a fresh motion module;
 8. export of the student to a bundle with provenance (command, seeds, code version, timings).
 """
@@ -26,7 +25,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -68,8 +67,7 @@ class ChainScale:
     continue_schedule_steps: int = 0
     batch_continue: int = 1
     # Step 5d: the pure-noise end (t >= 990), `pure_noise_steps` of a `pure_noise_schedule_steps`-long schedule
-    # (kept near its peak rate) at batch `batch_pure_noise` (0 steps: no 5d). Off in the shipped scales; the
-    # stable-target runs used 400 of 4000 at batch 8, and 5e 200 of 2000 at batch 12.
+    # at batch `batch_pure_noise` (0 steps: no 5d).
     pure_noise_steps: int = 0
     pure_noise_schedule_steps: int = 0
     batch_pure_noise: int = 1
@@ -81,15 +79,15 @@ class ChainScale:
 
 # Image teacher at batch 64: at batch 16 its shapes stayed at chance after 4000 steps; at 64 they
 # were right for 24 of 24 prompts from 1500 steps (benchmarks/default_model_teacher_sweep.py, H100).
+# 5d: 400 of a 4000-step schedule (kept near its peak rate) at batch 8; 5e: 200 of 2000 at batch 12.
 CPU_SCALE = ChainScale(clips=1100, vae_steps=2500, image_steps=2000, motion_steps=1000, video_finetune_steps=3000,
                        stage1_steps=500, stage2_steps=500, batch_images=16, batch_image_teacher=64, batch_videos=2,
-                       vae_crop=32, check_prompts=10, check_steps=25)
+                       vae_crop=32, check_prompts=10, check_steps=25, pure_noise_steps=400,
+                       pure_noise_schedule_steps=4000, batch_pure_noise=8, anchor_steps=200,
+                       anchor_schedule_steps=2000, batch_anchor=12)
 SCALES = {
-    # The shipped recipe. Step 5c at batch 32 took the teacher's shapes from 0.58 to 0.96 of 48 prompts (and the
-    # 4-step student's from 0.67 to 1.0); 1000 steps of a 3000-step schedule, as in the run that made the
-    # shipped teacher (stopped at its time budget). ~400 s on an H200, ~3 h on 2 CPU cores.
-    "full": replace(CPU_SCALE, continue_steps=1000, continue_schedule_steps=3000, batch_continue=32),
-    # Without 5c: the v3 bundle's recipe, ~80 min on 2 CPU cores.
+    # The shipped recipe (v5), ~85 min on 2 CPU cores. v4's "full" scale added a GPU's step 5c to the epsilon
+    # teacher of v1-v4; this teacher has its shapes without it (5c is kept for a scale that sets continue_steps).
     "cpu": CPU_SCALE,
     "smoke": ChainScale(clips=24, vae_steps=3, image_steps=3, motion_steps=2, video_finetune_steps=1,
                         stage1_steps=2, stage2_steps=2, batch_images=4, batch_image_teacher=4, batch_videos=1,
@@ -129,11 +127,10 @@ TRAVEL = DEFAULT_TRAVEL
 # Stable Target Field targets in every teacher stage (diffusion_loss's reference: the posterior mean over the
 # clip's same-caption clips). Where the noise hides the clip, a single clip's target is one random start point of
 # many; its caption's mean clip is what the word decides. With them, v-prediction on zero terminal SNR, a third
-# UNet level and step 5d the teachers came to use the direction word (DDIM samples 9 of 10 the prompted way), but
-# their students lost colour and shape to stage 1's online-target LoRA (STAGE1_TARGET). With 5e and an EMA target
-# the student kept colour 1.00 and shape 0.92 at 4 steps but followed the word for 0.29 of 24 prompts (its teacher
-# 0.71), so the shipped recipe stands (benchmarks/results/default_model_teacher_sweep/README.md, last sections).
-STABLE_TARGETS = False
+# UNet level and steps 5d-5e the teacher came to use the direction word (DDIM 25 samples 0.71 of the eval's 24
+# prompts the prompted way; v4's teacher 0.25, chance); False trains on the clips themselves, as v1-v4 did
+# (benchmarks/results/default_model_teacher_sweep/README.md, last sections).
+STABLE_TARGETS = True
 
 
 def make_training_clips(count: int, arch: ToyArchitecture, seed: int, trail: float = MOTION_TRAIL,
@@ -351,16 +348,16 @@ def save_teacher(workdir: Path, unet, adapter, text_encoder=None) -> None:
 # steps, batch, schedule: the ChainScale fields; check, timing: where its check and wall time are recorded; the
 # rest goes to train_motion_teacher.
 VIDEO_STAGES = {
-    # step 5: a new motion module on the image teacher, its cross-attention trained with it (the stable-target
-    # runs trained the text encoder too: in single frames "left" and "right" look the same).
+    # step 5: a new motion module on the image teacher, its cross-attention and text encoder trained with it (in
+    # single frames "left" and "right" look the same: only video teaches them apart).
     "motion": dict(steps="motion_steps", batch="batch_videos", lr=1e-3, seed_offset=2, spatial="cross_attention",
-                   check="video", timing="teacher_motion_s"),
-    # step 5b: the whole teacher (every spatial weight + motion modules) fine-tuned on the clips. At batch 2 that
-    # costs the image stage's shapes (v3: 0.58; stable targets: 1.0 -> 0.6 of 10 prompts); with the resnets
-    # frozen and the text encoder trained (spatial="cross_attention") the stable-target teacher kept them (0.8 of
-    # 10; after a mixed 5d its DDIM 25 samples of the eval's 24 prompts read shape 1.00).
-    "finetune": dict(steps="video_finetune_steps", batch="batch_videos", lr=3e-4, seed_offset=77, spatial="all",
-                     check="video_finetuned", timing="teacher_video_finetune_s"),
+                   train_text_encoder=True, check="video", timing="teacher_motion_s"),
+    # step 5b: the motion modules, cross-attention and text encoder fine-tuned on the clips. With every spatial
+    # weight trained (v1-v4) batch 2 costs the image stage's shapes (v3: 0.58; stable targets: 1.0 -> 0.6 of 10
+    # prompts); with the resnets frozen the stable-target teacher kept them (0.8 of 10).
+    "finetune": dict(steps="video_finetune_steps", batch="batch_videos", lr=3e-4, seed_offset=77,
+                     spatial="cross_attention", train_text_encoder=True, check="video_finetuned",
+                     timing="teacher_video_finetune_s"),
     # step 5c: 5b continued at a larger batch, on t >= 300 only, the text encoder trained too. Of four such
     # continuations (benchmarks/results/default_model_teacher_sweep/README.md) the two that moved the loss to
     # high noise drew the right shape for 0.96-0.98 of prompts, the others 0.62; none learnt the direction.
@@ -466,11 +463,17 @@ def _write_image_latents(folder: Path, video_latents: torch.Tensor, captions: li
     (folder / "latents.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-# Stage 1's consistency target: "online" (LCM-LoRA's; the shipped v4) or "ema". From a v-prediction, zero-terminal-
-# SNR teacher the online target's LoRA drew the prompt's colour in 0.29 of 24 images at 4 steps (the teacher's own
+# Stage 1's consistency target: "ema" or "online" (LCM-LoRA's; v1-v4). From the v-prediction, zero-terminal-SNR
+# teacher the online target's LoRA drew the prompt's colour in 0.29 of 24 images at 4 steps (the teacher's own
 # weights under the LCM sampler, no LoRA: 1.00) and its student clips 0.54; with an EMA target (decay 0.95) the
-# LoRA drew 1.00 (benchmarks/results/default_model_teacher_sweep/README.md, last section).
-STAGE1_TARGET = "online"
+# LoRA drew 1.00 (benchmarks/results/default_model_teacher_sweep/README.md).
+STAGE1_TARGET = "ema"
+# How much of the stage-1 LoRA stage 2 merges into the student (model.lora_weight). The image LoRA pulls every
+# frame towards its own sharp sample and away from the caption's track: the teacher's weights under the 4-step LCM
+# sampler followed the direction word for 0.79 of 24 prompts, with the whole LoRA merged 0.25 (chance), with half
+# of it 0.67, with a quarter 0.75. Students at 0 and 0.5 tied at 4 steps (adherence 0.62); 0.5 drew colour and
+# shape better at 1 step (0.71 / 0.50 against 0.54 / 0.46).
+STAGE2_LORA_WEIGHT = 0.5
 
 
 def distill_configs(workdir: Path, scale: ChainScale, arch: ToyArchitecture, seed: int) -> tuple[dict, dict]:
@@ -496,7 +499,8 @@ def distill_configs(workdir: Path, scale: ChainScale, arch: ToyArchitecture, see
         # Temporal layers start from the teacher's (not zero): at toy compute this converges in
         # hundreds of steps; the spatial LoRA still reaches the target only through the EMA.
         "model": {"pretrained": str(workdir / "teacher"), "motion_adapter": str(workdir / "teacher_motion"),
-                  "lora": str(workdir / "stage1" / "lora"), "student_motion_init": "teacher"},
+                  "lora": str(workdir / "stage1" / "lora"), "lora_weight": STAGE2_LORA_WEIGHT,
+                  "student_motion_init": "teacher"},
         "data": {"kind": "latents", "root": str(workdir / "latents"), "resolution": arch.resolution,
                  "num_frames": arch.num_frames},
         "train": {**train, "batch_size": scale.batch_videos, "output_dir": str(workdir / "stage2"),
@@ -575,11 +579,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("workdir", type=Path)
     parser.add_argument("--bundle", type=Path, required=True, help="where the exported bundle goes")
-    parser.add_argument("--scale", choices=sorted(SCALES), default="full")
+    parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--continue-device", default="cpu",
-                        help="where step 5c trains (scale full): e.g. cuda; every other step runs on the CPU")
+                        help="where step 5c trains (a scale with continue_steps): e.g. cuda; every other step "
+                             "runs on the CPU")
     parser.add_argument("--note", default=None,
                         help="recorded in the bundle's provenance (e.g. where a step ran, if not in this command)")
     args = parser.parse_args(argv)
@@ -620,8 +625,8 @@ def main(argv: list[str] | None = None) -> int:
     timings, retrained = {}, False
     for marker, run in steps.items():
         path = args.workdir / marker
-        # Once a step runs, every later one runs again: its output came from the step's old result (a "cpu"
-        # workdir resumed at scale "full" runs 5c, then distils anew). The old marker goes first, so a step
+        # Once a step runs, every later one runs again: its output came from the step's old result (a workdir
+        # resumed at a scale that adds 5c runs 5c, then distils anew). The old marker goes first, so a step
         # that fails here is rerun next time rather than taken as done.
         if retrained or not path.is_file():
             path.unlink(missing_ok=True)

@@ -38,10 +38,9 @@ class ToyArchitecture:
     num_frames: int = 16
     latent_channels: int = 4
     vae_channels: tuple[int, ...] = (16, 32, 32)
-    # A third level, e.g. (32, 64, 64), puts a 4x4 grid at the bottom, where zero padding tells every cell where
-    # it is (a word that decides where the object is in frame k needs that); tried in the stable-target chain runs
-    # (benchmarks/results/default_model_teacher_sweep/README.md), not shipped.
-    unet_channels: tuple[int, ...] = (32, 64)
+    # Three levels put a 4x4 grid at the bottom, where zero padding tells every cell where it is (a word that
+    # decides where the object is in frame k needs that); v1-v4 of the default model had two, (32, 64).
+    unet_channels: tuple[int, ...] = (32, 64, 64)
     unet_groups: int = 8
     # diffusers' UNet2DConditionModel reads attention_head_dim as the number of heads (its documented naming
     # quirk): 8 heads, so 4 channels per head at 32 channels and 8 at 64. A tuple gives one value per level.
@@ -56,13 +55,13 @@ class ToyArchitecture:
     motion_mid_block: bool = False
     beta_start: float = 0.00085
     beta_end: float = 0.012
-    # AnimateLCM's parameterisation, as shipped. v_prediction + rescale_betas_zero_snr (Lin et al. 2024) train
-    # the teachers to start from pure noise, where the caption alone decides which way the clip goes (under the
-    # linear betas the noisy clip still shows the track at t = 999). Alone that did not make the direction word
-    # used; with stable targets and step 5d (chain.STABLE_TARGETS) it did
+    # v-prediction on zero terminal SNR (Lin et al. 2024; v1-v4 were AnimateLCM's epsilon on the linear betas):
+    # the teacher learns to start from pure noise, where the caption alone decides which way the clip goes
+    # (under the linear betas the noisy clip still shows the track at t = 999). With stable targets and steps
+    # 5d-5e (chain.STABLE_TARGETS) this made the direction word used
     # (benchmarks/results/default_model_teacher_sweep/README.md).
-    prediction_type: str = "epsilon"
-    rescale_betas_zero_snr: bool = False
+    prediction_type: str = "v_prediction"
+    rescale_betas_zero_snr: bool = True
 
     @property
     def vae_scale(self) -> int:
