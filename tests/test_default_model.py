@@ -81,7 +81,7 @@ def test_chain_smoke_scale_builds_a_bundle_that_generates(tmp_path):
 
 
 def test_a_workdir_without_step_5c_resumed_at_a_scale_with_it_runs_5c_then_distils_anew(tmp_path, monkeypatch):
-    """A "cpu" workdir resumed at "full": 5c runs, and the student is distilled again from the new teacher
+    """A workdir without 5c resumed at a scale with it: 5c runs, and the student is distilled again from the new teacher
     (not resumed from the old student's checkpoints)."""
     from dataclasses import replace
 
@@ -170,6 +170,21 @@ def test_stage1_target_reaches_the_stage1_config(tmp_path, monkeypatch):
         path.write_text(json.dumps(stage1))
         loaded = load_config(path)
         assert loaded.consistency.target == target and loaded.consistency.ema_decay == 0.95
+
+
+def test_stage2_merges_the_chains_share_of_the_stage1_lora(tmp_path, monkeypatch):
+    """chain.STAGE2_LORA_WEIGHT reaches stage 2's model.lora_weight, which the distill loader reads."""
+    from lcm_edge.distill.config import load_config
+    from lcm_edge.distill.default_model import chain
+    from lcm_edge.distill.default_model.pretrain import ToyArchitecture
+
+    assert chain.STAGE2_LORA_WEIGHT == 0.5  # the shipped v5's
+    for weight in (0.5, 0.25):
+        monkeypatch.setattr(chain, "STAGE2_LORA_WEIGHT", weight)
+        _, stage2 = chain.distill_configs(tmp_path, chain.SCALES["smoke"], ToyArchitecture(), 0)
+        path = tmp_path / f"stage2_{weight}.json"
+        path.write_text(json.dumps(stage2))
+        assert load_config(path).model.lora_weight == weight
 
 
 def test_cue_readers_read_ground_truth_cues():

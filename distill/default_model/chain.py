@@ -12,8 +12,9 @@ Recipe (every step is the project's own code, as a full-scale user would run it)
    encoder), then (5b) a video fine-tune of the motion modules, cross-attention and text encoder, (5d) the
    pure-noise end alone, where the caption is all the model has, and (5e) that end mixed with every noise level
    (VIDEO_STAGES; 5c, a larger-batch continuation of 5b for a GPU, is off: ChainScale.continue_steps);
-6. stage 1 of lcm_edge.distill: the image consistency LoRA (EMA target; cross-attention left out);
-7. stage 2 of lcm_edge.distill: video consistency distillation of a fresh motion module;
+6. stage 1 of lcm_edge.distill: the image consistency LoRA (EMA target);
+7. stage 2 of lcm_edge.distill: video consistency distillation of the motion modules (from the teacher's), with
+   half the stage-1 LoRA merged (STAGE2_LORA_WEIGHT);
 8. export of the student to a bundle with provenance (command, seeds, code version, timings).
 """
 
@@ -86,7 +87,7 @@ CPU_SCALE = ChainScale(clips=1100, vae_steps=2500, image_steps=2000, motion_step
                        pure_noise_schedule_steps=4000, batch_pure_noise=8, anchor_steps=200,
                        anchor_schedule_steps=2000, batch_anchor=12)
 SCALES = {
-    # The shipped recipe (v5), ~85 min on 2 CPU cores. v4's "full" scale added a GPU's step 5c to the epsilon
+    # The shipped recipe (v5), ~75 min on 2 CPU cores. v4's "full" scale added a GPU's step 5c to the epsilon
     # teacher of v1-v4; this teacher has its shapes without it (5c is kept for a scale that sets continue_steps).
     "cpu": CPU_SCALE,
     "smoke": ChainScale(clips=24, vae_steps=3, image_steps=3, motion_steps=2, video_finetune_steps=1,

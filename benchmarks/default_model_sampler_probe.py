@@ -1,0 +1,98 @@
+"""Read a chain's teacher or stage-2 student in torch, under any sampler, with the eval's prompts and detector.
+
+    # the teacher (optionally with the stage-1 LoRA merged at a weight), DDIM with guidance or the LCM sampler
+    python benchmarks/default_model_sampler_probe.py --teacher WORK/teacher --motion WORK/teacher_motion \
+        [--lora WORK/stage1/lora --lora-weight 0.5] --scheduler lcm|ddim --steps 1 2 4 8 [--guidance 1.0]
+    # a stage-2 model folder (before export)
+    python benchmarks/default_model_sampler_probe.py --model WORK/stage2/model --steps 1 2 4 8
+
+One JSON line per step count: the eval's columns (`default_model_eval.score`) and s/clip. It tells where a
+prompt attribute is lost between teacher, stage 1 and stage 2 without exporting a bundle per variant
+(benchmarks/results/default_model_teacher_sweep/README.md, "The word is lost in stage 1's LoRA").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from default_model_eval import EVAL_SEED_BASE, prompt_set, score  # the script's folder is on sys.path
+
+from lcm_edge.distill.synthetic import caption_for
+
+
+def build_pipeline(args):
+    from diffusers import (AnimateDiffPipeline, AutoencoderKL, DDIMScheduler, LCMScheduler, MotionAdapter,
+                           UNet2DConditionModel, UNetMotionModel)
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    local = {"local_files_only": True}
+    root = args.model or args.teacher
+    if args.model:
+        unet, adapter = UNetMotionModel.from_pretrained(args.model / "unet", **local), None
+    else:
+        unet = UNet2DConditionModel.from_pretrained(args.teacher / "unet", **local)
+        if args.lora:
+            from lcm_edge.distill.lora_io import merge_lora_
+
+            merge_lora_(unet, args.lora, weight=args.lora_weight, argument="--lora")
+        adapter = MotionAdapter.from_pretrained(args.motion, **local)
+    scheduler_class = LCMScheduler if args.scheduler == "lcm" else DDIMScheduler
+    scheduler = scheduler_class.from_config(DDIMScheduler.load_config(root / "scheduler"))
+    pipe = AnimateDiffPipeline(vae=AutoencoderKL.from_pretrained(root / "vae", **local),
+                               text_encoder=CLIPTextModel.from_pretrained(root / "text_encoder", **local),
+                               tokenizer=CLIPTokenizer.from_pretrained(root / "tokenizer", **local),
+                               unet=unet, motion_adapter=adapter, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", type=Path, help="WORK/teacher (with --motion)")
+    parser.add_argument("--motion", type=Path, help="WORK/teacher_motion")
+    parser.add_argument("--lora", type=Path, help="a stage-1 lora/ folder, merged into the teacher's UNet")
+    parser.add_argument("--lora-weight", type=float, default=1.0)
+    parser.add_argument("--model", type=Path, help="a stage-2 model/ folder (instead of --teacher)")
+    parser.add_argument("--scheduler", choices=("lcm", "ddim"), default="lcm")
+    parser.add_argument("--steps", type=int, nargs="+", default=[4])
+    parser.add_argument("--guidance", type=float, default=1.0, help="diffusers' form; 1.0 = no guidance")
+    parser.add_argument("--prompts", type=int, default=24)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if (args.model is None) == (args.teacher is None):
+        parser.error("give --model WORK/stage2/model or --teacher WORK/teacher --motion WORK/teacher_motion")
+    if args.teacher is not None and args.motion is None:
+        parser.error("--teacher needs --motion WORK/teacher_motion")
+    if args.model is not None and args.lora is not None:
+        parser.error("--lora merges into --teacher; a stage-2 model folder has its LoRA merged already")
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipe = build_pipeline(args)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    combos = prompt_set(args.prompts)
+    for steps in args.steps:
+        clips, start = [], time.perf_counter()
+        for i, combo in enumerate(combos):
+            out = pipe(caption_for(*combo), num_frames=16, height=size, width=size, num_inference_steps=steps,
+                       guidance_scale=args.guidance, generator=torch.Generator().manual_seed(EVAL_SEED_BASE + i),
+                       output_type="np")
+            clips.append((out.frames[0] * 255).round().astype(np.uint8))
+        row = {"scheduler": args.scheduler, "steps": steps, "guidance": args.guidance,
+               **({"lora_weight": args.lora_weight} if args.lora else {}),
+               **{key: round(value, 3) for key, value in score(clips, combos).items()},
+               "s_per_clip": round((time.perf_counter() - start) / len(combos), 2)}
+        print(json.dumps(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
