@@ -87,6 +87,13 @@ def run_teacher(teacher: Path, motion: Path, combos, steps: int, guidance: float
         motion_adapter=MotionAdapter.from_pretrained(motion, **local),
         scheduler=DDIMScheduler.from_pretrained(teacher / "scheduler", **local))
     pipe.set_progress_bar_config(disable=True)
+    return sample_diffusers(pipe, combos, steps, guidance)
+
+
+def sample_diffusers(pipe, combos, steps: int, guidance: float) -> tuple[list[np.ndarray], float]:
+    """A diffusers AnimateDiffPipeline's uint8 clips of `combos` at the eval's seeds, and its s/clip."""
+    import torch
+
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     clips, start = [], time.perf_counter()
     for i, combo in enumerate(combos):

@@ -16,14 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
-
-from default_model_eval import EVAL_SEED_BASE, prompt_set, score  # the script's folder is on sys.path
-
-from lcm_edge.distill.synthetic import caption_for
+from default_model_eval import prompt_set, sample_diffusers, score  # the script's folder is on sys.path
 
 
 def build_pipeline(args):
@@ -77,19 +72,13 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = build_pipeline(args)
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     combos = prompt_set(args.prompts)
     for steps in args.steps:
-        clips, start = [], time.perf_counter()
-        for i, combo in enumerate(combos):
-            out = pipe(caption_for(*combo), num_frames=16, height=size, width=size, num_inference_steps=steps,
-                       guidance_scale=args.guidance, generator=torch.Generator().manual_seed(EVAL_SEED_BASE + i),
-                       output_type="np")
-            clips.append((out.frames[0] * 255).round().astype(np.uint8))
+        clips, seconds_per_clip = sample_diffusers(pipe, combos, steps, args.guidance)
         row = {"scheduler": args.scheduler, "steps": steps, "guidance": args.guidance,
                **({"lora_weight": args.lora_weight} if args.lora else {}),
                **{key: round(value, 3) for key, value in score(clips, combos).items()},
-               "s_per_clip": round((time.perf_counter() - start) / len(combos), 2)}
+               "s_per_clip": round(seconds_per_clip, 2)}
         print(json.dumps(row), flush=True)
     return 0
 
