@@ -68,7 +68,8 @@ def test_chain_smoke_scale_builds_a_bundle_that_generates(tmp_path):
     loaded = load_bundle(bundle)
     record = loaded.provenance["source"]["default_model"]
     assert record["seed"] == 0 and record["scale"]["stage2_steps"] == 2 and "stage2_s" in record["timings_s"]
-    assert "teacher_continue_s" in record["timings_s"] and "video_continued" in record["teacher_check"]
+    assert all(f"teacher_{step}_s" in record["timings_s"] for step in ("continue", "pure_noise", "anchor"))
+    assert all(check in record["teacher_check"] for check in ("video_continued", "video_pure_noise", "video_anchored"))
     # The builder's folders stay out of the shipped provenance (paths read WORKDIR/..., OUT).
     assert str(tmp_path) not in json.dumps(loaded.provenance)
     assert record["command"].endswith("chain WORKDIR --bundle OUT --scale smoke --threads 1")
@@ -226,7 +227,7 @@ def test_stable_targets_share_a_caption_unless_it_was_dropped():
 
 
 def test_teacher_steps_train_with_stable_targets_and_an_anchored_pure_noise_batch(tmp_path, monkeypatch):
-    """The stable-target runs' teacher steps 4, 5, 5d and 5e (STABLE_TARGETS, three UNet levels, v-prediction on
+    """The chain's teacher steps 4, 5, 5d and 5e as shipped (STABLE_TARGETS, three UNet levels, v-prediction on
     zero terminal SNR) at smoke scale: every frame's and clip's same-caption reference reaches the loss, 5d trains
     on t >= 990 alone, and 5e puts its high_noise_share of each batch there, the rest anywhere."""
     from dataclasses import replace
@@ -244,9 +245,8 @@ def test_teacher_steps_train_with_stable_targets_and_an_anchored_pure_noise_batc
         calls.append((reference.shape, int(reference_mask.sum()), a.flatten().clone()))
         return real(x_t, a, reference, reference_mask)
 
-    monkeypatch.setattr(chain, "STABLE_TARGETS", True)
     monkeypatch.setattr(pretrain, "posterior_mean_x0", counted)
-    arch = ToyArchitecture(unet_channels=(32, 64, 64), prediction_type="v_prediction", rescale_betas_zero_snr=True)
+    arch = ToyArchitecture()
     scale = replace(chain.SCALES["smoke"], pure_noise_steps=2, pure_noise_schedule_steps=4, batch_pure_noise=2,
                     anchor_steps=2, anchor_schedule_steps=4, batch_anchor=3)
     chain.pretrain_image_teacher(tmp_path, scale, arch, 0, lambda message: None)

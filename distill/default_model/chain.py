@@ -93,7 +93,8 @@ SCALES = {
     "smoke": ChainScale(clips=24, vae_steps=3, image_steps=3, motion_steps=2, video_finetune_steps=1,
                         stage1_steps=2, stage2_steps=2, batch_images=4, batch_image_teacher=4, batch_videos=1,
                         vae_crop=32, check_prompts=1, check_steps=2, continue_steps=1, continue_schedule_steps=2,
-                        batch_continue=1),
+                        batch_continue=1, pure_noise_steps=1, pure_noise_schedule_steps=2, batch_pure_noise=1,
+                        anchor_steps=1, anchor_schedule_steps=2, batch_anchor=2),
 }
 
 
