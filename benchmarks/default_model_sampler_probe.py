@@ -18,7 +18,8 @@ import json
 import sys
 from pathlib import Path
 
-from default_model_eval import prompt_set, sample_diffusers, score  # the script's folder is on sys.path
+# the script's folder is on sys.path
+from default_model_eval import EVAL_PROMPTS, first_prompts_adherence, prompt_set, sample_diffusers, score
 
 
 def build_pipeline(args):
@@ -57,7 +58,7 @@ def main() -> int:
     parser.add_argument("--scheduler", choices=("lcm", "ddim"), default="lcm")
     parser.add_argument("--steps", type=int, nargs="+", default=[4])
     parser.add_argument("--guidance", type=float, default=1.0, help="diffusers' form; 1.0 = no guidance")
-    parser.add_argument("--prompts", type=int, default=24)
+    parser.add_argument("--prompts", type=int, default=EVAL_PROMPTS)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if (args.model is None) == (args.teacher is None):
@@ -79,6 +80,7 @@ def main() -> int:
                **({"lora_weight": args.lora_weight} if args.lora else {}),
                **{key: round(value, 3) for key, value in score(clips, combos).items()},
                "s_per_clip": round(seconds_per_clip, 2)}
+        row.update({key: round(value, 3) for key, value in first_prompts_adherence(clips, combos).items()})
         print(json.dumps(row), flush=True)
     return 0
 

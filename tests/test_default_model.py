@@ -188,6 +188,25 @@ def test_stage2_merges_the_chains_share_of_the_stage1_lora(tmp_path, monkeypatch
         assert load_config(path).model.lora_weight == weight
 
 
+def test_stage2_samples_on_the_chains_solver_grid(tmp_path):
+    """Stage 2 distils on chain.STAGE2_DDIM_TIMESTEPS (stage 1 on LCM's 50); the bundle's sampler inherits it."""
+    from lcm_edge.distill.config import load_config
+    from lcm_edge.distill.consistency import solver_timesteps
+    from lcm_edge.distill.default_model import chain
+    from lcm_edge.distill.default_model.pretrain import ToyArchitecture
+
+    assert chain.STAGE2_DDIM_TIMESTEPS == 10  # the shipped v6's
+    stage1, stage2 = chain.distill_configs(tmp_path, chain.SCALES["smoke"], ToyArchitecture(), 0)
+    loaded = []
+    for name, config in (("stage1", stage1), ("stage2", stage2)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(config))
+        loaded.append(load_config(tmp_path / f"{name}.json").schedule)
+    assert (loaded[0].num_ddim_timesteps, loaded[1].num_ddim_timesteps) == (50, 10)
+    assert loaded[1].lcm_scheduler_config()["original_inference_steps"] == 10
+    # Every stage-2 solver timestep is one stage 1 trained its LoRA on.
+    assert set(solver_timesteps(1000, 10).tolist()) <= set(solver_timesteps(1000, 50).tolist())
+
+
 def test_cue_readers_read_ground_truth_cues():
     """benchmarks/default_model_trail_side.py's readers, which the sweep README's side rates come from."""
     import importlib.util

@@ -29,7 +29,7 @@ ALPHAS_RTOL = 1e-7  # elementwise relative, alphas_cumprod
 SHAPE = (1, 4, 3, 8, 8)  # (batch, channels, frames, height, width) video latents
 
 SCHEDULES = ("linear", "scaled_linear")
-ORIGINAL_STEPS = (50, 100)
+ORIGINAL_STEPS = (10, 50, 100)
 STEPS = (1, 2, 4, 8)
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 CUSTOM_TIMESTEPS = ([999, 500, 100], [899, 599, 299, 99])
@@ -144,7 +144,7 @@ def test_timesteps_match_diffusers(schedule, ots, steps):
 
 
 @pytest.mark.parametrize(
-    "ots, expected", [(50, [999, 759, 499, 259]), (100, [999, 749, 499, 249])]
+    "ots, expected", [(10, [999, 799, 499, 299]), (50, [999, 759, 499, 259]), (100, [999, 749, 499, 249])]
 )
 def test_known_timesteps(ots, expected):
     ours, _ = make_pair(original_inference_steps=ots)
