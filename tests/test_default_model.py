@@ -61,7 +61,7 @@ def test_detector_refuses_what_is_not_there():
 def test_chain_smoke_scale_builds_a_bundle_that_generates(tmp_path):
     """The identical chain (data -> tokenizer -> VAE -> teachers -> stage 1 -> stage 2 -> export) at smoke scale."""
     from lcm_edge import AnimateLCMPipeline, load_bundle
-    from lcm_edge.distill.default_model.chain import main
+    from lcm_edge.distill.default_model.chain import STAGE2_DDIM_TIMESTEPS, main
 
     bundle = tmp_path / "bundle"
     assert main([str(tmp_path / "work"), "--bundle", str(bundle), "--scale", "smoke", "--threads", "1"]) == 0
@@ -74,7 +74,8 @@ def test_chain_smoke_scale_builds_a_bundle_that_generates(tmp_path):
     assert str(tmp_path) not in json.dumps(loaded.provenance)
     assert record["command"].endswith("chain WORKDIR --bundle OUT --scale smoke --threads 1")
     assert loaded.model.default_frames == 16 and loaded.model.default_height == 64
-    assert loaded.scheduler_config.beta_schedule == "linear" and loaded.scheduler_config.original_inference_steps == 50
+    assert loaded.scheduler_config.beta_schedule == "linear"
+    assert loaded.scheduler_config.original_inference_steps == STAGE2_DDIM_TIMESTEPS
     result = AnimateLCMPipeline.from_bundle(bundle)("a red circle moving right", seed=1)
     assert result.frames.shape == (16, 64, 64, 3)
     # Resuming a finished chain re-exports from the markers without training again.
