@@ -241,6 +241,9 @@ class ConsistencyConfig:
              teacher-free training). None picks "online" for stage image and "ema" otherwise.
     w_min/w_max  the teacher's guidance w ~ U[w_min, w_max] in (1 + w) * cond - w * uncond.
              w_min = w_max = 0 skips the unconditional teacher pass.
+    solver_substeps  guided teacher DDIM steps per solver step t_{n+k} -> t_n (LCM: 1). More keep a coarse grid
+             (few links from noise to data) with a finer, more accurate teacher ODE solve, at one more teacher
+             pass (two with guidance) per substep.
     """
 
     target: str | None = None
@@ -249,6 +252,7 @@ class ConsistencyConfig:
     huber_c: float = 0.001
     w_min: float = 5.0
     w_max: float = 15.0
+    solver_substeps: int = 1
 
     def validate(self, key: str) -> None:
         if self.target is not None:
@@ -262,6 +266,7 @@ class ConsistencyConfig:
         if self.w_max < self.w_min:
             raise ConfigError(f"{key}.w_max", f"{self.w_max} is below w_min {self.w_min}",
                               "set w_max >= w_min (LCM-LoRA: 5 and 15)")
+        _positive_int(f"{key}.solver_substeps", self.solver_substeps)
 
 
 @dataclass(frozen=True)

@@ -101,31 +101,43 @@ def distillation_loss(stage: Stage, x0: torch.Tensor, text: torch.Tensor, acp: t
     pred = C.consistency_function(out, x_start, t_start, acp, s.prediction_type, s.timestep_scaling)
 
     with torch.no_grad():
-        # 5. Teacher: conditional and unconditional predictions in one batch, guided in x_0 and eps.
-        a = C.extract(acp, t_start, x0.ndim)
-        alpha, sigma = a.sqrt(), (1.0 - a).sqrt()
-        guide = cc.w_max > 0
-        if guide:
-            uncond = stage.uncond_embeds.expand(b, -1, -1)
-            both = stage.teacher(torch.cat([x_start, x_start]), torch.cat([t_start, t_start]),
-                                 torch.cat([text, uncond])).float()
-            cond_out, uncond_out = both.chunk(2)
-        else:
-            cond_out = stage.teacher(x_start, t_start, text).float()
-        x0_hat = C.predicted_original_sample(cond_out, x_start, alpha, sigma, s.prediction_type)
-        eps_hat = C.predicted_noise(cond_out, x_start, alpha, sigma, s.prediction_type)
-        if guide:
-            x0_hat = C.guided(x0_hat, C.predicted_original_sample(uncond_out, x_start, alpha, sigma,
-                                                                  s.prediction_type), w)
-            eps_hat = C.guided(eps_hat, C.predicted_noise(uncond_out, x_start, alpha, sigma, s.prediction_type), w)
-        # 6. One DDIM step of the augmented PF-ODE to t_n.
-        x_prev = C.ddim_step(x0_hat, eps_hat, C.extract(acp, t_end, x0.ndim))
+        # 5-6. The guided teacher's DDIM solve of the augmented PF-ODE from t_{n+k} to t_n, in solver_substeps
+        #      equal steps (1: LCM's single step).
+        x_prev, t = x_start, t_start
+        for j in range(1, cc.solver_substeps + 1):
+            t_next = t_start - (t_start - t_end) * j // cc.solver_substeps
+            x_prev = _guided_teacher_ddim_step(stage, x_prev, t, t_next, text, w, acp, cfg)
+            t = t_next
         # 7. The target's consistency output at t_n (the EMA copy, or the online model itself).
         target_model = stage.ema.target if stage.ema is not None else stage.online
         target_out = target_model(x_prev, t_end, text).float()
         target = C.consistency_function(target_out, x_prev, t_end, acp, s.prediction_type, s.timestep_scaling)
 
     return C.consistency_loss(pred, target, cc.loss_type, cc.huber_c)
+
+
+def _guided_teacher_ddim_step(stage: Stage, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
+                              text: torch.Tensor, w: torch.Tensor, acp: torch.Tensor,
+                              cfg: DistillConfig) -> torch.Tensor:
+    """One DDIM step t -> t_next of the teacher, guided in x_0 and eps: conditional and unconditional
+    predictions in one batch (w_max = 0: the conditional pass alone)."""
+    s, cc = cfg.schedule, cfg.consistency
+    b = x.shape[0]
+    a = C.extract(acp, t, x.ndim)
+    alpha, sigma = a.sqrt(), (1.0 - a).sqrt()
+    guide = cc.w_max > 0
+    if guide:
+        uncond = stage.uncond_embeds.expand(b, -1, -1)
+        both = stage.teacher(torch.cat([x, x]), torch.cat([t, t]), torch.cat([text, uncond])).float()
+        cond_out, uncond_out = both.chunk(2)
+    else:
+        cond_out = stage.teacher(x, t, text).float()
+    x0_hat = C.predicted_original_sample(cond_out, x, alpha, sigma, s.prediction_type)
+    eps_hat = C.predicted_noise(cond_out, x, alpha, sigma, s.prediction_type)
+    if guide:
+        x0_hat = C.guided(x0_hat, C.predicted_original_sample(uncond_out, x, alpha, sigma, s.prediction_type), w)
+        eps_hat = C.guided(eps_hat, C.predicted_noise(uncond_out, x, alpha, sigma, s.prediction_type), w)
+    return C.ddim_step(x0_hat, eps_hat, C.extract(acp, t_next, x.ndim))
 
 
 def consistency_training_loss(stage: Stage, x0: torch.Tensor, text: torch.Tensor, acp: torch.Tensor,

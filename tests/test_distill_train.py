@@ -452,3 +452,62 @@ def test_two_process_data_parallel_run_resumes_exactly(workspace):
     assert [e["step"] for e in resumed] == [1, 2, 3, 4]  # the log continues
     for a, b in zip(full, resumed):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6), (a, b)
+
+
+class _PointDenoiser(torch.nn.Module):
+    """The exact eps-denoiser of data that is a single point x0*: eps = (x - sqrt(a) x0*) / sqrt(1 - a).
+
+    Its PF-ODE is solved exactly by one DDIM step of any length, so every substep count must land on the same
+    x_prev. Records the timesteps it is called at."""
+
+    def __init__(self, point, acp, shift=0.0):
+        super().__init__()
+        self.point, self.acp, self.shift, self.calls = point, acp, shift, []
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x, t, text):
+        self.calls.append(t.tolist())
+        a = C.append_dims(self.acp[t], x.ndim)
+        point = self.point.repeat(x.shape[0] // self.point.shape[0], 1, 1, 1)  # guided: cond and uncond batches
+        point = point + self.shift * (1.0 - a)  # shift != 0: an x_0 estimate that drifts with the noise level
+        return self.scale * (x - a.sqrt() * point) / (1.0 - a).sqrt()
+
+
+def test_solver_substeps_split_the_teacher_solve(workspace):
+    from lcm_edge.distill.train import Stage, distillation_loss
+
+    def x_prev_of(substeps, shift):
+        cfg = make_config(workspace, "image", "substeps", schedule={"num_ddim_timesteps": 10},
+                          consistency={"solver_substeps": substeps, "w_min": 2.0, "w_max": 2.0, "target": "ema"})
+        acp = C.make_alphas_cumprod("linear", 0.00085, 0.012, 1000)
+        point = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(1))
+        teacher = _PointDenoiser(point, acp, shift)
+        seen = []
+
+        class Target(torch.nn.Module):
+            def forward(self, x, t, text):
+                seen.append(x.clone())
+                return torch.zeros_like(x)
+
+        stage = Stage(online=_PointDenoiser(point, acp), teacher=teacher, ema=None,
+                      uncond_embeds=torch.zeros((1, 3, 8)))
+        stage.ema = type("EMA", (), {"target": Target()})()
+        distillation_loss(stage, point, torch.zeros((2, 3, 8)), acp, cfg, torch.Generator().manual_seed(0))
+        return seen[0], teacher.calls
+
+    one, calls_one = x_prev_of(1, 0.0)
+    three, calls_three = x_prev_of(3, 0.0)
+    torch.testing.assert_close(three, one, rtol=1e-4, atol=1e-5)  # exact solver: the substeps agree
+    # Three teacher calls per solver step, at t_{n+k}, t_{n+k} - k/3, t_{n+k} - 2k/3 (k = 100).
+    assert len(calls_one) == 1 and len(calls_three) == 3
+    start = calls_three[0][0]
+    assert calls_one[0][0] == start and [c[0] for c in calls_three] == [start, start - 33, start - 66]
+    # A teacher whose x_0 estimate drifts with the noise level: the finer solve lands elsewhere.
+    drift_one, _ = x_prev_of(1, 0.5)
+    drift_three, _ = x_prev_of(3, 0.5)
+    assert (drift_three - drift_one).abs().max() > 1e-3
+
+
+def test_solver_substeps_must_be_positive(workspace):
+    with pytest.raises(ConfigError, match="consistency.solver_substeps"):
+        make_config(workspace, "image", "x", consistency={"solver_substeps": 0})
