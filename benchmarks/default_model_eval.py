@@ -40,10 +40,10 @@ FIRST_PROMPTS = 24
 
 
 def first_prompts_adherence(clips, combos) -> dict:
-    """Adherence on the first 24 prompts (the v1-v5 tables' set, same seeds), to compare with them."""
+    """Adherence on the first FIRST_PROMPTS prompts (the v1-v5 tables' set, same seeds), to compare with them."""
     if len(combos) <= FIRST_PROMPTS:
         return {}
-    return {"adherence_first_24": score(clips[:FIRST_PROMPTS], combos[:FIRST_PROMPTS])["adherence"]}
+    return {f"adherence_first_{FIRST_PROMPTS}": score(clips[:FIRST_PROMPTS], combos[:FIRST_PROMPTS])["adherence"]}
 
 
 def prompt_set(count: int) -> list[tuple[str, str, str]]:

@@ -78,9 +78,9 @@ def main() -> int:
         clips, seconds_per_clip = sample_diffusers(pipe, combos, steps, args.guidance)
         row = {"scheduler": args.scheduler, "steps": steps, "guidance": args.guidance,
                **({"lora_weight": args.lora_weight} if args.lora else {}),
-               **{key: round(value, 3) for key, value in score(clips, combos).items()},
+               **{key: round(value, 3) for key, value in
+                  {**score(clips, combos), **first_prompts_adherence(clips, combos)}.items()},
                "s_per_clip": round(seconds_per_clip, 2)}
-        row.update({key: round(value, 3) for key, value in first_prompts_adherence(clips, combos).items()})
         print(json.dumps(row), flush=True)
     return 0
 

@@ -81,8 +81,8 @@ def distillation_loss(stage: Stage, x0: torch.Tensor, text: torch.Tensor, acp: t
     """Latent consistency distillation (LCM Algorithm 1) with the CFG-augmented DDIM solver.
 
     f_theta(x_{t_{n+k}}, t_{n+k}) is pulled towards f_{theta^-}(x_hat_{t_n}, t_n), where x_hat_{t_n} is one
-    DDIM step of the guided teacher from x_{t_{n+k}}. Same code for images (b, c, h, w) and videos
-    (b, c, f, h, w).
+    DDIM step of the guided teacher from x_{t_{n+k}} (or consistency.solver_substeps equal ones). Same code
+    for images (b, c, h, w) and videos (b, c, f, h, w).
     """
     s, cc = cfg.schedule, cfg.consistency
     b, device = x0.shape[0], x0.device

@@ -463,17 +463,18 @@ class _PointDenoiser(torch.nn.Module):
     def __init__(self, point, acp, shift=0.0):
         super().__init__()
         self.point, self.acp, self.shift, self.calls = point, acp, shift, []
-        self.scale = torch.nn.Parameter(torch.ones(()))
 
     def forward(self, x, t, text):
         self.calls.append(t.tolist())
         a = C.append_dims(self.acp[t], x.ndim)
         point = self.point.repeat(x.shape[0] // self.point.shape[0], 1, 1, 1)  # guided: cond and uncond batches
         point = point + self.shift * (1.0 - a)  # shift != 0: an x_0 estimate that drifts with the noise level
-        return self.scale * (x - a.sqrt() * point) / (1.0 - a).sqrt()
+        return (x - a.sqrt() * point) / (1.0 - a).sqrt()
 
 
 def test_solver_substeps_split_the_teacher_solve(workspace):
+    from types import SimpleNamespace
+
     from lcm_edge.distill.train import Stage, distillation_loss
 
     def x_prev_of(substeps, shift):
@@ -489,9 +490,8 @@ def test_solver_substeps_split_the_teacher_solve(workspace):
                 seen.append(x.clone())
                 return torch.zeros_like(x)
 
-        stage = Stage(online=_PointDenoiser(point, acp), teacher=teacher, ema=None,
+        stage = Stage(online=_PointDenoiser(point, acp), teacher=teacher, ema=SimpleNamespace(target=Target()),
                       uncond_embeds=torch.zeros((1, 3, 8)))
-        stage.ema = type("EMA", (), {"target": Target()})()
         distillation_loss(stage, point, torch.zeros((2, 3, 8)), acp, cfg, torch.Generator().manual_seed(0))
         return seen[0], teacher.calls
 
