@@ -1,7 +1,7 @@
 """Evaluate the default model like the AnimateLCM paper's Table 1, at toy scale.
 
     python benchmarks/default_model_eval.py --teacher WORKDIR/teacher --teacher-motion WORKDIR/teacher_motion
-        [--bundle BUNDLE] [--prompts 60] [--guidance 4.0] [--out results/default_model]
+        [--bundle BUNDLE] [--prompts 60] [--seeds 1] [--guidance 4.0] [--out results/default_model]
         [--student-steps 1 2 4 8] [--teacher-steps 1 2 4 8 25 50] [--rows-from earlier/results.json]
         [--threads N]
 
@@ -46,12 +46,22 @@ def first_prompts_adherence(clips, combos) -> dict:
     return {f"adherence_first_{FIRST_PROMPTS}": score(clips[:FIRST_PROMPTS], combos[:FIRST_PROMPTS])["adherence"]}
 
 
-def prompt_set(count: int) -> list[tuple[str, str, str]]:
-    """All held-out combinations first, then a fixed spread of the trained ones."""
+def prompt_set(count: int, seeds: int = 1) -> list[tuple[str, str, str]]:
+    """All held-out combinations first, then a fixed spread of the trained ones; the whole list `seeds` times.
+
+    Clip i is sampled at seed EVAL_SEED_BASE + i, so the first repetition is exactly the one-seed set.
+    """
     trained = [(c, s, d) for c in COLOURS for s in SHAPES for d in DIRECTIONS if (c, s, d) not in HELD_OUT]
     rng = np.random.default_rng(1234)
     order = rng.permutation(len(trained))
-    return list(HELD_OUT) + [trained[i] for i in order[: max(0, count - len(HELD_OUT))]]
+    return (list(HELD_OUT) + [trained[i] for i in order[: max(0, count - len(HELD_OUT))]]) * seeds
+
+
+def wilson_interval(rate: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a rate over n clips: how far one sample of prompts and seeds can move it."""
+    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * np.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n))
+    return max(0.0, float(centre - half)), min(1.0, float(centre + half))  # rounding at rate 0 or 1
 
 
 def score(clips: list[np.ndarray], combos: list[tuple[str, str, str]]) -> dict:
@@ -165,6 +175,8 @@ def main() -> int:
     parser.add_argument("--teacher", type=Path, default=None, help="WORKDIR/teacher of the chain")
     parser.add_argument("--teacher-motion", type=Path, default=None, help="WORKDIR/teacher_motion of the chain")
     parser.add_argument("--prompts", type=int, default=EVAL_PROMPTS)
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="clips per prompt (each at its own seed): more narrow the rates' intervals")
     # Stage 2 distilled with w in [1.5, 3], i.e. CFG scale 1 + w up to 4: the teacher is read at that scale.
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--student-steps", type=int, nargs="*", default=[1, 2, 4, 8])
@@ -175,11 +187,14 @@ def main() -> int:
                         help="CPU threads for both (torch and onnxruntime): s/clip compares like with like")
     parser.add_argument("--out", type=Path, default=Path("results/default_model"))
     args = parser.parse_args()
+    if args.seeds < 1:
+        parser.error(f"--seeds must be at least 1, got {args.seeds}")
     if args.teacher_steps and (args.teacher is None or args.teacher_motion is None):
         parser.error("--teacher and --teacher-motion are needed for the teacher rows (or pass --teacher-steps "
                      "with no values)")
     args.out.mkdir(parents=True, exist_ok=True)
-    combos = prompt_set(args.prompts)
+    combos = prompt_set(args.prompts, args.seeds)
+    prompts = len(combos) // args.seeds  # at most every combination once
     results = []
     if args.student_steps:
         from lcm_edge.default import default_bundle_path
@@ -190,29 +205,31 @@ def main() -> int:
         if steps == 4:
             write_samples(clips[:SAMPLE_ROWS], combos[:SAMPLE_ROWS], args.out / "samples.png")
         results.append({"method": "consistency model (no CFG)", "steps": steps, "guidance": 1.0,
-                        "seconds_per_clip": sec, "prompts": len(combos), **score(clips, combos),
+                        "seconds_per_clip": sec, "prompts": prompts, "seeds": args.seeds, **score(clips, combos),
                         **first_prompts_adherence(clips, combos)})
         print(results[-1], flush=True)
     for steps in args.teacher_steps:
         clips, sec = run_teacher(args.teacher, args.teacher_motion, combos, steps, args.guidance, args.threads)
         results.append({"method": "teacher DDIM (CFG)", "steps": steps, "guidance": args.guidance,
-                        "seconds_per_clip": sec, "prompts": len(combos), **score(clips, combos),
+                        "seconds_per_clip": sec, "prompts": prompts, "seeds": args.seeds, **score(clips, combos),
                         **first_prompts_adherence(clips, combos)})
         print(results[-1], flush=True)
     if args.rows_from is not None:
         earlier = json.loads(args.rows_from.read_text())
-        if any(r.get("prompts") != len(combos) for r in earlier):
-            raise SystemExit(f"--rows-from {args.rows_from}: rows were measured on another prompt count")
+        if any(r.get("prompts") != prompts or r.get("seeds", 1) != args.seeds for r in earlier):
+            raise SystemExit(f"--rows-from {args.rows_from}: rows were measured on another prompt or seed count")
         results += earlier
     results.sort(key=lambda r: (r["method"] != "consistency model (no CFG)", r["steps"]))
-    header = ("| method | steps | guidance | adherence | colour | shape | direction | adherence (held-out) | "
-              "temporal consistency | s/clip |\n|---|---|---|---|---|---|---|---|---|---|")
+    header = ("| method | steps | guidance | adherence | adherence 95% interval | colour | shape | direction | "
+              "adherence (held-out) | temporal consistency | s/clip |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    interval = lambda r: "%.2f-%.2f" % wilson_interval(r["adherence"], r["prompts"] * r.get("seeds", 1))  # noqa: E731
     lines = [header] + [
-        f"| {r['method']} | {r['steps']} | {r['guidance']} | {r['adherence']:.2f} | {r['colour']:.2f} | "
-        f"{r['shape']:.2f} | {r['direction']:.2f} | {r['adherence_held_out']:.2f} | {r['consistency']:.2f} | "
-        f"{r['seconds_per_clip']:.2f} |" for r in results]
+        f"| {r['method']} | {r['steps']} | {r['guidance']} | {r['adherence']:.2f} | {interval(r)} | "
+        f"{r['colour']:.2f} | {r['shape']:.2f} | {r['direction']:.2f} | {r['adherence_held_out']:.2f} | "
+        f"{r['consistency']:.2f} | {r['seconds_per_clip']:.2f} |" for r in results]
     table = "\n".join(lines)
-    print(f"\n{len(combos)} prompts ({len(HELD_OUT)} held out of training), 16 frames each\n{table}")
+    print(f"\n{len(combos)} clips: {prompts} prompts ({len(HELD_OUT)} held out of training) x "
+          f"{args.seeds} seed(s), 16 frames each\n{table}")
     (args.out / "table.md").write_text(table + "\n")
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, args.out / "plot.png")

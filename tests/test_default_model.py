@@ -229,6 +229,35 @@ def test_cue_readers_read_ground_truth_cues():
     assert all(readers.eye_side(frame) is None for clip in plain for frame in clip.frames)
 
 
+def _benchmark(name: str):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(folder))  # the eval's helpers import each other by name
+    try:
+        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(folder))
+    return module
+
+
+def test_eval_seeds_repeat_the_prompts_and_intervals_narrow():
+    """benchmarks/default_model_eval.py --seeds: the one-seed set comes first (same clips as before), every
+    combination once per seed; the table's Wilson interval matches a textbook value and narrows with clips."""
+    evaluation = _benchmark("default_model_eval")
+    one, three = evaluation.prompt_set(60), evaluation.prompt_set(60, 3)
+    assert len(set(one)) == 60 and three[:60] == one and three == one * 3
+    lo, hi = evaluation.wilson_interval(0.5, 100)
+    assert abs(lo - 0.4038) < 1e-3 and abs(hi - 0.5962) < 1e-3
+    assert evaluation.wilson_interval(0.0, 60)[0] == 0.0 and abs(evaluation.wilson_interval(1.0, 60)[1] - 1) < 1e-12
+    wide, narrow = evaluation.wilson_interval(0.65, 60), evaluation.wilson_interval(0.65, 300)
+    assert wide[0] < narrow[0] < 0.65 < narrow[1] < wide[1]
+
+
 def test_stable_targets_share_a_caption_unless_it_was_dropped():
     """The teachers' Stable Target Field batch: same-caption clips as reference, a sample alone once its caption
     is dropped for classifier-free guidance (an empty caption says nothing about which clips it shares)."""
