@@ -38,8 +38,13 @@ def build_pipeline(args):
 
             merge_lora_(unet, args.lora, weight=args.lora_weight, argument="--lora")
         adapter = MotionAdapter.from_pretrained(args.motion, **local)
-    scheduler_class = LCMScheduler if args.scheduler == "lcm" else DDIMScheduler
-    scheduler = scheduler_class.from_config(DDIMScheduler.load_config(root / "scheduler"))
+    config = DDIMScheduler.load_config(root / "scheduler")
+    if args.scheduler == "lcm":
+        scheduler = LCMScheduler.from_config(config)
+    else:
+        # A stage-2 folder carries LCM's "leading" spacing, whose few-step DDIM would start at t = 750, not from
+        # pure noise; the teacher's own config is "trailing" already.
+        scheduler = DDIMScheduler.from_config(config, timestep_spacing="trailing")
     pipe = AnimateDiffPipeline(vae=AutoencoderKL.from_pretrained(root / "vae", **local),
                                text_encoder=CLIPTextModel.from_pretrained(root / "text_encoder", **local),
                                tokenizer=CLIPTokenizer.from_pretrained(root / "tokenizer", **local),
@@ -59,8 +64,11 @@ def main() -> int:
     parser.add_argument("--steps", type=int, nargs="+", default=[4])
     parser.add_argument("--guidance", type=float, default=1.0, help="diffusers' form; 1.0 = no guidance")
     parser.add_argument("--prompts", type=int, default=EVAL_PROMPTS)
+    parser.add_argument("--seeds", type=int, default=1, help="clips per prompt, as the eval's --seeds")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
+    if args.seeds < 1:
+        parser.error(f"--seeds must be at least 1, got {args.seeds}")
     if (args.model is None) == (args.teacher is None):
         parser.error("give --model WORK/stage2/model or --teacher WORK/teacher --motion WORK/teacher_motion")
     if args.teacher is not None and args.motion is None:
@@ -73,10 +81,10 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = build_pipeline(args)
-    combos = prompt_set(args.prompts)
+    combos = prompt_set(args.prompts, args.seeds)
     for steps in args.steps:
         clips, seconds_per_clip = sample_diffusers(pipe, combos, steps, args.guidance)
-        row = {"scheduler": args.scheduler, "steps": steps, "guidance": args.guidance,
+        row = {"scheduler": args.scheduler, "steps": steps, "guidance": args.guidance, "clips": len(combos),
                **({"lora_weight": args.lora_weight} if args.lora else {}),
                **{key: round(value, 3) for key, value in
                   {**score(clips, combos), **first_prompts_adherence(clips, combos)}.items()},
