@@ -63,6 +63,10 @@ class ScheduleConfig:
     # N: the solver runs on every k-th timestep, k = T // N (LCM's skipping-step schedule, §4.3).
     # It becomes `original_inference_steps` of the LCMScheduler that samples the student.
     num_ddim_timesteps: int = 50
+    # Optional two-level grid: below timestep `fine_below` the solver runs on the finer grid of
+    # `fine_ddim_timesteps` points instead (few links from pure noise, an accurate solve near the data).
+    fine_ddim_timesteps: int | None = None
+    fine_below: int = 0
     timestep_scaling: float = 10.0  # s = timestep_scaling * t in the boundary condition
     rescale_betas_zero_snr: bool = False
 
@@ -78,10 +82,34 @@ class ScheduleConfig:
             raise ConfigError(f"{key}.num_ddim_timesteps", f"{self.num_ddim_timesteps} does not divide "
                               f"num_train_timesteps {self.num_train_timesteps}",
                               "pick a divisor (50 or 100 for 1000) so every solver step skips the same k timesteps")
+        if self.fine_ddim_timesteps is None:
+            if self.fine_below:
+                raise ConfigError(f"{key}.fine_below", f"{self.fine_below} is set without fine_ddim_timesteps",
+                                  "set fine_ddim_timesteps too (e.g. 50), or drop fine_below")
+        else:
+            _positive_int(f"{key}.fine_ddim_timesteps", self.fine_ddim_timesteps)
+            if (self.fine_ddim_timesteps % self.num_ddim_timesteps
+                    or self.num_train_timesteps % self.fine_ddim_timesteps):
+                raise ConfigError(f"{key}.fine_ddim_timesteps", f"{self.fine_ddim_timesteps} is not a multiple of "
+                                  f"num_ddim_timesteps {self.num_ddim_timesteps} dividing num_train_timesteps "
+                                  f"{self.num_train_timesteps}", "pick e.g. 50 with num_ddim_timesteps 10: every "
+                                  "coarse point (a sampler timestep) must lie on the fine grid")
+            if not 0 < self.fine_below <= self.num_train_timesteps:
+                raise ConfigError(f"{key}.fine_below", f"{self.fine_below} is outside 1..{self.num_train_timesteps}",
+                                  "give the timestep below which the fine grid is used, e.g. 500")
         if not 0.0 < self.beta_start < self.beta_end < 1.0:
             raise ConfigError(f"{key}.beta_start", f"betas {self.beta_start}..{self.beta_end} are not increasing "
                               "inside (0, 1)", "SD1.5/AnimateLCM use beta_start 0.00085, beta_end 0.012")
         _positive(f"{key}.timestep_scaling", self.timestep_scaling)
+
+    def solver_grid(self):
+        """The solver's timesteps, ascending (a torch tensor): uniform, or two-level with fine_ddim_timesteps."""
+        from . import consistency as C
+
+        if self.fine_ddim_timesteps is None:
+            return C.solver_timesteps(self.num_train_timesteps, self.num_ddim_timesteps)
+        return C.two_level_solver_timesteps(self.num_train_timesteps, self.num_ddim_timesteps,
+                                            self.fine_ddim_timesteps, self.fine_below)
 
     def lcm_scheduler_config(self) -> dict:
         """diffusers LCMScheduler config that samples the distilled student (written beside its weights).

@@ -90,10 +90,38 @@ def solver_step(index: torch.Tensor, num_train_timesteps: int, num_ddim_timestep
     t_n = t_{n+k} - k, clamped at 0 for the first grid point: there the consistency function is the
     identity up to alphas_cumprod[0] (the boundary condition), as in diffusers' LCM scripts.
     """
-    grid = solver_timesteps(num_train_timesteps, num_ddim_timesteps).to(index.device)
-    k = num_train_timesteps // num_ddim_timesteps
-    start = grid[index]
-    return start, (start - k).clamp(min=0)
+    return grid_solver_step(index, solver_timesteps(num_train_timesteps, num_ddim_timesteps).to(index.device))
+
+
+def two_level_solver_timesteps(num_train_timesteps: int, num_ddim_timesteps: int, fine_ddim_timesteps: int,
+                               fine_below: int) -> torch.Tensor:
+    """A solver grid, ascending: the N-point grid at and above `fine_below`, the finer one below it.
+
+    Few links from pure noise (where a video's motion is decided) with a fine solve near the data. The coarse
+    points are all on the fine grid (config validation: the fine count is a multiple of N), so the LCM sampler
+    of original_inference_steps N only visits trained timesteps.
+    """
+    coarse = solver_timesteps(num_train_timesteps, num_ddim_timesteps)
+    fine = solver_timesteps(num_train_timesteps, fine_ddim_timesteps)
+    return torch.cat([fine[fine < fine_below], coarse[coarse >= fine_below]])
+
+
+def grid_solver_step(index: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For indices into an ascending solver grid: (t_{n+k}, t_n) = (grid[i], grid[i - 1]), 0 below grid[0]."""
+    previous = torch.cat([grid.new_zeros(1), grid[:-1]])
+    return grid[index], previous[index]
+
+
+def draw_solver_steps(grid: torch.Tensor, batch: int, g: torch.Generator) -> torch.Tensor:
+    """Grid indices of `batch` solver steps, each drawn with probability proportional to the timesteps it spans.
+
+    A refined part of the grid so takes no training away from the coarse part. On a uniform grid every step
+    spans k and this is LCM's uniform draw (the same random numbers as before two-level grids existed).
+    """
+    spans = torch.diff(grid, prepend=grid.new_full((1,), -1))
+    if bool((spans == spans[0]).all()):
+        return torch.randint(0, len(grid), (batch,), generator=g)
+    return torch.multinomial(spans.double(), batch, replacement=True, generator=g)
 
 
 def lcm_inference_timesteps(num_inference_steps: int, num_train_timesteps: int,

@@ -87,8 +87,9 @@ def distillation_loss(stage: Stage, x0: torch.Tensor, text: torch.Tensor, acp: t
     s, cc = cfg.schedule, cfg.consistency
     b, device = x0.shape[0], x0.device
     # 1. A random solver step t_{n+k} -> t_n on the skipping-step grid.
-    index = torch.randint(0, s.num_ddim_timesteps, (b,), generator=g).to(device)
-    t_start, t_end = C.solver_step(index, s.num_train_timesteps, s.num_ddim_timesteps)
+    grid = s.solver_grid()
+    index = C.draw_solver_steps(grid, b, g).to(device)
+    t_start, t_end = C.grid_solver_step(index, grid.to(device))
     # 2. Forward diffusion to t_{n+k}.
     noise = torch.randn(x0.shape, generator=g).to(device)
     x_start = C.add_noise(x0, noise, t_start, acp)
@@ -150,8 +151,9 @@ def consistency_training_loss(stage: Stage, x0: torch.Tensor, text: torch.Tensor
     """
     s, cc = cfg.schedule, cfg.consistency
     b, device = x0.shape[0], x0.device
-    index = torch.randint(0, s.num_ddim_timesteps, (b,), generator=g).to(device)
-    t_start, t_end = C.solver_step(index, s.num_train_timesteps, s.num_ddim_timesteps)
+    grid = s.solver_grid()
+    index = C.draw_solver_steps(grid, b, g).to(device)
+    t_start, t_end = C.grid_solver_step(index, grid.to(device))
     noise = torch.randn(x0.shape, generator=g).to(device)
     x_start = C.add_noise(x0, noise, t_start, acp)
     x_end = C.add_noise(x0, noise, t_end, acp)

@@ -61,6 +61,33 @@ def test_solver_step_skips_k_and_clamps_at_zero():
     assert end.tolist() == [0, 19, 979]
 
 
+def test_two_level_grid_refines_below_the_boundary_and_keeps_the_sampler_timesteps():
+    grid = C.two_level_solver_timesteps(1000, 10, 50, 500)
+    assert grid.tolist() == list(range(19, 500, 20)) + [599, 699, 799, 899, 999]
+    # Every timestep the LCM sampler of original_inference_steps 10 visits is a trained grid point.
+    for n in range(1, 11):
+        assert set(C.lcm_inference_timesteps(n, 1000, 10).tolist()) <= set(grid.tolist())
+    start, end = C.grid_solver_step(torch.tensor([0, 1, 24, 25, 29]), grid)
+    assert start.tolist() == [19, 39, 499, 599, 999] and end.tolist() == [0, 19, 479, 499, 899]
+
+
+def test_uniform_grid_steps_and_draws_are_as_before():
+    """grid_solver_step / draw_solver_steps on a uniform grid: LCM's skip-k step and uniform draw, same numbers."""
+    grid = C.solver_timesteps(1000, 50)
+    index = C.draw_solver_steps(grid, 64, torch.Generator().manual_seed(3))
+    assert torch.equal(index, torch.randint(0, 50, (64,), generator=torch.Generator().manual_seed(3)))
+    for got, want in zip(C.grid_solver_step(index, grid), C.solver_step(index, 1000, 50)):
+        assert torch.equal(got, want)
+
+
+def test_two_level_draws_weight_each_step_by_the_timesteps_it_spans():
+    grid = C.two_level_solver_timesteps(1000, 10, 50, 200)  # 10 fine steps of 20 below 200, 8 of 100 above
+    start, _ = C.grid_solver_step(C.draw_solver_steps(grid, 40_000, torch.Generator().manual_seed(0)), grid)
+    # Uniform in timesteps: 0.2 of the draws below 200 (uniform over grid points would give 10/18 = 0.56).
+    assert abs((start < 200).double().mean().item() - 0.2) < 0.01
+    assert abs((start == 999).double().mean().item() - 0.1) < 0.01
+
+
 def test_boundary_scalings_match_numpy_and_satisfy_boundary_condition():
     np_sched = numpy_scheduler("linear", 0.00085, 0.012)
     t = torch.arange(1000)

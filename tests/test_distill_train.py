@@ -511,3 +511,35 @@ def test_solver_substeps_split_the_teacher_solve(workspace):
 def test_solver_substeps_must_be_positive(workspace):
     with pytest.raises(ConfigError, match="consistency.solver_substeps"):
         make_config(workspace, "image", "x", consistency={"solver_substeps": 0})
+
+
+def test_two_level_grid_drives_the_distillation_steps(workspace):
+    """schedule.fine_ddim_timesteps / fine_below reach the loss: the teacher solves from t_{n+k} and the target
+    reads t_n one grid link lower, 20 timesteps below the boundary and 100 above it."""
+    from types import SimpleNamespace
+
+    from lcm_edge.distill.train import Stage, distillation_loss
+
+    cfg = make_config(workspace, "image", "two_level",
+                      schedule={"num_ddim_timesteps": 10, "fine_ddim_timesteps": 50, "fine_below": 500},
+                      consistency={"w_min": 2.0, "w_max": 2.0, "target": "ema"})
+    acp = C.make_alphas_cumprod("linear", 0.00085, 0.012, 1000)
+    point = torch.randn((8, 4, 8, 8), generator=torch.Generator().manual_seed(1))
+    links = set()
+
+    online = _PointDenoiser(point, acp)  # called at t_{n+k}
+
+    class Target(torch.nn.Module):  # called at t_n
+        def forward(self, x, t, text):
+            links.update(zip(online.calls[-1], t.tolist()))
+            return torch.zeros_like(x)
+
+    for seed in range(8):
+        stage = Stage(online=online, teacher=_PointDenoiser(point, acp), ema=SimpleNamespace(target=Target()),
+                      uncond_embeds=torch.zeros((1, 3, 8)))
+        distillation_loss(stage, point, torch.zeros((8, 3, 8)), acp, cfg, torch.Generator().manual_seed(seed))
+    grid = cfg.schedule.solver_grid().tolist()
+    assert links and all(start in grid and end == ([0] + grid)[grid.index(start)] for start, end in links)
+    assert {start - end for start, end in links if start < 500} <= {19, 20}  # 19: the first link, 19 -> 0
+    assert {start - end for start, end in links if start >= 600} == {100}
+    assert any(start < 500 for start, _ in links) and any(start >= 600 for start, _ in links)
