@@ -190,13 +190,14 @@ def test_stage2_merges_the_chains_share_of_the_stage1_lora(tmp_path, monkeypatch
 
 
 def test_stage2_samples_on_the_chains_solver_grid(tmp_path):
-    """Stage 2 distils on chain.STAGE2_DDIM_TIMESTEPS (stage 1 on LCM's 50); the bundle's sampler inherits it."""
+    """Stage 2 distils on chain.STAGE2_DDIM_TIMESTEPS, refined to stage 1's 50-point grid below
+    chain.STAGE2_FINE_BELOW; the bundle's sampler inherits the coarse grid and visits only trained timesteps."""
     from lcm_edge.distill.config import load_config
-    from lcm_edge.distill.consistency import solver_timesteps
+    from lcm_edge.distill.consistency import lcm_inference_timesteps, solver_timesteps
     from lcm_edge.distill.default_model import chain
     from lcm_edge.distill.default_model.pretrain import ToyArchitecture
 
-    assert chain.STAGE2_DDIM_TIMESTEPS == 10  # the shipped v6's
+    assert (chain.STAGE2_DDIM_TIMESTEPS, chain.STAGE2_FINE_BELOW) == (10, 800)  # the shipped v7's
     stage1, stage2 = chain.distill_configs(tmp_path, chain.SCALES["smoke"], ToyArchitecture(), 0)
     loaded = []
     for name, config in (("stage1", stage1), ("stage2", stage2)):
@@ -204,8 +205,14 @@ def test_stage2_samples_on_the_chains_solver_grid(tmp_path):
         loaded.append(load_config(tmp_path / f"{name}.json").schedule)
     assert (loaded[0].num_ddim_timesteps, loaded[1].num_ddim_timesteps) == (50, 10)
     assert loaded[1].lcm_scheduler_config()["original_inference_steps"] == 10
-    # Every stage-2 solver timestep is one stage 1 trained its LoRA on.
-    assert set(solver_timesteps(1000, 10).tolist()) <= set(solver_timesteps(1000, 50).tolist())
+    grid1, grid2 = (set(schedule.solver_grid().tolist()) for schedule in loaded)
+    assert grid1 == set(solver_timesteps(1000, 50).tolist())
+    # Every stage-2 solver timestep is one stage 1 trained its LoRA on, and every sampler timestep a stage-2 one.
+    assert grid2 <= grid1
+    assert all(set(lcm_inference_timesteps(n, 1000, 10).tolist()) <= grid2 for n in (1, 2, 4, 8))
+    fine = {t for t in grid2 if t < chain.STAGE2_FINE_BELOW}
+    assert fine == {t for t in grid1 if t < chain.STAGE2_FINE_BELOW}
+    assert grid2 - fine == {t for t in solver_timesteps(1000, 10).tolist() if t >= chain.STAGE2_FINE_BELOW}
 
 
 def test_cue_readers_read_ground_truth_cues():
