@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from . import consistency as C
-from .config import DistillConfig
+from .config import DistillConfig, config_from_dict
 from .data import StepSampler, make_dataset
 from .errors import CheckpointError, ConfigError, DatasetError, TrainingDivergedError
 from .lora_io import merge_lora_, save_lora
@@ -462,7 +462,8 @@ def _find_resume_checkpoint(cfg: DistillConfig, root: Path) -> Path | None:
 
 
 def _check_resumable(cfg: DistillConfig, ckpt: Path) -> None:
-    saved = json.loads((ckpt / "config.json").read_text(encoding="utf-8"))
+    # Through the config schema, so a setting added after the checkpoint was written reads as its default.
+    saved = config_from_dict(json.loads((ckpt / "config.json").read_text(encoding="utf-8"))).to_dict()
     now = cfg.to_dict()
     changed = [k for k in sorted(set(_flatten(saved)) | set(_flatten(now)))
                if k not in RESUMABLE_CHANGES and _flatten(saved).get(k) != _flatten(now).get(k)]

@@ -295,6 +295,13 @@ def test_interrupted_and_resumed_run_repeats_the_uninterrupted_losses(workspace)
     with pytest.raises(ConfigError, match="train.learning_rate"):
         train(changed)
 
+    # A checkpoint written before a setting existed resumes as if it held the setting's default.
+    saved = cfg_out / "checkpoint-2" / "config.json"
+    older = json.loads(saved.read_text())
+    del older["schedule"]["fine_below"], older["schedule"]["fine_ddim_timesteps"]
+    del older["consistency"]["solver_substeps"]
+    saved.write_text(json.dumps(older))
+
     resumed = train(cfg.replace(train={"resume": "latest"}))
     assert sorted(resumed.losses) == [3, 4]
     for step in (3, 4):
