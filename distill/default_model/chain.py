@@ -486,7 +486,7 @@ STAGE2_DDIM_TIMESTEPS = 10
 # from pure noise keep the direction, and the fine links near the data keep the shape, which grid 10 lost (squares
 # with round corners). Over 300 clips (60 prompts x 5 seeds) the 4-step student read adherence 0.54 on grid 10
 # (shape 0.74, direction 0.73) and 0.52 on grid 50 (0.86 / 0.59); refined below 200: 0.58, 500: 0.67, 700: 0.67,
-# 800: 0.70 (shape 0.91, direction 0.76). Only the links 999 -> 899 -> 799 stay coarse.
+# 800: 0.70 (shape 0.91, direction 0.76), 900: 0.59 (direction 0.65). Only 999 -> 899 -> 799 stay coarse.
 STAGE2_FINE_BELOW = 800
 
 
