@@ -83,16 +83,6 @@ def solver_timesteps(num_train_timesteps: int, num_ddim_timesteps: int) -> torch
     return torch.arange(1, num_ddim_timesteps + 1, dtype=torch.int64) * k - 1
 
 
-def solver_step(index: torch.Tensor, num_train_timesteps: int, num_ddim_timesteps: int,
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """For grid indices `index` (b,): (t_{n+k}, t_n), the start and end of one skipping solver step.
-
-    t_n = t_{n+k} - k, clamped at 0 for the first grid point: there the consistency function is the
-    identity up to alphas_cumprod[0] (the boundary condition), as in diffusers' LCM scripts.
-    """
-    return grid_solver_step(index, solver_timesteps(num_train_timesteps, num_ddim_timesteps).to(index.device))
-
-
 def two_level_solver_timesteps(num_train_timesteps: int, num_ddim_timesteps: int, fine_ddim_timesteps: int,
                                fine_below: int) -> torch.Tensor:
     """A solver grid, ascending: the N-point grid at and above `fine_below`, the finer one below it.
@@ -107,7 +97,12 @@ def two_level_solver_timesteps(num_train_timesteps: int, num_ddim_timesteps: int
 
 
 def grid_solver_step(index: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For indices into an ascending solver grid: (t_{n+k}, t_n) = (grid[i], grid[i - 1]), 0 below grid[0]."""
+    """For indices into an ascending solver grid: (t_{n+k}, t_n) = (grid[i], grid[i - 1]), the start and end of
+    one skipping solver step.
+
+    Below the first grid point t_n = 0: there the consistency function is the identity up to alphas_cumprod[0]
+    (the boundary condition), as in diffusers' LCM scripts. On a uniform grid t_n = t_{n+k} - k.
+    """
     previous = torch.cat([grid.new_zeros(1), grid[:-1]])
     return grid[index], previous[index]
 

@@ -87,9 +87,7 @@ def distillation_loss(stage: Stage, x0: torch.Tensor, text: torch.Tensor, acp: t
     s, cc = cfg.schedule, cfg.consistency
     b, device = x0.shape[0], x0.device
     # 1. A random solver step t_{n+k} -> t_n on the skipping-step grid.
-    grid = s.solver_grid()
-    index = C.draw_solver_steps(grid, b, g).to(device)
-    t_start, t_end = C.grid_solver_step(index, grid.to(device))
+    t_start, t_end = _random_solver_steps(cfg, b, g, device)
     # 2. Forward diffusion to t_{n+k}.
     noise = torch.randn(x0.shape, generator=g).to(device)
     x_start = C.add_noise(x0, noise, t_start, acp)
@@ -115,6 +113,14 @@ def distillation_loss(stage: Stage, x0: torch.Tensor, text: torch.Tensor, acp: t
         target = C.consistency_function(target_out, x_prev, t_end, acp, s.prediction_type, s.timestep_scaling)
 
     return C.consistency_loss(pred, target, cc.loss_type, cc.huber_c)
+
+
+def _random_solver_steps(cfg: DistillConfig, batch: int, g: torch.Generator,
+                         device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t_{n+k}, t_n) of `batch` solver steps drawn on the config's solver grid (uniform or two-level)."""
+    grid = cfg.schedule.solver_grid()
+    index = C.draw_solver_steps(grid, batch, g).to(device)
+    return C.grid_solver_step(index, grid.to(device))
 
 
 def _guided_teacher_ddim_step(stage: Stage, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
@@ -151,9 +157,7 @@ def consistency_training_loss(stage: Stage, x0: torch.Tensor, text: torch.Tensor
     """
     s, cc = cfg.schedule, cfg.consistency
     b, device = x0.shape[0], x0.device
-    grid = s.solver_grid()
-    index = C.draw_solver_steps(grid, b, g).to(device)
-    t_start, t_end = C.grid_solver_step(index, grid.to(device))
+    t_start, t_end = _random_solver_steps(cfg, b, g, device)
     noise = torch.randn(x0.shape, generator=g).to(device)
     x_start = C.add_noise(x0, noise, t_start, acp)
     x_end = C.add_noise(x0, noise, t_end, acp)

@@ -215,27 +215,6 @@ def test_stage2_samples_on_the_chains_solver_grid(tmp_path):
     assert grid2 - fine == {t for t in solver_timesteps(1000, 10).tolist() if t >= chain.STAGE2_FINE_BELOW}
 
 
-def test_cue_readers_read_ground_truth_cues():
-    """benchmarks/default_model_trail_side.py's readers, which the sweep README's side rates come from."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "default_model_trail_side.py"
-    spec = importlib.util.spec_from_file_location("default_model_trail_side", path)
-    readers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(readers)
-
-    def rate(read, **cue):
-        clips = synthetic_clips(12, seed=9, size=64, num_frames=8, **cue)
-        return np.mean([read(frame) == clip.direction for clip in clips for frame in clip.frames])
-
-    assert rate(readers.trail_side, trail=0.5) == 1.0
-    assert rate(readers.trail_side, back_opacity=0.45) == 1.0
-    assert rate(readers.eye_side, eye=0.25) >= 0.99
-    plain = synthetic_clips(6, seed=9, size=64, num_frames=8)
-    assert all(readers.eye_side(frame) is None for clip in plain for frame in clip.frames)
-
-
 def _benchmark(name: str):
     import importlib.util
     import sys
@@ -250,6 +229,21 @@ def _benchmark(name: str):
     finally:
         sys.path.remove(str(folder))
     return module
+
+
+def test_cue_readers_read_ground_truth_cues():
+    """benchmarks/default_model_trail_side.py's readers, which the sweep README's side rates come from."""
+    readers = _benchmark("default_model_trail_side")
+
+    def rate(read, **cue):
+        clips = synthetic_clips(12, seed=9, size=64, num_frames=8, **cue)
+        return np.mean([read(frame) == clip.direction for clip in clips for frame in clip.frames])
+
+    assert rate(readers.trail_side, trail=0.5) == 1.0
+    assert rate(readers.trail_side, back_opacity=0.45) == 1.0
+    assert rate(readers.eye_side, eye=0.25) >= 0.99
+    plain = synthetic_clips(6, seed=9, size=64, num_frames=8)
+    assert all(readers.eye_side(frame) is None for clip in plain for frame in clip.frames)
 
 
 def test_eval_seeds_repeat_the_prompts_and_intervals_narrow():
