@@ -272,6 +272,9 @@ class ConsistencyConfig:
     solver_substeps  guided teacher DDIM steps per solver step t_{n+k} -> t_n (LCM: 1). More keep a coarse grid
              (few links from noise to data) with a finer, more accurate teacher ODE solve, at one more teacher
              pass (two with guidance) per substep.
+    high_w_from/high_w_min/high_w_max  optional: solver steps from t_{n+k} >= high_w_from draw w from
+             [high_w_min, high_w_max] instead (strong guidance where a clip's layout and motion are decided,
+             the usual range near the data where strong guidance oversaturates). 0: off.
     """
 
     target: str | None = None
@@ -281,6 +284,9 @@ class ConsistencyConfig:
     w_min: float = 5.0
     w_max: float = 15.0
     solver_substeps: int = 1
+    high_w_from: int = 0
+    high_w_min: float = 0.0
+    high_w_max: float = 0.0
 
     def validate(self, key: str) -> None:
         if self.target is not None:
@@ -295,6 +301,21 @@ class ConsistencyConfig:
             raise ConfigError(f"{key}.w_max", f"{self.w_max} is below w_min {self.w_min}",
                               "set w_max >= w_min (LCM-LoRA: 5 and 15)")
         _positive_int(f"{key}.solver_substeps", self.solver_substeps)
+        _nonnegative_int(f"{key}.high_w_from", self.high_w_from)
+        if self.high_w_from:
+            _nonnegative(f"{key}.high_w_min", self.high_w_min)
+            if self.high_w_max < self.high_w_min:
+                raise ConfigError(f"{key}.high_w_max", f"{self.high_w_max} is below high_w_min {self.high_w_min}",
+                                  "set high_w_max >= high_w_min")
+        elif self.high_w_min or self.high_w_max:
+            raise ConfigError(f"{key}.high_w_from", "is 0 (off) while high_w_min/high_w_max are set",
+                              "set high_w_from to the timestep the high range starts at, or drop high_w_min/max")
+
+    def w_range(self) -> tuple[float, float]:
+        """The lowest and highest guidance any solver step draws."""
+        if not self.high_w_from:
+            return self.w_min, self.w_max
+        return min(self.w_min, self.high_w_min), max(self.w_max, self.high_w_max)
 
 
 @dataclass(frozen=True)
@@ -339,6 +360,10 @@ class DistillConfig:
         self.train.validate("train")
         self.lora.validate("lora")
         self.consistency.validate("consistency")
+        if self.consistency.high_w_from >= self.schedule.num_train_timesteps:
+            raise ConfigError("consistency.high_w_from", f"{self.consistency.high_w_from} is outside "
+                              f"1..{self.schedule.num_train_timesteps - 1}",
+                              "use a timestep below schedule.num_train_timesteps, or 0 for off")
         if self.adapter is not None:
             self.adapter.validate("adapter")
         self._check_stage()

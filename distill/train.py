@@ -91,9 +91,8 @@ def distillation_loss(stage: Stage, x0: torch.Tensor, text: torch.Tensor, acp: t
     # 2. Forward diffusion to t_{n+k}.
     noise = torch.randn(x0.shape, generator=g).to(device)
     x_start = C.add_noise(x0, noise, t_start, acp)
-    # 3. Guidance scale w ~ U[w_min, w_max], one per sample.
-    w = cc.w_min + (cc.w_max - cc.w_min) * torch.rand((b,), generator=g)
-    w = C.append_dims(w.to(device), x0.ndim)
+    # 3. Guidance scale w, one per sample.
+    w = C.append_dims(_draw_guidance(cc, t_start, g), x0.ndim)
 
     # 4. The online model's consistency output at t_{n+k}: the only term with a gradient.
     out = stage.online(x_start, t_start, text).float()
@@ -123,16 +122,26 @@ def _random_solver_steps(cfg: DistillConfig, batch: int, g: torch.Generator,
     return C.grid_solver_step(index, grid.to(device))
 
 
+def _draw_guidance(cc, t_start: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """w ~ U[w_min, w_max] per solver step, U[high_w_min, high_w_max] from t_{n+k} >= high_w_from. One uniform
+    draw maps into either range, so with the high range off the draws are exactly the plain range's."""
+    u = torch.rand(t_start.shape, generator=g).to(t_start.device)
+    w = cc.w_min + (cc.w_max - cc.w_min) * u
+    if cc.high_w_from:
+        w = torch.where(t_start >= cc.high_w_from, cc.high_w_min + (cc.high_w_max - cc.high_w_min) * u, w)
+    return w
+
+
 def _guided_teacher_ddim_step(stage: Stage, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
                               text: torch.Tensor, w: torch.Tensor, acp: torch.Tensor,
                               cfg: DistillConfig) -> torch.Tensor:
     """One DDIM step t -> t_next of the teacher, guided in x_0 and eps: conditional and unconditional
-    predictions in one batch (w_max = 0: the conditional pass alone)."""
+    predictions in one batch (no guidance drawn anywhere: the conditional pass alone)."""
     s, cc = cfg.schedule, cfg.consistency
     b = x.shape[0]
     a = C.extract(acp, t, x.ndim)
     alpha, sigma = a.sqrt(), (1.0 - a).sqrt()
-    guide = cc.w_max > 0
+    guide = cc.w_range()[1] > 0
     if guide:
         uncond = stage.uncond_embeds.expand(b, -1, -1)
         both = stage.teacher(torch.cat([x, x]), torch.cat([t, t]), torch.cat([text, uncond])).float()

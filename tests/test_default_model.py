@@ -197,12 +197,18 @@ def test_stage2_samples_on_the_chains_solver_grid(tmp_path):
     from lcm_edge.distill.default_model import chain
     from lcm_edge.distill.default_model.pretrain import ToyArchitecture
 
-    assert (chain.STAGE2_DDIM_TIMESTEPS, chain.STAGE2_FINE_BELOW) == (10, 800)  # the shipped v7's
+    assert (chain.STAGE2_DDIM_TIMESTEPS, chain.STAGE2_FINE_BELOW) == (10, 800)  # the shipped v7's and v8's
     stage1, stage2 = chain.distill_configs(tmp_path, chain.SCALES["smoke"], ToyArchitecture(), 0)
-    loaded = []
+    configs = []
     for name, config in (("stage1", stage1), ("stage2", stage2)):
         (tmp_path / f"{name}.json").write_text(json.dumps(config))
-        loaded.append(load_config(tmp_path / f"{name}.json").schedule)
+        configs.append(load_config(tmp_path / f"{name}.json"))
+    loaded = [config.schedule for config in configs]
+    # Strong guidance on stage 2's steps from t = 500 up, the plain range below and in stage 1 (v8).
+    high = configs[1].consistency
+    assert (high.high_w_from, high.high_w_min, high.high_w_max) == (500, 4.0, 7.0)
+    assert (high.w_min, high.w_max) == (configs[0].consistency.w_min, configs[0].consistency.w_max) == (1.5, 3.0)
+    assert configs[0].consistency.high_w_from == 0
     assert (loaded[0].num_ddim_timesteps, loaded[1].num_ddim_timesteps) == (50, 10)
     assert loaded[1].lcm_scheduler_config()["original_inference_steps"] == 10
     grid1, grid2 = (set(schedule.solver_grid().tolist()) for schedule in loaded)

@@ -550,3 +550,31 @@ def test_two_level_grid_drives_the_distillation_steps(workspace):
     assert {start - end for start, end in links if start < 500} <= {19, 20}  # 19: the first link, 19 -> 0
     assert {start - end for start, end in links if start >= 600} == {100}
     assert any(start < 500 for start, _ in links) and any(start >= 600 for start, _ in links)
+
+
+def test_high_guidance_range_from_a_timestep(workspace):
+    """consistency.high_w_from: solver steps from t_{n+k} >= it draw w from the high range, the rest from
+    [w_min, w_max]; off, the draws are the plain range's, number for number."""
+    from lcm_edge.distill.train import _draw_guidance
+
+    t_start = torch.tensor([999, 799, 599, 499, 299, 19])
+    plain = make_config(workspace, "image", "plain", consistency={"w_min": 1.5, "w_max": 3.0})
+    high = make_config(workspace, "image", "high", consistency={"w_min": 1.5, "w_max": 3.0, "high_w_from": 500,
+                                                                "high_w_min": 4.0, "high_w_max": 6.0})
+    w_plain = _draw_guidance(plain.consistency, t_start, torch.Generator().manual_seed(3))
+    w_high = _draw_guidance(high.consistency, t_start, torch.Generator().manual_seed(3))
+    u = torch.rand((6,), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(w_plain, 1.5 + 1.5 * u)
+    torch.testing.assert_close(w_high, torch.where(t_start >= 500, 4.0 + 2.0 * u, 1.5 + 1.5 * u))
+    assert high.consistency.w_range() == (1.5, 6.0) and plain.consistency.w_range() == (1.5, 3.0)
+
+
+@pytest.mark.parametrize("consistency,key", [
+    ({"high_w_min": 4.0, "high_w_max": 6.0}, "consistency.high_w_from"),
+    ({"high_w_from": 500, "high_w_min": 6.0, "high_w_max": 4.0}, "consistency.high_w_max"),
+    ({"high_w_from": 1000, "high_w_min": 4.0, "high_w_max": 6.0}, "consistency.high_w_from"),
+])
+def test_high_guidance_range_errors_name_the_key(workspace, consistency, key):
+    with pytest.raises(ConfigError) as info:
+        make_config(workspace, "image", "x", consistency=consistency)
+    assert info.value.argument == key
