@@ -5,6 +5,8 @@
         [--lora WORK/stage1/lora --lora-weight 0.5] --scheduler lcm|ddim --steps 1 2 4 8 [--guidance 1.0]
     # a stage-2 model folder (before export)
     python benchmarks/default_model_sampler_probe.py --model WORK/stage2/model --steps 1 2 4 8
+    # explicit LCM timesteps, and what each step's x_0 prediction reads (--trace)
+    python benchmarks/default_model_sampler_probe.py --model WORK/stage2/model --timesteps 999 799 499 299 --trace
 
 One JSON line per step count: the eval's columns (`default_model_eval.score`) and s/clip. It tells where a
 prompt attribute is lost between teacher, stage 1 and stage 2 without exporting a bundle per variant
@@ -53,6 +55,48 @@ def build_pipeline(args):
     return pipe
 
 
+def trace(pipe, combos, steps: int) -> int:
+    """Decode the LCM sampler's x_0 prediction after every step: one row of the eval's columns per step, then
+    how many clips' detected direction turned right -> wrong and wrong -> right between consecutive steps."""
+    import numpy as np
+    import torch
+
+    from default_model_eval import EVAL_SEED_BASE
+    from lcm_edge.distill.default_model.detector import detect
+    from lcm_edge.distill.synthetic import caption_for
+
+    predictions, step = [], pipe.scheduler.step
+
+    def recording_step(*args, **kwargs):
+        out = step(*args, **kwargs)
+        predictions.append(out.denoised.detach())
+        return out
+
+    pipe.scheduler.step = recording_step
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    per_step = [[] for _ in range(steps)]
+    for i, combo in enumerate(combos):
+        predictions.clear()
+        pipe(caption_for(*combo), num_frames=16, height=size, width=size, num_inference_steps=steps,
+             guidance_scale=1.0, generator=torch.Generator().manual_seed(EVAL_SEED_BASE + i), output_type="latent")
+        for k, latents in enumerate(predictions):
+            with torch.no_grad():
+                video = pipe.video_processor.postprocess_video(video=pipe.decode_latents(latents), output_type="np")
+            per_step[k].append((video[0] * 255).round().astype(np.uint8))
+    timesteps = pipe.scheduler.timesteps.tolist()
+    directions = [[detect(clip).direction for clip in clips] for clips in per_step]
+    for k, clips in enumerate(per_step):
+        print(json.dumps({"step": k + 1, "t": timesteps[k], "clips": len(combos),
+                          **{key: round(value, 3) for key, value in score(clips, combos).items()}}), flush=True)
+    truth = [combo[2] for combo in combos]
+    for k in range(1, steps):
+        pairs = list(zip(directions[k - 1], directions[k], truth))
+        print(json.dumps({"from_step": k, "to_step": k + 1,
+                          "right_to_wrong": sum(a == t != b for a, b, t in pairs),
+                          "wrong_to_right": sum(a != t == b for a, b, t in pairs)}), flush=True)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", type=Path, help="WORK/teacher (with --motion)")
@@ -66,6 +110,10 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=EVAL_PROMPTS)
     parser.add_argument("--seeds", type=int, default=1, help="clips per prompt, as the eval's --seeds")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--timesteps", type=int, nargs="+", default=None,
+                        help="the LCM sampler's timesteps, largest first (instead of --steps)")
+    parser.add_argument("--trace", action="store_true",
+                        help="LCM: read every step's x_0 prediction, and count direction flips between steps")
     args = parser.parse_args()
     if args.seeds < 1:
         parser.error(f"--seeds must be at least 1, got {args.seeds}")
@@ -82,10 +130,20 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     pipe = build_pipeline(args)
     combos = prompt_set(args.prompts, args.seeds)
+    if args.timesteps:
+        if args.scheduler != "lcm":
+            parser.error("--timesteps sets the LCM sampler's timesteps; drop --scheduler ddim")
+        set_timesteps = pipe.scheduler.set_timesteps
+        pipe.scheduler.set_timesteps = lambda *_, **kw: set_timesteps(timesteps=args.timesteps,
+                                                                      device=kw.get("device"))
+        args.steps = [len(args.timesteps)]
+    if args.trace:
+        return trace(pipe, combos, args.steps[0])
     for steps in args.steps:
         clips, seconds_per_clip = sample_diffusers(pipe, combos, steps, args.guidance)
         row = {"scheduler": args.scheduler, "steps": steps, "guidance": args.guidance, "clips": len(combos),
                **({"lora_weight": args.lora_weight} if args.lora else {}),
+               **({"timesteps": args.timesteps} if args.timesteps else {}),
                **{key: round(value, 3) for key, value in
                   {**score(clips, combos), **first_prompts_adherence(clips, combos)}.items()},
                "s_per_clip": round(seconds_per_clip, 2)}
