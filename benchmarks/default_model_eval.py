@@ -113,15 +113,16 @@ def run_teacher(teacher: Path, motion: Path, combos, steps: int, guidance: float
     return sample_diffusers(pipe, combos, steps, guidance)
 
 
-def sample_diffusers(pipe, combos, steps: int, guidance: float) -> tuple[list[np.ndarray], float]:
-    """A diffusers AnimateDiffPipeline's uint8 clips of `combos` at the eval's seeds, and its s/clip."""
+def sample_diffusers(pipe, combos, steps: int, guidance: float,
+                     seed_base: int = EVAL_SEED_BASE) -> tuple[list[np.ndarray], float]:
+    """A diffusers AnimateDiffPipeline's uint8 clips of `combos` (clip i at seed_base + i), and its s/clip."""
     import torch
 
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     clips, start = [], time.perf_counter()
     for i, combo in enumerate(combos):
         out = pipe(caption_for(*combo), num_frames=16, height=size, width=size, num_inference_steps=steps,
-                   guidance_scale=guidance, generator=torch.Generator().manual_seed(EVAL_SEED_BASE + i),
+                   guidance_scale=guidance, generator=torch.Generator().manual_seed(seed_base + i),
                    output_type="np")
         clips.append((out.frames[0] * 255).round().astype(np.uint8))
     return clips, (time.perf_counter() - start) / len(combos)

@@ -21,7 +21,8 @@ import sys
 from pathlib import Path
 
 # the script's folder is on sys.path
-from default_model_eval import EVAL_PROMPTS, first_prompts_adherence, prompt_set, sample_diffusers, score
+from default_model_eval import (EVAL_PROMPTS, EVAL_SEED_BASE, first_prompts_adherence, prompt_set, sample_diffusers,
+                                score)
 
 
 def build_pipeline(args):
@@ -55,13 +56,12 @@ def build_pipeline(args):
     return pipe
 
 
-def trace(pipe, combos, steps: int) -> int:
+def trace(pipe, combos, steps: int, seed_base: int) -> int:
     """Decode the LCM sampler's x_0 prediction after every step: one row of the eval's columns per step, then
     how many clips' detected direction turned right -> wrong and wrong -> right between consecutive steps."""
     import numpy as np
     import torch
 
-    from default_model_eval import EVAL_SEED_BASE
     from lcm_edge.distill.default_model.detector import detect
     from lcm_edge.distill.synthetic import caption_for
 
@@ -78,7 +78,7 @@ def trace(pipe, combos, steps: int) -> int:
     for i, combo in enumerate(combos):
         predictions.clear()
         pipe(caption_for(*combo), num_frames=16, height=size, width=size, num_inference_steps=steps,
-             guidance_scale=1.0, generator=torch.Generator().manual_seed(EVAL_SEED_BASE + i), output_type="latent")
+             guidance_scale=1.0, generator=torch.Generator().manual_seed(seed_base + i), output_type="latent")
         for k, latents in enumerate(predictions):
             with torch.no_grad():
                 video = pipe.video_processor.postprocess_video(video=pipe.decode_latents(latents), output_type="np")
@@ -110,6 +110,8 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=EVAL_PROMPTS)
     parser.add_argument("--seeds", type=int, default=1, help="clips per prompt, as the eval's --seeds")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--seed-base", type=int, default=EVAL_SEED_BASE,
+                        help="clip i at this seed + i (another base: a second sample to choose a sampler on)")
     parser.add_argument("--timesteps", type=int, nargs="+", default=None,
                         help="the LCM sampler's timesteps, largest first (instead of --steps)")
     parser.add_argument("--trace", action="store_true",
@@ -138,10 +140,11 @@ def main() -> int:
                                                                       device=kw.get("device"))
         args.steps = [len(args.timesteps)]
     if args.trace:
-        return trace(pipe, combos, args.steps[0])
+        return trace(pipe, combos, args.steps[0], args.seed_base)
     for steps in args.steps:
-        clips, seconds_per_clip = sample_diffusers(pipe, combos, steps, args.guidance)
+        clips, seconds_per_clip = sample_diffusers(pipe, combos, steps, args.guidance, args.seed_base)
         row = {"scheduler": args.scheduler, "steps": steps, "guidance": args.guidance, "clips": len(combos),
+               **({"seed_base": args.seed_base} if args.seed_base != EVAL_SEED_BASE else {}),
                **({"lora_weight": args.lora_weight} if args.lora else {}),
                **({"timesteps": args.timesteps} if args.timesteps else {}),
                **{key: round(value, 3) for key, value in
