@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from . import consistency as C
-from .config import DistillConfig, config_from_dict
+from .config import ConsistencyConfig, DistillConfig, config_from_dict
 from .data import StepSampler, make_dataset
 from .errors import CheckpointError, ConfigError, DatasetError, TrainingDivergedError
 from .lora_io import merge_lora_, save_lora
@@ -122,7 +122,7 @@ def _random_solver_steps(cfg: DistillConfig, batch: int, g: torch.Generator,
     return C.grid_solver_step(index, grid.to(device))
 
 
-def _draw_guidance(cc, t_start: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def _draw_guidance(cc: ConsistencyConfig, t_start: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """w ~ U[w_min, w_max] per solver step, U[high_w_min, high_w_max] from t_{n+k} >= high_w_from. One uniform
     draw maps into either range, so with the high range off the draws are exactly the plain range's."""
     u = torch.rand(t_start.shape, generator=g).to(t_start.device)
