@@ -189,6 +189,35 @@ def test_stage2_merges_the_chains_share_of_the_stage1_lora(tmp_path, monkeypatch
         assert load_config(path).model.lora_weight == weight
 
 
+def test_a_resumed_distill_stage_keeps_the_time_of_its_first_run(tmp_path, monkeypatch):
+    """The chain's stage timings add a resumed stage's earlier runs: continuing after a finished stage records its
+    training time, not the seconds the resume took."""
+    import time
+    from pathlib import Path
+
+    from lcm_edge.distill import train as train_module
+    from lcm_edge.distill.default_model import chain
+    from lcm_edge.distill.default_model.pretrain import ToyArchitecture
+
+    monkeypatch.setattr(chain, "_read_latents", lambda folder: (None, None))
+    monkeypatch.setattr(chain, "_write_image_latents", lambda *args: None)
+    runs = []
+
+    def fake_train(cfg):  # the first run trains, a later one finds its last checkpoint
+        Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
+        time.sleep(0.2 if cfg.train.output_dir not in runs else 0.0)
+        runs.append(cfg.train.output_dir)
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    args = (tmp_path, chain.SCALES["smoke"], ToyArchitecture(), 0, lambda message: None)
+    first = chain.distill_student(*args)
+    again = chain.distill_student(*args)
+    assert len(runs) == 4 and all(first[key] >= 0.2 for key in ("stage1_s", "stage2_s"))
+    assert all(first[key] <= again[key] < first[key] + 0.1 for key in ("stage1_s", "stage2_s"))
+    fresh = chain.distill_student(*args, fresh=True)  # stages removed (this fake's rerun is instant): timed anew
+    assert all(fresh[key] < 0.1 for key in ("stage1_s", "stage2_s"))
+
+
 def test_stage2_samples_on_the_chains_solver_grid(tmp_path):
     """Stage 2 distils on chain.STAGE2_DDIM_TIMESTEPS, refined to stage 1's 50-point grid below
     chain.STAGE2_FINE_BELOW; the bundle's sampler inherits the coarse grid and visits only trained timesteps."""

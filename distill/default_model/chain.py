@@ -555,9 +555,14 @@ def distill_student(workdir: Path, scale: ChainScale, arch: ToyArchitecture, see
         path = workdir / f"{name}.json"
         path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         log(f"{name}: lcm-edge distill {config['stage']} --config {path}")
+        # A stage resumed from its checkpoints adds to the time of its earlier runs (kept beside its output), so a
+        # chain that continues after a finished stage 1 records stage 1's training time, not the resume's.
+        spent = workdir / name / "chain_seconds.json"
+        earlier = json.loads(spent.read_text())["seconds"] if spent.is_file() else 0.0
         t0 = time.perf_counter()
         train(load_config(path))
-        timings[f"{name}_s"] = time.perf_counter() - t0
+        timings[f"{name}_s"] = earlier + time.perf_counter() - t0
+        spent.write_text(json.dumps({"seconds": timings[f"{name}_s"]}) + "\n")
     return timings
 
 
