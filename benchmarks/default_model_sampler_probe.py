@@ -16,6 +16,7 @@ prompt attribute is lost between teacher, stage 1 and stage 2 without exporting 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -63,26 +64,23 @@ def trace(pipe, combos, steps: int, seed_base: int) -> int:
     import torch
 
     from lcm_edge.distill.default_model.detector import detect
-    from lcm_edge.distill.synthetic import caption_for
 
     predictions, step = [], pipe.scheduler.step
 
+    @functools.wraps(step)  # keeps step's signature: the pipeline passes `generator` only to a step that takes one
     def recording_step(*args, **kwargs):
         out = step(*args, **kwargs)
         predictions.append(out.denoised.detach())
         return out
 
+    def frames(latents):
+        with torch.no_grad():
+            video = pipe.video_processor.postprocess_video(video=pipe.decode_latents(latents), output_type="np")
+        return (video[0] * 255).round().astype(np.uint8)
+
     pipe.scheduler.step = recording_step
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    per_step = [[] for _ in range(steps)]
-    for i, combo in enumerate(combos):
-        predictions.clear()
-        pipe(caption_for(*combo), num_frames=16, height=size, width=size, num_inference_steps=steps,
-             guidance_scale=1.0, generator=torch.Generator().manual_seed(seed_base + i), output_type="latent")
-        for k, latents in enumerate(predictions):
-            with torch.no_grad():
-                video = pipe.video_processor.postprocess_video(video=pipe.decode_latents(latents), output_type="np")
-            per_step[k].append((video[0] * 255).round().astype(np.uint8))
+    sample_diffusers(pipe, combos, steps, 1.0, seed_base)  # the probe's own clips; `steps` predictions per clip
+    per_step = [[frames(predictions[i * steps + k]) for i in range(len(combos))] for k in range(steps)]
     timesteps = pipe.scheduler.timesteps.tolist()
     directions = [[detect(clip).direction for clip in clips] for clips in per_step]
     for k, clips in enumerate(per_step):
