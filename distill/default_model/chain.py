@@ -491,7 +491,7 @@ STAGE2_DDIM_TIMESTEPS = 10
 STAGE2_FINE_BELOW = 800
 # Stage 2's guidance from this timestep up (consistency.high_w_from / high_w_min / high_w_max): the 4-step
 # sampler's second prediction (t = 799, whose input is 0.08 signal) decides the direction again, from a target
-# bootstrapped down the fine links; the direction it lost there (0.82 at the first prediction, 0.73 at the
+# bootstrapped down the fine links; the direction it lost there (0.82 at the first prediction, 0.75 at the
 # second, on 60 clips) is what the guidance range gives. w in [4, 7] (CFG 5-8) above t = 500, [1.5, 3] below:
 # 4-step adherence over 300 clips 0.78 (shape 0.91, direction 0.83, colour 1.00), against 0.70 (0.91 / 0.76)
 # with [1.5, 3] throughout; [3, 5] above 500: 0.75, above 300: 0.71. Strong guidance near the data
