@@ -275,6 +275,9 @@ class ConsistencyConfig:
     high_w_from/high_w_min/high_w_max  optional: solver steps from t_{n+k} >= high_w_from draw w from
              [high_w_min, high_w_max] instead (strong guidance where a clip's layout and motion are decided,
              the usual range near the data where strong guidance oversaturates). 0: off.
+    sampler_inputs  fraction of solver steps whose x_{t_{n+k}} re-noises the target model's one-step x_0 from pure
+             noise instead of a data latent: the input the few-step sampler's second and later steps see, which
+             noised data alone never shows the student (there it re-decides what the first step chose). 0: off.
     """
 
     target: str | None = None
@@ -287,6 +290,7 @@ class ConsistencyConfig:
     high_w_from: int = 0
     high_w_min: float = 0.0
     high_w_max: float = 0.0
+    sampler_inputs: float = 0.0
 
     def validate(self, key: str) -> None:
         if self.target is not None:
@@ -310,6 +314,7 @@ class ConsistencyConfig:
         elif self.high_w_min or self.high_w_max:
             raise ConfigError(f"{key}.high_w_from", "is 0 (off) while high_w_min/high_w_max are set",
                               "set high_w_from to the timestep the high range starts at, or drop high_w_min/max")
+        _probability(f"{key}.sampler_inputs", self.sampler_inputs)
 
     def w_range(self) -> tuple[float, float]:
         """The lowest and highest guidance any solver step draws."""

@@ -90,9 +90,11 @@ def distillation_loss(stage: Stage, x0: torch.Tensor, text: torch.Tensor, acp: t
     t_start, t_end = _random_solver_steps(cfg, b, g, device)
     # 2. Forward diffusion to t_{n+k}.
     noise = torch.randn(x0.shape, generator=g).to(device)
-    x_start = C.add_noise(x0, noise, t_start, acp)
     # 3. Guidance scale w, one per sample.
     w = C.append_dims(_draw_guidance(cc, t_start, g), x0.ndim)
+    if cc.sampler_inputs:
+        x0 = _with_sampler_inputs(stage, x0, text, acp, cfg, g)
+    x_start = C.add_noise(x0, noise, t_start, acp)
 
     # 4. The online model's consistency output at t_{n+k}: the only term with a gradient.
     out = stage.online(x_start, t_start, text).float()
@@ -120,6 +122,23 @@ def _random_solver_steps(cfg: DistillConfig, batch: int, g: torch.Generator,
     grid = cfg.schedule.solver_grid()
     index = C.draw_solver_steps(grid, batch, g).to(device)
     return C.grid_solver_step(index, grid.to(device))
+
+
+def _with_sampler_inputs(stage: Stage, x0: torch.Tensor, text: torch.Tensor, acp: torch.Tensor,
+                         cfg: DistillConfig, g: torch.Generator) -> torch.Tensor:
+    """x0 with a `consistency.sampler_inputs` fraction of its samples replaced by the target model's consistency
+    output from pure noise at the last training timestep: what the few-step sampler's first step hands on."""
+    s = cfg.schedule
+    b, device = x0.shape[0], x0.device
+    chosen = C.append_dims((torch.rand(b, generator=g) < cfg.consistency.sampler_inputs).to(device), x0.ndim)
+    pure_noise = torch.randn(x0.shape, generator=g).to(device)
+    t_last = torch.full((b,), s.num_train_timesteps - 1, dtype=torch.long, device=device)
+    with torch.no_grad():
+        target_model = stage.ema.target if stage.ema is not None else stage.online
+        x_last = C.add_noise(torch.zeros_like(x0), pure_noise, t_last, acp)
+        out = target_model(x_last, t_last, text).float()
+        first = C.consistency_function(out, x_last, t_last, acp, s.prediction_type, s.timestep_scaling)
+    return torch.where(chosen, first, x0)
 
 
 def _draw_guidance(cc: ConsistencyConfig, t_start: torch.Tensor, g: torch.Generator) -> torch.Tensor:

@@ -569,7 +569,40 @@ def test_high_guidance_range_from_a_timestep(workspace):
     assert high.consistency.w_range() == (1.5, 6.0) and plain.consistency.w_range() == (1.5, 3.0)
 
 
+def test_sampler_inputs_replace_data_by_the_targets_one_step_prediction(workspace):
+    """consistency.sampler_inputs: that fraction of a batch's x_0 becomes the target model's consistency output at
+    the last timestep from pure noise (what the few-step sampler's first step hands on); the rest stays data."""
+    from types import SimpleNamespace
+
+    from lcm_edge.distill.train import Stage, _with_sampler_inputs
+
+    cfg = make_config(workspace, "image", "sampler_inputs", consistency={"target": "ema", "sampler_inputs": 0.5})
+    s = cfg.schedule
+    acp = C.make_alphas_cumprod("linear", 0.00085, 0.012, 1000)
+    calls = []
+
+    class Target(torch.nn.Module):
+        def forward(self, x, t, text):
+            calls.append((x.clone(), t.clone()))
+            return 0.1 * x + 0.3
+
+    x0 = torch.randn((64, 4, 8, 8), generator=torch.Generator().manual_seed(1)) + 5.0
+    stage = Stage(online=None, teacher=None, ema=SimpleNamespace(target=Target()))
+    mixed = _with_sampler_inputs(stage, x0, torch.zeros((64, 3, 8)), acp, cfg, torch.Generator().manual_seed(0))
+    x_last, t_last = calls[0]
+    assert (t_last == 999).all()
+    # Pure noise at the last timestep: nothing of the data reaches the target's input.
+    _with_sampler_inputs(stage, -x0, torch.zeros((64, 3, 8)), acp, cfg, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(calls[1][0], x_last, rtol=0, atol=1e-6)
+    assert abs(x_last.mean().item()) < 0.05 and abs(x_last.std().item() - 1.0) < 0.05
+    first = C.consistency_function(0.1 * x_last + 0.3, x_last, t_last, acp, s.prediction_type, s.timestep_scaling)
+    kept = (mixed == x0).flatten(1).all(1)
+    replaced = torch.isclose(mixed, first).flatten(1).all(1)
+    assert bool((kept ^ replaced).all()) and 16 <= int(kept.sum()) <= 48
+
+
 @pytest.mark.parametrize("consistency,key", [
+    ({"sampler_inputs": 1.5}, "consistency.sampler_inputs"),
     ({"high_w_min": 4.0, "high_w_max": 6.0}, "consistency.high_w_from"),
     ({"high_w_from": 500, "high_w_min": 6.0, "high_w_max": 4.0}, "consistency.high_w_max"),
     ({"high_w_from": 1000, "high_w_min": 4.0, "high_w_max": 6.0}, "consistency.high_w_from"),
