@@ -19,15 +19,15 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
 import lcm_edge
 from lcm_edge.backends import create_backend
-from lcm_edge.bundle import (SCHEDULER_CONFIG, TOKENIZER_DIR, ComponentInfo, ModelInfo, load_bundle,
-                             write_manifest)
+from lcm_edge.bundle import (SCHEDULER_CONFIG, TOKENIZER_DIR, ComponentInfo, ModelInfo, check_default_timesteps,
+                             load_bundle, write_manifest)
 from lcm_edge.errors import InvalidArgumentError, ParityError
 from lcm_edge.scheduler import SchedulerConfig
 from lcm_edge.tokenizer import CLIPTokenizer as RuntimeTokenizer
@@ -186,7 +186,8 @@ def export_bundle(out: str | os.PathLike, *, unet: torch.nn.Module, vae: torch.n
                   motion_adapter: torch.nn.Module | None = None, openvino: bool = False,
                   default_frames: int = 16, default_fps: int = 8, external_data: bool | None = None,
                   provenance: Mapping[str, Any] | None = None, overwrite: bool = False,
-                  seed: int = 0, precision: str = "fp32", release_torch: bool = False) -> ExportReport:
+                  seed: int = 0, precision: str = "fp32", release_torch: bool = False,
+                  default_timesteps: Mapping[int, Sequence[int]] | None = None) -> ExportReport:
     """Export components to a bundle at `out`; every graph passes its parity gate or nothing is written.
 
     precision: "fp32", or "fp16" (UNet and text encoder as fp16 graphs, OpenVINO IR with fp16
@@ -195,6 +196,8 @@ def export_bundle(out: str | os.PathLike, *, unet: torch.nn.Module, vae: torch.n
     release_torch: move each torch model to the `meta` device once its graph is traced and its
     reference outputs are computed, so torch's copy of the weights is freed before onnxruntime
     and OpenVINO load theirs (halves peak memory at full size). The models are unusable afterwards.
+    default_timesteps: {steps: [t_1, ..., t_steps]}, schedules tuned for this model; the runtime samples a
+    generation of that many steps at them unless the caller passes timesteps (bundle.json model.default_timesteps).
     """
     start = time.perf_counter()
     out = Path(out)
@@ -229,7 +232,7 @@ def export_bundle(out: str | os.PathLike, *, unet: torch.nn.Module, vae: torch.n
         latent_channels=latent_channels, size_multiple=vae_scale * 2 ** unet_downsamplers,
         max_frames=max_frames, default_frames=default_frames, default_height=sample_size * vae_scale,
         default_width=sample_size * vae_scale, default_fps=default_fps, text_max_length=max_length,
-        text_hidden_size=hidden,
+        text_hidden_size=hidden, default_timesteps=check_default_timesteps(default_timesteps or {}, scheduler_config),
     )
     specs: dict[str, tuple[ComponentSpec, torch.nn.Module]] = {
         "text_encoder": (text_encoder_spec(max_length, hidden), TextEncoderWrapper(text_encoder)),

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import BundleFormatError, BundleIntegrityError, BundleNotFoundError
-from .scheduler import SchedulerConfig
+from .errors import BundleFormatError, BundleIntegrityError, BundleNotFoundError, InvalidArgumentError
+from .scheduler import LCMScheduler, SchedulerConfig
 
 FORMAT_NAME = "lcm-edge-bundle"
 FORMAT_VERSION = 1
@@ -78,6 +78,9 @@ class ModelInfo:
     default_fps: int
     text_max_length: int
     text_hidden_size: int
+    # Schedules tuned for this model by step count ({"4": (999, 699, 399, 199)}): a generation of that many steps
+    # without explicit timesteps samples at these instead of the LCM spacing. Optional: most bundles have none.
+    default_timesteps: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -121,7 +124,9 @@ def _strict(cls, data: Any, where: str):
         raise BundleFormatError(where, f"expected an object for {cls.__name__}, got {type(data).__name__}",
                                 "re-export the bundle with `lcm-edge export`")
     names = {f.name for f in dataclasses.fields(cls)}
-    missing = sorted(names - data.keys())
+    required = {f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    missing = sorted(required - data.keys())
     unknown = sorted(data.keys() - names)
     if missing or unknown:
         raise BundleFormatError(where, f"{cls.__name__} has missing keys {missing} and unknown keys {unknown}",
@@ -223,8 +228,39 @@ def load_bundle(path: str | os.PathLike, *, verify_checksums: bool = True) -> Bu
             raise BundleFormatError(where, f"'{rel}' is not listed in the manifest's files", "re-export the bundle")
     scheduler_path = root / SCHEDULER_CONFIG
     scheduler = SchedulerConfig.from_dict(_read_json(scheduler_path), source=str(scheduler_path))
+    try:
+        model = dataclasses.replace(model, default_timesteps=check_default_timesteps(model.default_timesteps,
+                                                                                      scheduler))
+    except InvalidArgumentError as exc:
+        raise BundleFormatError(where, f"model.{exc.argument} {exc.problem}", "re-export the bundle") from exc
     return Bundle(root=root, format_version=version, model=model, components=components, files=files,
                   scheduler_config=scheduler, provenance=manifest["provenance"])
+
+
+def check_default_timesteps(schedules: Any, scheduler: SchedulerConfig) -> dict[str, tuple[int, ...]]:
+    """Schedules tuned for a model, {steps: [t_1, ..., t_steps]}, as bundle.json keeps them ({"4": (...)}):
+    each step count in 1..original_inference_steps, each schedule one the scheduler takes as custom timesteps.
+    Raises InvalidArgumentError naming `default_timesteps` (the exporter's argument)."""
+    ots = scheduler.original_inference_steps
+    if not isinstance(schedules, Mapping):
+        raise InvalidArgumentError("default_timesteps", f"expected a mapping, got {type(schedules).__name__}",
+                                   "pass e.g. {4: [999, 699, 399, 199]}")
+    checked = {}
+    for key, timesteps in schedules.items():
+        steps = int(key) if (isinstance(key, int) and not isinstance(key, bool)) or \
+            (isinstance(key, str) and key.isdigit()) else 0
+        if not 1 <= steps <= ots:
+            raise InvalidArgumentError("default_timesteps", f"key {key!r} is not a step count in 1..{ots}",
+                                       "key each schedule by its number of steps, within original_inference_steps")
+        try:
+            schedule = LCMScheduler(scheduler).set_timesteps(timesteps=timesteps)
+        except InvalidArgumentError as exc:
+            raise InvalidArgumentError("default_timesteps", f"[{steps}]: {exc.problem}", exc.fix) from exc
+        if len(schedule) != steps:
+            raise InvalidArgumentError("default_timesteps", f"[{steps}] lists {len(schedule)} timesteps",
+                                       f"list exactly {steps}, largest first")
+        checked[str(steps)] = tuple(int(t) for t in schedule)
+    return checked
 
 
 def write_manifest(root: Path, *, model: ModelInfo, components: Mapping[str, ComponentInfo],

@@ -62,6 +62,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_default_timesteps(text: str) -> tuple[int, list[int]]:
+    """--default-timesteps STEPS=T1,T2,..."""
+    steps, _, timesteps = text.partition("=")
+    try:
+        return int(steps), [int(t) for t in timesteps.split(",")]
+    except ValueError as exc:
+        raise LcmEdgeError(f"--default-timesteps: cannot read {text!r}. Fix: write STEPS=T1,...,TSTEPS, largest "
+                           "first, e.g. 4=999,699,399,199") from exc
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .errors import MissingExtraError
 
@@ -75,6 +85,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if base is None:
         raise LcmEdgeError("--base: no model given. Fix: pass --base DIR (SD1.5 diffusers folder) or "
                            "--base FILE (single-file checkpoint, with --base-folder DIR for its tokenizer)")
+    default_timesteps = dict(_parse_default_timesteps(text) for text in args.default_timesteps)
     overrides = {}
     if args.original_inference_steps is not None:
         overrides["original_inference_steps"] = args.original_inference_steps
@@ -100,7 +111,7 @@ def cmd_export(args: argparse.Namespace) -> int:
               f"(LoRA effect {check['effect_max_abs']:.3g})", file=sys.stderr)
     report = export_bundle(args.out, **components.export_kwargs(), openvino=args.openvino,
                            provenance=components.source, overwrite=args.overwrite, precision=args.precision,
-                           release_torch=True)
+                           release_torch=True, default_timesteps=default_timesteps)
     print(report.summary())
     return 0
 
@@ -121,6 +132,8 @@ def cmd_info(args: argparse.Namespace) -> int:
           f"max {m.max_frames} frames; height/width multiple of {m.size_multiple}")
     print(f"  scheduler: LCM, {sc.beta_schedule} betas {sc.beta_start}..{sc.beta_end}, original_inference_steps "
           f"{sc.original_inference_steps}, prediction {sc.prediction_type}, timestep scaling {sc.timestep_scaling}")
+    for steps, timesteps in m.default_timesteps.items():
+        print(f"  {steps} steps sample at timesteps {', '.join(map(str, timesteps))} (tuned for this model)")
     trained = bundle.provenance.get("source", {}).get("default_model")
     if trained:  # the shipped model: say what it can draw and how it was made
         print(f"  prompts: {trained['prompts']}")
@@ -193,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--original-inference-steps", type=int, default=None,
                      help="override the LCM schedule's original_inference_steps (AnimateLCM: 100)")
     exp.add_argument("--beta-schedule", default=None, help="override beta_schedule (AnimateLCM: linear)")
+    exp.add_argument("--default-timesteps", action="append", default=[], metavar="STEPS=T1,T2,...",
+                     help="a schedule tuned for this model (repeatable), e.g. 4=999,699,399,199: `generate --steps "
+                          "4` samples at it")
     exp.add_argument("--overwrite", action="store_true")
     exp.set_defaults(func=cmd_export)
 

@@ -62,6 +62,7 @@ class GenerationResult:
     timings: Timings
     fps: int
     truncated_text: str  # the part of the prompt the tokenizer dropped ("" when none)
+    timesteps: tuple[int, ...]  # the schedule sampled (a bundle's default_timesteps apply to a step count)
 
     def save(self, path: str | os.PathLike, fps: int | None = None) -> Path:
         """Write .mp4 or .gif (by extension); the file appears only when complete."""
@@ -199,6 +200,9 @@ class AnimateLCMPipeline:
 
         # 3. Timesteps from the bundle's scheduler config (no code defaults).
         scheduler = LCMScheduler(self.bundle.scheduler_config)
+        if timesteps is None and str(num_inference_steps) in model.default_timesteps:
+            # The schedule the exporter tuned for this step count (bundle.json model.default_timesteps).
+            timesteps, num_inference_steps = list(model.default_timesteps[str(num_inference_steps)]), None
         schedule = scheduler.set_timesteps(num_inference_steps, timesteps=timesteps)
 
         # 4. Initial latents: the caller's, or standard normal from a seeded generator.
@@ -241,7 +245,8 @@ class AnimateLCMPipeline:
 
         # 7. The result carries everything needed to reproduce and report the run.
         return GenerationResult(frames=frames, latents=denoised, seed=seed, timings=timings,
-                                fps=model.default_fps, truncated_text=tokens.dropped_text)
+                                fps=model.default_fps, truncated_text=tokens.dropped_text,
+                                timesteps=tuple(int(t) for t in schedule))
 
     def decode(self, latents: np.ndarray, chunk_size: int = 4,
                check_cancel: Callable[[str], None] = lambda stage: None) -> np.ndarray:

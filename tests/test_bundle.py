@@ -10,6 +10,7 @@ import pytest
 from lcm_edge import (AnimateLCMPipeline, BundleFormatError, BundleIntegrityError, BundleNotFoundError,
                       load_bundle)
 from lcm_edge.bundle import FORMAT_VERSION, MANIFEST_NAME
+from lcm_edge.scheduler import LCMScheduler
 
 
 @pytest.fixture
@@ -98,3 +99,44 @@ def test_scheduler_key_missing_is_not_defaulted(bundle_copy):
     with pytest.raises(BundleFormatError) as err:
         load_bundle(bundle_copy)
     assert "original_inference_steps" in str(err.value)
+
+
+def _with_default_timesteps(bundle_copy, schedules):
+    manifest = json.loads((bundle_copy / MANIFEST_NAME).read_text())
+    if schedules is None:
+        del manifest["model"]["default_timesteps"]
+    else:
+        manifest["model"]["default_timesteps"] = schedules
+    (bundle_copy / MANIFEST_NAME).write_text(json.dumps(manifest))
+    return bundle_copy
+
+
+def test_default_timesteps_are_what_that_step_count_samples_at(bundle_copy):
+    """model.default_timesteps (a schedule tuned for a step count) drives a generation of that many steps; other
+    step counts keep the LCM spacing, and explicit timesteps still win."""
+    pipe = AnimateLCMPipeline.from_bundle(_with_default_timesteps(bundle_copy, {"4": [999, 699, 399, 199]}))
+    assert pipe.bundle.model.default_timesteps == {"4": (999, 699, 399, 199)}
+    args = {"num_frames": 2, "height": 16, "width": 16, "seed": 5}
+    tuned = pipe("a red circle moving right", **args)
+    explicit = pipe("a red circle moving right", num_inference_steps=None, timesteps=[999, 699, 399, 199], **args)
+    assert tuned.timesteps == explicit.timesteps == (999, 699, 399, 199)
+    assert (tuned.frames == explicit.frames).all()
+    spaced = tuple(LCMScheduler(pipe.bundle.scheduler_config).set_timesteps(4).tolist())
+    assert spaced != tuned.timesteps
+    other = pipe("a red circle moving right", num_inference_steps=2, **args)
+    assert other.timesteps == tuple(LCMScheduler(pipe.bundle.scheduler_config).set_timesteps(2).tolist())
+    custom = pipe("a red circle moving right", num_inference_steps=None, timesteps=list(spaced), **args)
+    assert custom.timesteps == spaced and not (custom.frames == tuned.frames).all()
+
+
+def test_a_bundle_without_default_timesteps_loads(bundle_copy):
+    """Bundles written before the key existed: every step count keeps the LCM spacing."""
+    assert load_bundle(_with_default_timesteps(bundle_copy, None)).model.default_timesteps == {}
+
+
+@pytest.mark.parametrize("schedules", [{"4": [999, 699, 399]}, {"4": [199, 399, 699, 999]}, {"0": []},
+                                       {"four": [999, 699, 399, 199]}, {"2": [1000, 500]}, [999, 699]])
+def test_bad_default_timesteps_are_a_format_error(bundle_copy, schedules):
+    with pytest.raises(BundleFormatError) as err:
+        load_bundle(_with_default_timesteps(bundle_copy, schedules))
+    assert err.value.path.endswith(MANIFEST_NAME) and "default_timesteps" in str(err.value)

@@ -66,6 +66,12 @@ def test_refuses_to_overwrite_and_checks_components(tiny_components, tiny_bundle
     with pytest.raises(InvalidArgumentError) as err:
         _export(tiny_components, tmp_path / "b", default_frames=64)
     assert err.value.argument == "default_frames"
+    for schedules in ({4: [999, 699, 399]}, {4: [199, 399, 699, 999]}, {0: []}, {101: list(range(101, 0, -1))},
+                      [999, 699]):
+        with pytest.raises(InvalidArgumentError) as err:
+            _export(tiny_components, tmp_path / "c", default_timesteps=schedules)
+        assert err.value.argument == "default_timesteps"
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
 
 
 def test_external_data_bundle_generates(tiny_components, tmp_path):
