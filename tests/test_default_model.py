@@ -61,7 +61,7 @@ def test_detector_refuses_what_is_not_there():
 def test_chain_smoke_scale_builds_a_bundle_that_generates(tmp_path):
     """The identical chain (data -> tokenizer -> VAE -> teachers -> stage 1 -> stage 2 -> export) at smoke scale."""
     from lcm_edge import AnimateLCMPipeline, load_bundle
-    from lcm_edge.distill.default_model.chain import STAGE2_DDIM_TIMESTEPS, main
+    from lcm_edge.distill.default_model.chain import DEFAULT_TIMESTEPS, STAGE2_DDIM_TIMESTEPS, main
 
     bundle = tmp_path / "bundle"
     assert main([str(tmp_path / "work"), "--bundle", str(bundle), "--scale", "smoke", "--threads", "1"]) == 0
@@ -76,8 +76,9 @@ def test_chain_smoke_scale_builds_a_bundle_that_generates(tmp_path):
     assert loaded.model.default_frames == 16 and loaded.model.default_height == 64
     assert loaded.scheduler_config.beta_schedule == "linear"
     assert loaded.scheduler_config.original_inference_steps == STAGE2_DDIM_TIMESTEPS
+    assert loaded.model.default_timesteps == {str(n): t for n, t in DEFAULT_TIMESTEPS.items()}
     result = AnimateLCMPipeline.from_bundle(bundle)("a red circle moving right", seed=1)
-    assert result.frames.shape == (16, 64, 64, 3)
+    assert result.frames.shape == (16, 64, 64, 3) and result.timesteps == DEFAULT_TIMESTEPS[4]
     # Resuming a finished chain re-exports from the markers without training again.
     assert main([str(tmp_path / "work"), "--bundle", str(bundle), "--scale", "smoke", "--threads", "1"]) == 0
 
@@ -238,6 +239,8 @@ def test_stage2_samples_on_the_chains_solver_grid(tmp_path):
     assert (high.high_w_from, high.high_w_min, high.high_w_max) == (500, 4.0, 7.0)
     assert (high.w_min, high.w_max) == (configs[0].consistency.w_min, configs[0].consistency.w_max) == (1.5, 3.0)
     assert configs[0].consistency.high_w_from == 0
+    # Half of stage 2's solver steps start from the target's one-step prediction; stage 1 trains on data only.
+    assert (high.sampler_inputs, configs[0].consistency.sampler_inputs) == (0.5, 0.0)
     assert (loaded[0].num_ddim_timesteps, loaded[1].num_ddim_timesteps) == (50, 10)
     assert loaded[1].lcm_scheduler_config()["original_inference_steps"] == 10
     grid1, grid2 = (set(schedule.solver_grid().tolist()) for schedule in loaded)
@@ -245,6 +248,7 @@ def test_stage2_samples_on_the_chains_solver_grid(tmp_path):
     # Every stage-2 solver timestep is one stage 1 trained its LoRA on, and every sampler timestep a stage-2 one.
     assert grid2 <= grid1
     assert all(set(lcm_inference_timesteps(n, 1000, 10).tolist()) <= grid2 for n in (1, 2, 4, 8))
+    assert all(set(timesteps) <= grid2 for timesteps in chain.DEFAULT_TIMESTEPS.values())
     fine = {t for t in grid2 if t < chain.STAGE2_FINE_BELOW}
     assert fine == {t for t in grid1 if t < chain.STAGE2_FINE_BELOW}
     assert grid2 - fine == {t for t in solver_timesteps(1000, 10).tolist() if t >= chain.STAGE2_FINE_BELOW}
