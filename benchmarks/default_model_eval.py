@@ -82,14 +82,17 @@ def score(clips: list[np.ndarray], combos: list[tuple[str, str, str]]) -> dict:
     }
 
 
-def run_student(bundle: str, combos, steps: int, threads: int | None) -> tuple[list[np.ndarray], float]:
+def run_student(bundle: str, combos, steps: int,
+                threads: int | None) -> tuple[list[np.ndarray], float, list[int]]:
+    """Clips, s/clip and the schedule sampled (the bundle's tuned one for `steps`, where it has one)."""
     import lcm_edge
 
     pipe = lcm_edge.AnimateLCMPipeline.from_bundle(bundle, **({"threads": threads} if threads else {}))
     clips, start = [], time.perf_counter()
     for i, combo in enumerate(combos):
-        clips.append(pipe(caption_for(*combo), num_inference_steps=steps, seed=EVAL_SEED_BASE + i).frames)
-    return clips, (time.perf_counter() - start) / len(combos)
+        result = pipe(caption_for(*combo), num_inference_steps=steps, seed=EVAL_SEED_BASE + i)
+        clips.append(result.frames)
+    return clips, (time.perf_counter() - start) / len(combos), list(result.timesteps)
 
 
 def run_teacher(teacher: Path, motion: Path, combos, steps: int, guidance: float,
@@ -202,10 +205,10 @@ def main() -> int:
 
         bundle = args.bundle or str(default_bundle_path())
     for steps in args.student_steps:
-        clips, sec = run_student(bundle, combos, steps, args.threads)
+        clips, sec, timesteps = run_student(bundle, combos, steps, args.threads)
         if steps == 4:
             write_samples(clips[:SAMPLE_ROWS], combos[:SAMPLE_ROWS], args.out / "samples.png")
-        results.append({"method": "consistency model (no CFG)", "steps": steps, "guidance": 1.0,
+        results.append({"method": "consistency model (no CFG)", "steps": steps, "guidance": 1.0, "timesteps": timesteps,
                         "seconds_per_clip": sec, "prompts": prompts, "seeds": args.seeds, **score(clips, combos),
                         **first_prompts_adherence(clips, combos)})
         print(results[-1], flush=True)
@@ -228,6 +231,10 @@ def main() -> int:
         f"| {r['method']} | {r['steps']} | {r['guidance']} | {r['adherence']:.2f} | {interval(r)} | "
         f"{r['colour']:.2f} | {r['shape']:.2f} | {r['direction']:.2f} | {r['adherence_held_out']:.2f} | "
         f"{r['consistency']:.2f} | {r['seconds_per_clip']:.2f} |" for r in results]
+    schedules = "; ".join(f"{r['steps']} steps {'/'.join(map(str, r['timesteps']))}" for r in results
+                          if "timesteps" in r)
+    if schedules:
+        lines.append(f"\nConsistency model timesteps: {schedules}.")
     table = "\n".join(lines)
     print(f"\n{len(combos)} clips: {prompts} prompts ({len(HELD_OUT)} held out of training) x "
           f"{args.seeds} seed(s), 16 frames each\n{table}")
