@@ -231,8 +231,8 @@ def main() -> int:
         f"| {r['method']} | {r['steps']} | {r['guidance']} | {r['adherence']:.2f} | {interval(r)} | "
         f"{r['colour']:.2f} | {r['shape']:.2f} | {r['direction']:.2f} | {r['adherence_held_out']:.2f} | "
         f"{r['consistency']:.2f} | {r['seconds_per_clip']:.2f} |" for r in results]
-    schedules = "; ".join(f"{r['steps']} steps {'/'.join(map(str, r['timesteps']))}" for r in results
-                          if "timesteps" in r)
+    schedules = "; ".join(f"{r['steps']} step{'s' * (r['steps'] > 1)} {'/'.join(map(str, r['timesteps']))}"
+                          for r in results if "timesteps" in r)
     if schedules:
         lines.append(f"\nConsistency model timesteps: {schedules}.")
     table = "\n".join(lines)

@@ -7,6 +7,9 @@
     python benchmarks/default_model_sampler_probe.py --model WORK/stage2/model --steps 1 2 4 8
     # explicit LCM timesteps, and what each step's x_0 prediction reads (--trace)
     python benchmarks/default_model_sampler_probe.py --model WORK/stage2/model --timesteps 999 799 499 299 --trace
+    # the teacher's guided DDIM on explicit timesteps
+    python benchmarks/default_model_sampler_probe.py --teacher WORK/teacher --motion WORK/teacher_motion \
+        --scheduler ddim --guidance 4 --timesteps 999 699 399 199
 
 One JSON line per step count: the eval's columns (`default_model_eval.score`) and s/clip. It tells where a
 prompt attribute is lost between teacher, stage 1 and stage 2 without exporting a bundle per variant
@@ -22,8 +25,8 @@ import sys
 from pathlib import Path
 
 # the script's folder is on sys.path
-from default_model_eval import (EVAL_PROMPTS, EVAL_SEED_BASE, first_prompts_adherence, prompt_set, sample_diffusers,
-                                score)
+from default_model_eval import (EVAL_PROMPTS, EVAL_SEED_BASE, caption_for, first_prompts_adherence, prompt_set,
+                                sample_diffusers, score)
 
 
 def build_pipeline(args):
@@ -55,6 +58,36 @@ def build_pipeline(args):
                                unet=unet, motion_adapter=adapter, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def sample_ddim_on(pipe, combos, timesteps: list[int], guidance: float, seed_base: int):
+    """Guided DDIM on explicit timesteps (diffusers' DDIMScheduler steps by a fixed stride, so this runs the
+    distill package's `sample_ddim`), from the latents the pipeline itself would start clip i from."""
+    import time
+
+    import numpy as np
+    import torch
+
+    from lcm_edge.distill.sampling import guided_model, sample_ddim
+
+    frames, size = 16, pipe.unet.config.sample_size * pipe.vae_scale_factor
+    config = pipe.scheduler.config
+
+    def unet(x, t, text):  # diffusers' motion UNet takes the prompt once per frame
+        return pipe.unet(x, t, encoder_hidden_states=text.repeat_interleave(frames, 0)).sample
+
+    clips, start = [], time.perf_counter()
+    with torch.no_grad():
+        for i, combo in enumerate(combos):
+            generator = torch.Generator().manual_seed(seed_base + i)
+            text, uncond = pipe.encode_prompt(caption_for(*combo), "cpu", 1, True, "")
+            latents = pipe.prepare_latents(1, pipe.unet.config.in_channels, frames, size, size, text.dtype, "cpu",
+                                           generator, None)
+            model_fn = guided_model(unet, text, uncond, guidance - 1.0)  # diffusers' g is (1 + w) here
+            x0 = sample_ddim(model_fn, latents, timesteps, pipe.scheduler.alphas_cumprod, config.prediction_type)
+            video = pipe.video_processor.postprocess_video(video=pipe.decode_latents(x0), output_type="np")
+            clips.append((video[0] * 255).round().astype(np.uint8))
+    return clips, (time.perf_counter() - start) / len(combos)
 
 
 def trace(pipe, combos, steps: int, seed_base: int) -> int:
@@ -111,7 +144,8 @@ def main() -> int:
     parser.add_argument("--seed-base", type=int, default=EVAL_SEED_BASE,
                         help="clip i at this seed + i (another base: a second sample to choose a sampler on)")
     parser.add_argument("--timesteps", type=int, nargs="+", default=None,
-                        help="the LCM sampler's timesteps, largest first (instead of --steps)")
+                        help="the sampler's timesteps, largest first (instead of --steps); with --scheduler ddim "
+                             "the guided DDIM of lcm_edge.distill.sampling")
     parser.add_argument("--trace", action="store_true",
                         help="LCM: read every step's x_0 prediction, and count direction flips between steps")
     args = parser.parse_args()
@@ -130,9 +164,18 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     pipe = build_pipeline(args)
     combos = prompt_set(args.prompts, args.seeds)
+    if args.timesteps and args.scheduler == "ddim":
+        if args.trace:
+            parser.error("--trace reads the LCM sampler; drop --scheduler ddim")
+        clips, seconds_per_clip = sample_ddim_on(pipe, combos, args.timesteps, args.guidance, args.seed_base)
+        print(json.dumps({"scheduler": "ddim", "steps": len(args.timesteps), "guidance": args.guidance,
+                          "clips": len(combos), "timesteps": args.timesteps,
+                          **({"seed_base": args.seed_base} if args.seed_base != EVAL_SEED_BASE else {}),
+                          **{key: round(value, 3) for key, value in
+                             {**score(clips, combos), **first_prompts_adherence(clips, combos)}.items()},
+                          "s_per_clip": round(seconds_per_clip, 2)}), flush=True)
+        return 0
     if args.timesteps:
-        if args.scheduler != "lcm":
-            parser.error("--timesteps sets the LCM sampler's timesteps; drop --scheduler ddim")
         set_timesteps = pipe.scheduler.set_timesteps
         pipe.scheduler.set_timesteps = lambda *_, **kw: set_timesteps(timesteps=args.timesteps,
                                                                       device=kw.get("device"))
