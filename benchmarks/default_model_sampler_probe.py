@@ -7,6 +7,9 @@
     python benchmarks/default_model_sampler_probe.py --model WORK/stage2/model --steps 1 2 4 8
     # explicit LCM timesteps, and what each step's x_0 prediction reads (--trace)
     python benchmarks/default_model_sampler_probe.py --model WORK/stage2/model --timesteps 999 799 499 299 --trace
+    # does the guided teacher keep, from the student's re-noised first prediction, the direction it chose?
+    python benchmarks/default_model_sampler_probe.py --model WORK/stage2/model --teacher WORK/teacher \
+        --motion WORK/teacher_motion --teacher-check
     # the teacher's guided DDIM on explicit timesteps
     python benchmarks/default_model_sampler_probe.py --teacher WORK/teacher --motion WORK/teacher_motion \
         --scheduler ddim --guidance 4 --timesteps 999 699 399 199
@@ -90,6 +93,62 @@ def sample_ddim_on(pipe, combos, timesteps: list[int], guidance: float, seed_bas
     return clips, (time.perf_counter() - start) / len(combos)
 
 
+def teacher_check(pipe, teacher, combos, seed_base: int) -> int:
+    """Does the teacher keep what the student's first step chose? Per clip: the direction of the student's first
+    x_0 prediction, of its second, and of the guided teacher's DDIM (8 steps, w at the mean of the range stage 2
+    drew from at each timestep) from the same re-noised x at the student's second timestep; and, for reference,
+    of that teacher from the clip's pure noise."""
+    import numpy as np
+    import torch
+
+    from lcm_edge.distill.default_model.chain import GUIDANCE_W, STAGE2_HIGH_W, STAGE2_HIGH_W_FROM
+    from lcm_edge.distill.default_model.detector import detect
+    from lcm_edge.distill.sampling import guided_model, sample_ddim
+
+    frames, size = 16, pipe.unet.config.sample_size * pipe.vae_scale_factor
+    config = teacher.scheduler.config
+
+    def direction(p, latents):
+        video = p.video_processor.postprocess_video(video=p.decode_latents(latents), output_type="np")
+        return detect((video[0] * 255).round().astype(np.uint8)).direction
+
+    def teacher_unet(x, t, text):
+        return teacher.unet(x, t, encoder_hidden_states=text.repeat_interleave(frames, 0)).sample
+
+    def teacher_ddim(x, start, text, uncond):
+        high = guided_model(teacher_unet, text, uncond, sum(STAGE2_HIGH_W) / 2)
+        low = guided_model(teacher_unet, text, uncond, sum(GUIDANCE_W) / 2)
+        model_fn = lambda x, t: (high if int(t[0]) >= STAGE2_HIGH_W_FROM else low)(x, t)  # noqa: E731
+        timesteps = [int(t) for t in np.linspace(start, 0, 9)[:-1].round()]
+        return sample_ddim(model_fn, x, timesteps, teacher.scheduler.alphas_cumprod, config.prediction_type)
+
+    pipe.scheduler.set_timesteps(4)
+    t1, t2 = (int(t) for t in pipe.scheduler.timesteps[:2])
+    read = {"first": [], "student_second": [], "teacher_from_second": [], "teacher_from_noise": []}
+    with torch.no_grad():
+        for i, combo in enumerate(combos):
+            generator = torch.Generator().manual_seed(seed_base + i)
+            text, uncond = pipe.encode_prompt(caption_for(*combo), "cpu", 1, True, "")
+            latents = pipe.prepare_latents(1, pipe.unet.config.in_channels, frames, size, size, text.dtype, "cpu",
+                                           generator, None)
+            per_frame = text.repeat_interleave(frames, 0)
+            first = pipe.scheduler.step(pipe.unet(latents, t1, encoder_hidden_states=per_frame).sample, t1, latents,
+                                        generator=generator)
+            second = pipe.scheduler.step(pipe.unet(first.prev_sample, t2, encoder_hidden_states=per_frame).sample,
+                                         t2, first.prev_sample, generator=generator)
+            read["first"].append(direction(pipe, first.denoised))
+            read["student_second"].append(direction(pipe, second.denoised))
+            read["teacher_from_second"].append(direction(teacher, teacher_ddim(first.prev_sample, t2, text, uncond)))
+            read["teacher_from_noise"].append(direction(teacher, teacher_ddim(latents, t1, text, uncond)))
+    truth = [combo[2] for combo in combos]
+    right = {key: [a == b for a, b in zip(values, truth)] for key, values in read.items()}
+    print(json.dumps({"clips": len(combos), "timesteps": [t1, t2],
+                      **{f"direction_{key}": round(float(np.mean(values)), 3) for key, values in right.items()},
+                      **{f"{key}_turned_right_to_wrong": sum(a and not b for a, b in zip(right["first"], right[key]))
+                         for key in ("student_second", "teacher_from_second")}}), flush=True)
+    return 0
+
+
 def trace(pipe, combos, steps: int, seed_base: int) -> int:
     """Decode the LCM sampler's x_0 prediction after every step: one row of the eval's columns per step, then
     how many clips' detected direction turned right -> wrong and wrong -> right between consecutive steps."""
@@ -148,10 +207,17 @@ def main() -> int:
                              "the guided DDIM of lcm_edge.distill.sampling")
     parser.add_argument("--trace", action="store_true",
                         help="LCM: read every step's x_0 prediction, and count direction flips between steps")
+    parser.add_argument("--teacher-check", action="store_true",
+                        help="with --model and --teacher/--motion: does the guided teacher, from the student's "
+                             "re-noised first prediction, keep the direction that prediction chose?")
     args = parser.parse_args()
     if args.seeds < 1:
         parser.error(f"--seeds must be at least 1, got {args.seeds}")
-    if (args.model is None) == (args.teacher is None):
+    if args.teacher_check:
+        if args.model is None or args.teacher is None or args.motion is None:
+            parser.error("--teacher-check reads both: give --model WORK/stage2/model and --teacher WORK/teacher "
+                         "--motion WORK/teacher_motion")
+    elif (args.model is None) == (args.teacher is None):
         parser.error("give --model WORK/stage2/model or --teacher WORK/teacher --motion WORK/teacher_motion")
     if args.teacher is not None and args.motion is None:
         parser.error("--teacher needs --motion WORK/teacher_motion")
@@ -162,8 +228,15 @@ def main() -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    pipe = build_pipeline(args)
     combos = prompt_set(args.prompts, args.seeds)
+    if args.teacher_check:
+        if args.timesteps or args.lora or args.scheduler != "lcm":
+            parser.error("--teacher-check samples the student's own 4-step LCM schedule; drop --timesteps, "
+                         "--lora and --scheduler ddim")
+        student = build_pipeline(argparse.Namespace(**{**vars(args), "teacher": None}))
+        teacher = build_pipeline(argparse.Namespace(**{**vars(args), "model": None, "scheduler": "ddim"}))
+        return teacher_check(student, teacher, combos, args.seed_base)
+    pipe = build_pipeline(args)
     if args.timesteps and args.scheduler == "ddim":
         if args.trace:
             parser.error("--trace reads the LCM sampler; drop --scheduler ddim")

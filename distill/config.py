@@ -276,8 +276,8 @@ class ConsistencyConfig:
              [high_w_min, high_w_max] instead (strong guidance where a clip's layout and motion are decided,
              the usual range near the data where strong guidance oversaturates). 0: off.
     sampler_inputs  fraction of solver steps whose x_{t_{n+k}} re-noises the target model's one-step x_0 from pure
-             noise instead of a data latent: the input the few-step sampler's second and later steps see, which
-             noised data alone never shows the student (there it re-decides what the first step chose). 0: off.
+             noise instead of a data latent: the blurred input the few-step sampler's second and later steps see,
+             which noised data alone never shows the student. 0: off.
     """
 
     target: str | None = None

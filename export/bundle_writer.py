@@ -232,7 +232,8 @@ def export_bundle(out: str | os.PathLike, *, unet: torch.nn.Module, vae: torch.n
         latent_channels=latent_channels, size_multiple=vae_scale * 2 ** unet_downsamplers,
         max_frames=max_frames, default_frames=default_frames, default_height=sample_size * vae_scale,
         default_width=sample_size * vae_scale, default_fps=default_fps, text_max_length=max_length,
-        text_hidden_size=hidden, default_timesteps=check_default_timesteps(default_timesteps or {}, scheduler_config),
+        text_hidden_size=hidden, default_timesteps=check_default_timesteps(
+            {} if default_timesteps is None else default_timesteps, scheduler_config),
     )
     specs: dict[str, tuple[ComponentSpec, torch.nn.Module]] = {
         "text_encoder": (text_encoder_spec(max_length, hidden), TextEncoderWrapper(text_encoder)),

@@ -85,7 +85,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     if base is None:
         raise LcmEdgeError("--base: no model given. Fix: pass --base DIR (SD1.5 diffusers folder) or "
                            "--base FILE (single-file checkpoint, with --base-folder DIR for its tokenizer)")
-    default_timesteps = dict(_parse_default_timesteps(text) for text in args.default_timesteps)
+    default_timesteps = {}
+    for steps, timesteps in map(_parse_default_timesteps, args.default_timesteps):
+        if steps in default_timesteps:
+            raise LcmEdgeError(f"--default-timesteps: {steps} steps given twice. Fix: give one schedule per step count")
+        default_timesteps[steps] = timesteps
     overrides = {}
     if args.original_inference_steps is not None:
         overrides["original_inference_steps"] = args.original_inference_steps

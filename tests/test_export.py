@@ -94,7 +94,8 @@ def test_cli_export_generate_info(tiny_components, tmp_path, capsys):
     AnimateDiffPipeline(vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=c["tokenizer"], unet=c["unet"],
                         motion_adapter=None, scheduler=c["scheduler"]).save_pretrained(model_dir)
     bundle = tmp_path / "bundle"
-    assert cli_main(["export", str(model_dir), "--out", str(bundle), "--original-inference-steps", "50"]) == 0
+    assert cli_main(["export", str(model_dir), "--out", str(bundle), "--original-inference-steps", "50",
+                     "--default-timesteps", "4=999,699,399,199"]) == 0
     assert json.loads((bundle / "scheduler" / "scheduler_config.json").read_text())["original_inference_steps"] == 50
     assert "unet/onnxruntime: worst max abs" in capsys.readouterr().out
 
@@ -103,13 +104,14 @@ def test_cli_export_generate_info(tiny_components, tmp_path, capsys):
     assert "all sha256 verified" in info and "sample float32['batch', 4, 'frames', 'height', 'width']" in info
     # Output shapes in the graph are the spec's, static axes included (not tracer-generated names).
     assert "out_sample float32['batch', 4, 'frames', 'height', 'width']" in info
+    assert "4 steps sample at timesteps 999, 699, 399, 199 (tuned for this model)" in info
 
     clip = tmp_path / "clip.gif"
     assert cli_main(["generate", "a red circle moving right", "--bundle", str(bundle), "--frames", "4",
                      "--height", "16", "--width", "24", "--seed", "5", "-o", str(clip)]) == 0
     captured = capsys.readouterr()
     assert clip.stat().st_size > 0
-    assert "timings: text encoder" in captured.out and "step 4/4" in captured.err
+    assert "timings: text encoder" in captured.out and "step 4/4" in captured.err and "t=699" in captured.err
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -121,6 +123,9 @@ def test_cli_export_generate_info(tiny_components, tmp_path, capsys):
     (["generate", "x", "--bundle", "{bundle}", "--steps", "0", "-o", "{tmp}/c.gif"], "num_inference_steps"),
     (["generate", "x", "--bundle", "{bundle}", "--frames", "99", "-o", "{tmp}/c.gif"], "num_frames"),
     (["generate", "x", "--bundle", "{bundle}", "--guidance-scale", "0.5", "-o", "{tmp}/c.gif"], "guidance_scale"),
+    (["export", "--base", "{bundle}", "--out", "{tmp}/b", "--default-timesteps", "4:999,699"], "--default-timesteps"),
+    (["export", "--base", "{bundle}", "--out", "{tmp}/b", "--default-timesteps", "4=999,699,399,199",
+      "--default-timesteps", "4=999,599,399,199"], "--default-timesteps"),
 ])
 def test_cli_errors_are_clear_and_leave_no_file(tiny_bundle, tmp_path, capsys, argv, message):
     args = [a.format(tmp=tmp_path, bundle=tiny_bundle) for a in argv]

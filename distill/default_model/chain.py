@@ -489,6 +489,9 @@ STAGE2_DDIM_TIMESTEPS = 10
 # (shape 0.74, direction 0.73) and 0.52 on grid 50 (0.86 / 0.59); refined below 200: 0.58, 500: 0.67, 700: 0.67,
 # 800: 0.70 (shape 0.91, direction 0.76), 900: 0.59 (direction 0.65). Only 999 -> 899 -> 799 stay coarse.
 STAGE2_FINE_BELOW = 800
+# Both stages' teacher guidance w ~ U[GUIDANCE_W] ((1 + w) cond - w uncond). The toy teacher is weaker than SD1.5:
+# past guidance 3 its samples over-saturate (LCM: U[5, 15]).
+GUIDANCE_W = (1.5, 3.0)
 # Stage 2's guidance from this timestep up (consistency.high_w_from / high_w_min / high_w_max): the 4-step
 # sampler's second prediction (t = 799, whose input is 0.08 signal) decides the direction again, from a target
 # bootstrapped down the fine links; the direction it lost there (0.82 at the first prediction, 0.75 at the
@@ -518,8 +521,7 @@ def distill_configs(workdir: Path, scale: ChainScale, arch: ToyArchitecture, see
     schedule = {"beta_schedule": "linear", "beta_start": arch.beta_start, "beta_end": arch.beta_end,
                 "prediction_type": arch.prediction_type, "rescale_betas_zero_snr": arch.rescale_betas_zero_snr,
                 "num_ddim_timesteps": 50}
-    # The toy teacher is weaker than SD1.5: past guidance 3 its samples over-saturate (LCM: U[5, 15]).
-    consistency = {"w_min": 1.5, "w_max": 3.0, "loss_type": "huber", "huber_c": 0.001}
+    consistency = {"w_min": GUIDANCE_W[0], "w_max": GUIDANCE_W[1], "loss_type": "huber", "huber_c": 0.001}
     train = {"batch_size": scale.batch_images, "learning_rate": 1e-3, "lr_scheduler": "cosine",
              "lr_warmup_steps": 20, "checkpointing_steps": 200, "checkpoints_total_limit": 1, "resume": "auto",
              "report_to": "tensorboard", "log_every": 25, "adam_weight_decay": 0.0}
