@@ -132,6 +132,7 @@ def teacher_check(pipe, teacher, combos, seed_base: int) -> int:
             latents = pipe.prepare_latents(1, pipe.unet.config.in_channels, frames, size, size, text.dtype, "cpu",
                                            generator, None)
             per_frame = text.repeat_interleave(frames, 0)
+            pipe.scheduler.set_timesteps(4)  # the LCM scheduler counts its steps: start each clip afresh
             first = pipe.scheduler.step(pipe.unet(latents, t1, encoder_hidden_states=per_frame).sample, t1, latents,
                                         generator=generator)
             second = pipe.scheduler.step(pipe.unet(first.prev_sample, t2, encoder_hidden_states=per_frame).sample,
