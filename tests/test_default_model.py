@@ -204,7 +204,7 @@ def test_a_resumed_distill_stage_keeps_the_time_of_its_first_run(tmp_path, monke
     monkeypatch.setattr(chain, "_write_image_latents", lambda *args: None)
     runs = []
 
-    def fake_train(cfg):  # the first run trains, a later one finds its last checkpoint
+    def fake_train(cfg, callback=None):  # the first run trains, a later one finds its last checkpoint
         Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
         time.sleep(0.2 if cfg.train.output_dir not in runs else 0.0)
         runs.append(cfg.train.output_dir)
@@ -217,6 +217,38 @@ def test_a_resumed_distill_stage_keeps_the_time_of_its_first_run(tmp_path, monke
     assert all(first[key] <= again[key] < first[key] + 0.1 for key in ("stage1_s", "stage2_s"))
     fresh = chain.distill_student(*args, fresh=True)  # stages removed (this fake's rerun is instant): timed anew
     assert all(fresh[key] < 0.1 for key in ("stage1_s", "stage2_s"))
+
+
+def test_a_distill_stage_stopped_mid_run_keeps_the_seconds_it_trained(tmp_path, monkeypatch):
+    """chain_seconds.json is updated after every optimizer step, so a chain stopped inside a stage and continued
+    records the stopped run's seconds as well as the resume's."""
+    import time
+    from pathlib import Path
+
+    from lcm_edge.distill import train as train_module
+    from lcm_edge.distill.default_model import chain
+    from lcm_edge.distill.default_model.pretrain import ToyArchitecture
+
+    monkeypatch.setattr(chain, "_read_latents", lambda folder: (None, None))
+    monkeypatch.setattr(chain, "_write_image_latents", lambda *args: None)
+    stopped = []
+
+    def fake_train(cfg, callback=None):  # stage 1's first run is stopped after one step; everything else finishes
+        Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
+        time.sleep(0.2)
+        callback(1, 0.0)
+        if cfg.stage == "image" and not stopped:
+            stopped.append(cfg.train.output_dir)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    args = (tmp_path, chain.SCALES["smoke"], ToyArchitecture(), 0, lambda message: None)
+    with pytest.raises(KeyboardInterrupt):
+        chain.distill_student(*args)
+    kept = json.loads((tmp_path / "stage1" / "chain_seconds.json").read_text())["seconds"]
+    assert 0.2 <= kept < 0.3 and not list((tmp_path / "stage1").glob("*.tmp"))
+    resumed = chain.distill_student(*args)
+    assert 0.4 <= resumed["stage1_s"] < 0.6 and 0.2 <= resumed["stage2_s"] < 0.3
 
 
 def test_stage2_samples_on_the_chains_solver_grid(tmp_path):

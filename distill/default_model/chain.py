@@ -22,6 +22,7 @@ Recipe (every step is the project's own code, as a full-scale user would run it)
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -571,15 +572,25 @@ def distill_student(workdir: Path, scale: ChainScale, arch: ToyArchitecture, see
         path = workdir / f"{name}.json"
         path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         log(f"{name}: lcm-edge distill {config['stage']} --config {path}")
-        # A stage resumed from its checkpoints adds to the time of its earlier runs (kept beside its output), so a
-        # chain that continues after a finished stage 1 records stage 1's training time, not the resume's.
+        # A stage resumed from its checkpoints adds to the time of its earlier runs (kept beside its output, and
+        # updated after every optimizer step, so a run stopped mid-stage counts too): a chain that continues after
+        # a finished stage 1 records stage 1's training time, not the resume's.
         spent = workdir / name / "chain_seconds.json"
         earlier = json.loads(spent.read_text())["seconds"] if spent.is_file() else 0.0
         t0 = time.perf_counter()
-        train(load_config(path))
+        record = lambda *_: _write_seconds(spent, earlier + time.perf_counter() - t0)  # noqa: E731
+        train(load_config(path), callback=record)
         timings[f"{name}_s"] = earlier + time.perf_counter() - t0
-        spent.write_text(json.dumps({"seconds": timings[f"{name}_s"]}) + "\n")
+        _write_seconds(spent, timings[f"{name}_s"])
     return timings
+
+
+def _write_seconds(path: Path, seconds: float) -> None:
+    """chain_seconds.json, replaced whole: a stop mid-write leaves the previous count, never half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"seconds": seconds}) + "\n")
+    os.replace(tmp, path)
 
 
 def portable(record, places: dict[str, Path]):
