@@ -63,33 +63,54 @@ def build_pipeline(args):
     return pipe
 
 
+FRAMES = 16  # the eval's clip length
+
+
+def decoded(pipe, latents):
+    """A pipeline's latents as the eval's uint8 clip (frames, height, width, 3)."""
+    import numpy as np
+    import torch
+
+    with torch.no_grad():
+        video = pipe.video_processor.postprocess_video(video=pipe.decode_latents(latents), output_type="np")
+    return (video[0] * 255).round().astype(np.uint8)
+
+
+def clip_start(pipe, combo, seed: int):
+    """(generator, prompt embeddings, empty-prompt embeddings, latents) the pipeline itself starts clip `seed` from."""
+    import torch
+
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    generator = torch.Generator().manual_seed(seed)
+    text, uncond = pipe.encode_prompt(caption_for(*combo), "cpu", 1, True, "")
+    latents = pipe.prepare_latents(1, pipe.unet.config.in_channels, FRAMES, size, size, text.dtype, "cpu",
+                                   generator, None)
+    return generator, text, uncond, latents
+
+
+def per_frame_unet(pipe):
+    """The pipeline's motion UNet as a (x, t, text) model: diffusers' takes the prompt once per frame."""
+    return lambda x, t, text: pipe.unet(x, t, encoder_hidden_states=text.repeat_interleave(FRAMES, 0)).sample
+
+
 def sample_ddim_on(pipe, combos, timesteps: list[int], guidance: float, seed_base: int):
     """Guided DDIM on explicit timesteps (diffusers' DDIMScheduler steps by a fixed stride, so this runs the
     distill package's `sample_ddim`), from the latents the pipeline itself would start clip i from."""
     import time
 
-    import numpy as np
     import torch
 
     from lcm_edge.distill.sampling import guided_model, sample_ddim
 
-    frames, size = 16, pipe.unet.config.sample_size * pipe.vae_scale_factor
-    config = pipe.scheduler.config
-
-    def unet(x, t, text):  # diffusers' motion UNet takes the prompt once per frame
-        return pipe.unet(x, t, encoder_hidden_states=text.repeat_interleave(frames, 0)).sample
-
+    unet = per_frame_unet(pipe)
     clips, start = [], time.perf_counter()
     with torch.no_grad():
         for i, combo in enumerate(combos):
-            generator = torch.Generator().manual_seed(seed_base + i)
-            text, uncond = pipe.encode_prompt(caption_for(*combo), "cpu", 1, True, "")
-            latents = pipe.prepare_latents(1, pipe.unet.config.in_channels, frames, size, size, text.dtype, "cpu",
-                                           generator, None)
+            _, text, uncond, latents = clip_start(pipe, combo, seed_base + i)
             model_fn = guided_model(unet, text, uncond, guidance - 1.0)  # diffusers' g is (1 + w) here
-            x0 = sample_ddim(model_fn, latents, timesteps, pipe.scheduler.alphas_cumprod, config.prediction_type)
-            video = pipe.video_processor.postprocess_video(video=pipe.decode_latents(x0), output_type="np")
-            clips.append((video[0] * 255).round().astype(np.uint8))
+            x0 = sample_ddim(model_fn, latents, timesteps, pipe.scheduler.alphas_cumprod,
+                             pipe.scheduler.config.prediction_type)
+            clips.append(decoded(pipe, x0))
     return clips, (time.perf_counter() - start) / len(combos)
 
 
@@ -105,15 +126,9 @@ def teacher_check(pipe, teacher, combos, seed_base: int) -> int:
     from lcm_edge.distill.default_model.detector import detect
     from lcm_edge.distill.sampling import guided_model, sample_ddim
 
-    frames, size = 16, pipe.unet.config.sample_size * pipe.vae_scale_factor
     config = teacher.scheduler.config
-
-    def direction(p, latents):
-        video = p.video_processor.postprocess_video(video=p.decode_latents(latents), output_type="np")
-        return detect((video[0] * 255).round().astype(np.uint8)).direction
-
-    def teacher_unet(x, t, text):
-        return teacher.unet(x, t, encoder_hidden_states=text.repeat_interleave(frames, 0)).sample
+    direction = lambda p, latents: detect(decoded(p, latents)).direction  # noqa: E731
+    teacher_unet, student_unet = per_frame_unet(teacher), per_frame_unet(pipe)
 
     def teacher_ddim(x, start, text, uncond):
         high = guided_model(teacher_unet, text, uncond, sum(STAGE2_HIGH_W) / 2)
@@ -127,16 +142,11 @@ def teacher_check(pipe, teacher, combos, seed_base: int) -> int:
     read = {"first": [], "student_second": [], "teacher_from_second": [], "teacher_from_noise": []}
     with torch.no_grad():
         for i, combo in enumerate(combos):
-            generator = torch.Generator().manual_seed(seed_base + i)
-            text, uncond = pipe.encode_prompt(caption_for(*combo), "cpu", 1, True, "")
-            latents = pipe.prepare_latents(1, pipe.unet.config.in_channels, frames, size, size, text.dtype, "cpu",
-                                           generator, None)
-            per_frame = text.repeat_interleave(frames, 0)
+            generator, text, uncond, latents = clip_start(pipe, combo, seed_base + i)
             pipe.scheduler.set_timesteps(4)  # the LCM scheduler counts its steps: start each clip afresh
-            first = pipe.scheduler.step(pipe.unet(latents, t1, encoder_hidden_states=per_frame).sample, t1, latents,
-                                        generator=generator)
-            second = pipe.scheduler.step(pipe.unet(first.prev_sample, t2, encoder_hidden_states=per_frame).sample,
-                                         t2, first.prev_sample, generator=generator)
+            first = pipe.scheduler.step(student_unet(latents, t1, text), t1, latents, generator=generator)
+            second = pipe.scheduler.step(student_unet(first.prev_sample, t2, text), t2, first.prev_sample,
+                                         generator=generator)
             read["first"].append(direction(pipe, first.denoised))
             read["student_second"].append(direction(pipe, second.denoised))
             read["teacher_from_second"].append(direction(teacher, teacher_ddim(first.prev_sample, t2, text, uncond)))
@@ -153,9 +163,6 @@ def teacher_check(pipe, teacher, combos, seed_base: int) -> int:
 def trace(pipe, combos, steps: int, seed_base: int) -> int:
     """Decode the LCM sampler's x_0 prediction after every step: one row of the eval's columns per step, then
     how many clips' detected direction turned right -> wrong and wrong -> right between consecutive steps."""
-    import numpy as np
-    import torch
-
     from lcm_edge.distill.default_model.detector import detect
 
     predictions, step = [], pipe.scheduler.step
@@ -166,14 +173,9 @@ def trace(pipe, combos, steps: int, seed_base: int) -> int:
         predictions.append(out.denoised.detach())
         return out
 
-    def frames(latents):
-        with torch.no_grad():
-            video = pipe.video_processor.postprocess_video(video=pipe.decode_latents(latents), output_type="np")
-        return (video[0] * 255).round().astype(np.uint8)
-
     pipe.scheduler.step = recording_step
     sample_diffusers(pipe, combos, steps, 1.0, seed_base)  # the probe's own clips; `steps` predictions per clip
-    per_step = [[frames(predictions[i * steps + k]) for i in range(len(combos))] for k in range(steps)]
+    per_step = [[decoded(pipe, predictions[i * steps + k]) for i in range(len(combos))] for k in range(steps)]
     timesteps = pipe.scheduler.timesteps.tolist()
     directions = [[detect(clip).direction for clip in clips] for clips in per_step]
     for k, clips in enumerate(per_step):
