@@ -61,6 +61,11 @@ class Stage:
     uncond_embeds: torch.Tensor | None = None  # the empty prompt, for the teacher's guidance
     info: dict = field(default_factory=dict)
 
+    @property
+    def target_model(self) -> Denoiser:
+        """The model the consistency targets come from: the EMA copy, or the online model itself."""
+        return self.ema.target if self.ema is not None else self.online
+
 
 @dataclass
 class TrainResult:
@@ -109,8 +114,7 @@ def distillation_loss(stage: Stage, x0: torch.Tensor, text: torch.Tensor, acp: t
             x_prev = _guided_teacher_ddim_step(stage, x_prev, t, t_next, text, w, acp, cfg)
             t = t_next
         # 7. The target's consistency output at t_n (the EMA copy, or the online model itself).
-        target_model = stage.ema.target if stage.ema is not None else stage.online
-        target_out = target_model(x_prev, t_end, text).float()
+        target_out = stage.target_model(x_prev, t_end, text).float()
         target = C.consistency_function(target_out, x_prev, t_end, acp, s.prediction_type, s.timestep_scaling)
 
     return C.consistency_loss(pred, target, cc.loss_type, cc.huber_c)
@@ -134,9 +138,8 @@ def _with_sampler_inputs(stage: Stage, x0: torch.Tensor, text: torch.Tensor, acp
     pure_noise = torch.randn(x0.shape, generator=g).to(device)
     t_last = torch.full((b,), s.num_train_timesteps - 1, dtype=torch.long, device=device)
     with torch.no_grad():
-        target_model = stage.ema.target if stage.ema is not None else stage.online
         x_last = C.add_noise(torch.zeros_like(x0), pure_noise, t_last, acp)
-        out = target_model(x_last, t_last, text).float()
+        out = stage.target_model(x_last, t_last, text).float()
         first = C.consistency_function(out, x_last, t_last, acp, s.prediction_type, s.timestep_scaling)
     return torch.where(chosen, first, x0)
 

@@ -15,8 +15,10 @@ Recipe (every step is the project's own code, as a full-scale user would run it)
 6. stage 1 of lcm_edge.distill: the image consistency LoRA (EMA target);
 7. stage 2 of lcm_edge.distill: video consistency distillation of the motion modules (from the teacher's), with
    half the stage-1 LoRA merged (STAGE2_LORA_WEIGHT), on a 10-timestep solver grid refined to 50 below t = 800
-   (STAGE2_DDIM_TIMESTEPS, STAGE2_FINE_BELOW), with strong guidance from t = 500 up (STAGE2_HIGH_W_FROM);
-8. export of the student to a bundle with provenance (command, seeds, code version, timings).
+   (STAGE2_DDIM_TIMESTEPS, STAGE2_FINE_BELOW), with strong guidance from t = 500 up (STAGE2_HIGH_W_FROM) and
+   half its solver steps started from the target's own one-step prediction (STAGE2_SAMPLER_INPUTS);
+8. export of the student to a bundle with provenance (command, seeds, code version, timings) and the 4- and
+   8-step schedules tuned for it (DEFAULT_TIMESTEPS).
 """
 
 from __future__ import annotations
