@@ -40,7 +40,7 @@ REPORT_TO = ("tensorboard", "none")
 ADAPTER_KINDS = ("image_to_video", "lora")
 MOTION_INITS = ("zero", "teacher")
 
-# SD1.5 UNet layers the LCM-LoRA recipe adapts (shared/animatelcm-facts.md, "Spatial LoRA").
+# SD1.5 UNet layers the LCM-LoRA recipe adapts (docs/animatelcm.md, "Spatial LoRA").
 DEFAULT_LORA_TARGETS = (
     "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
     "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",

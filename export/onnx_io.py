@@ -2,7 +2,7 @@
 
 Why TorchScript and not dynamo: the dynamo exporter's UNetMotionModel graph is wrong for
 batch > 1 ("invalid expand shape" from a dynamic repeat_interleave) while the TorchScript
-graph stays dynamic over batch, frames, height and width (shared/edge-deployment-facts.md).
+graph stays dynamic over batch, frames, height and width (docs/edge-deployment.md).
 Why opset 17: plain ops run on every execution provider; opset 18's GroupNormalization
 was mis-specified.
 """

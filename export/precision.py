@@ -8,7 +8,7 @@ OpenVINO FP16: the fp32 IR with weights compressed to fp16 (`compress_to_fp16`);
 decompresses them, so compute stays at the device's precision.
 
 The VAE decoder stays fp32 in fp16 bundles: fp16 VAE decoders overflow to NaN/black frames on
-several execution providers (shared/edge-deployment-facts.md, pitfall 5), and random weights
+several execution providers (docs/edge-deployment.md), and random weights
 cannot show real ones free of that. It is ~200 MB, 4% of the model.
 """
 

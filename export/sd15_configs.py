@@ -1,7 +1,7 @@
 """Architecture and schedule configs of SD1.5 + AnimateLCM, shipped so that nothing is fetched.
 
 Values are those of the public `stable-diffusion-v1-5` diffusers folder (unet/vae/text_encoder
-config.json) and of the AnimateLCM motion adapter and scheduler (shared/animatelcm-facts.md).
+config.json) and of the AnimateLCM motion adapter and scheduler (docs/animatelcm.md).
 A single-file checkpoint carries no config; these are used unless a base folder gives its own.
 """
 

@@ -58,7 +58,7 @@ def _load_tokenizer(folder: Path, argument: str):
         raise BundleNotFoundError(tokenizer_dir, f"{argument}: neither vocab.json + merges.txt nor tokenizer.json "
                                   "is there", FIX_FOLDER)
     # from_pretrained(folder), never the constructor: transformers 5 builds an empty tokenizer from
-    # vocab_file=/merges_file= keywords (shared/edge-deployment-facts.md).
+    # vocab_file=/merges_file= keywords (docs/edge-deployment.md).
     return CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
 
 

@@ -48,7 +48,7 @@ def test_solver_grid_and_inference_timesteps_match_numpy_scheduler(ots):
     for n in range(1, ots + 1):
         np.testing.assert_array_equal(C.lcm_inference_timesteps(n, 1000, ots).numpy(), np_sched.set_timesteps(n),
                                       err_msg=f"n={n}, ots={ots}")
-    # Pinned from shared/animatelcm-facts.md.
+    # Pinned from docs/animatelcm.md.
     if ots == 50:
         assert C.lcm_inference_timesteps(4, 1000, 50).tolist() == [999, 759, 499, 259]
     if ots == 100:

@@ -1,6 +1,6 @@
 """Loaders: every real weight layout, written at tiny size, loads to what diffusers' own loaders give.
 
-Files are written in the layouts users have (shared/animatelcm-facts.md): an SD1.5 diffusers
+Files are written in the layouts users have (docs/animatelcm.md): an SD1.5 diffusers
 folder, an LDM single-file checkpoint (.safetensors fp16 and .ckpt with the Lightning wrapper),
 an original-layout motion-module .ckpt without position encodings, a MotionAdapter folder with
 only the fp16 variant file. Where diffusers has a loader for the layout, the test compares

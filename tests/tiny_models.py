@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-# AnimateLCM's schedule: linear betas, original_inference_steps 100 (shared/animatelcm-facts.md).
+# AnimateLCM's schedule: linear betas, original_inference_steps 100 (docs/animatelcm.md).
 ANIMATELCM_SCHEDULER = {
     "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "linear",
     "original_inference_steps": 100, "prediction_type": "epsilon", "timestep_scaling": 10.0,
