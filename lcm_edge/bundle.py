@@ -34,7 +34,7 @@ MANIFEST_NAME = "bundle.json"
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 TOKENIZER_DIR = "tokenizer"
 REQUIRED_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
-OPTIONAL_COMPONENTS = ("vae_encoder",)
+OPTIONAL_COMPONENTS = ("vae_encoder", "vae_decoder_tiny")  # vae_decoder_tiny: see lcm_edge.export.tiny_decoder
 _HASH_CHUNK = 1 << 22
 
 
@@ -60,6 +60,10 @@ class ComponentInfo:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     precision: str
+    # The same graph with fused attention (com.microsoft::MultiHeadAttention) over the same weights file, for the
+    # onnxruntime providers that run it (see backends.ort_backend.select_onnx_graph); `onnx` stays the plain
+    # graph every runtime takes. None in bundles exported without it.
+    onnx_fused: str | None = None
 
 
 @dataclass(frozen=True)
@@ -216,7 +220,7 @@ def load_bundle(path: str | os.PathLike, *, verify_checksums: bool = True) -> Bu
         raw = dict(raw, inputs=_tensor_specs(raw.get("inputs"), cwhere),
                    outputs=_tensor_specs(raw.get("outputs"), cwhere))
         info = _strict(ComponentInfo, raw, cwhere)
-        for rel in (info.onnx, info.onnx_data, info.openvino, info.config):
+        for rel in (info.onnx, info.onnx_data, info.openvino, info.config, info.onnx_fused):
             if rel is not None and rel not in files:
                 raise BundleFormatError(cwhere, f"'{rel}' is not listed in the manifest's files",
                                         "re-export the bundle")
@@ -264,12 +268,19 @@ def check_default_timesteps(schedules: Any, scheduler: SchedulerConfig) -> dict[
 
 
 def write_manifest(root: Path, *, model: ModelInfo, components: Mapping[str, ComponentInfo],
-                   provenance: Mapping[str, Any]) -> Path:
-    """Hash every file under `root` and write bundle.json (used by the exporter)."""
+                   provenance: Mapping[str, Any], known: Mapping[str, FileEntry] | None = None) -> Path:
+    """Hash every file under `root` and write bundle.json (used by the exporter).
+
+    `known`: entries of files just verified against their sha256 (a bundle being extended), reused rather
+    than hashed again when the size still matches. bundle.json is replaced in one rename, so a reader sees
+    the old manifest or the new one, never a partial file."""
     files = {}
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST_NAME):
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(MANIFEST_NAME)):
         rel = path.relative_to(root).as_posix()
-        files[rel] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+        size = path.stat().st_size
+        entry = (known or {}).get(rel)
+        files[rel] = {"sha256": entry.sha256 if entry is not None and entry.size == size else sha256_file(path),
+                      "size": size}
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -284,5 +295,7 @@ def write_manifest(root: Path, *, model: ModelInfo, components: Mapping[str, Com
         "provenance": dict(provenance),
     }
     out = root / MANIFEST_NAME
-    out.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    tmp = root / f"{MANIFEST_NAME}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, out)
     return out
