@@ -10,15 +10,17 @@ import os
 import threading
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 
 from .backends import Backend, Session, create_backend
+from .backends.base import check_feeds
 from .bundle import Bundle, load_bundle
-from .errors import GenerationCancelled, InvalidArgumentError
+from .errors import GenerationCancelled, GraphInputError, InvalidArgumentError
 from .scheduler import LCMScheduler
 from .tokenizer import CLIPTokenizer
 from .video import save_video
@@ -56,7 +58,7 @@ class Timings:
 
 @dataclass
 class GenerationResult:
-    frames: np.ndarray  # uint8 (frames, height, width, 3), RGB
+    frames: np.ndarray | None  # uint8 (frames, height, width, 3), RGB; None with output_type="latents"
     latents: np.ndarray  # float32 (1, channels, frames, height / f, width / f), the final denoised latents
     seed: int | None  # None when the caller supplied both latents and noise_fn
     timings: Timings
@@ -66,6 +68,10 @@ class GenerationResult:
 
     def save(self, path: str | os.PathLike, fps: int | None = None) -> Path:
         """Write .mp4 or .gif (by extension); the file appears only when complete."""
+        if self.frames is None:
+            raise InvalidArgumentError("output_type", "the generation ran with output_type='latents', so it has "
+                                       "no frames to save", "decode first (pipe.decode(result.latents)) and save "
+                                       "those frames with lcm_edge.save_video, or generate with output_type='frames'")
         return save_video(self.frames, path, self.fps if fps is None else fps)
 
 
@@ -77,9 +83,41 @@ def _check_int(name: str, value, low: int, high: int, fix: str) -> int:
     return int(value)
 
 
+OUTPUT_TYPES = ("frames", "latents")
+
+
+def seeded_draws(seed: int, shape: tuple[int, ...], latents: np.ndarray | None = None,
+                 noise_fn: NoiseFn | None = None) -> tuple[np.ndarray, NoiseFn]:
+    """The initial latents and the per-step noise of a seeded generation, drawing only what the caller
+    did not give, from one generator (latents first, then each step's noise in order).
+
+    Public so that a reference implementation (lcm_edge.export.reference) replays exactly the draws a
+    seeded call makes.
+    """
+    rng = np.random.default_rng(seed)
+    if latents is None:
+        latents = rng.standard_normal(shape, dtype=np.float32)
+    if noise_fn is None:
+        def noise_fn(_step: int, noise_shape: tuple[int, ...]) -> np.ndarray:
+            return rng.standard_normal(noise_shape, dtype=np.float32)
+
+    return latents, noise_fn
+
+
+def sampling_timesteps(bundle: Bundle, num_inference_steps: int | None, timesteps: list[int] | None = None,
+                       scheduler: LCMScheduler | None = None) -> np.ndarray:
+    """Set and return the schedule a call samples: explicit timesteps, else the bundle's tuned schedule for
+    that step count (bundle.json model.default_timesteps), else LCM's spacing from the scheduler config."""
+    scheduler = LCMScheduler(bundle.scheduler_config) if scheduler is None else scheduler
+    if timesteps is None and str(num_inference_steps) in bundle.model.default_timesteps:
+        timesteps, num_inference_steps = list(bundle.model.default_timesteps[str(num_inference_steps)]), None
+    return scheduler.set_timesteps(num_inference_steps, timesteps=timesteps)
+
+
 def check_inputs(bundle: Bundle, prompt, negative_prompt=None, num_frames=None, height=None, width=None,
                  num_inference_steps=4, timesteps=None, guidance_scale=1.0, seed=None, latents=None,
-                 noise_fn=None, decode_chunk_size=4, callback=None, cancel_event=None) -> None:
+                 noise_fn=None, decode_chunk_size=4, callback=None, cancel_event=None,
+                 output_type="frames") -> None:
     """Every argument of a generation, checked against the bundle before any graph runs."""
     model = bundle.model
     ots = bundle.scheduler_config.original_inference_steps
@@ -132,6 +170,76 @@ def check_inputs(bundle: Bundle, prompt, negative_prompt=None, num_frames=None, 
         raise InvalidArgumentError("callback", "is not callable", "pass f(StepInfo) or None")
     if cancel_event is not None and not callable(getattr(cancel_event, "is_set", None)):
         raise InvalidArgumentError("cancel_event", "has no is_set()", "pass a threading.Event or None")
+    if output_type not in OUTPUT_TYPES:
+        raise InvalidArgumentError("output_type", f"unknown {output_type!r}",
+                                   f"use one of {list(OUTPUT_TYPES)} ('latents' skips the VAE decode)")
+
+
+class Component:
+    """One bundle graph on a backend: open for the pipeline's life, or (low_memory) opened when a call
+    needs it and closed when the last call using it is done, so threads sharing a pipeline never see
+    a graph closed under them."""
+
+    def __init__(self, backend: Backend, bundle: Bundle, name: str, keep_open: bool):
+        self._open = lambda: backend.open(bundle.root, bundle.components[name])
+        self.keep_open = keep_open
+        self._session: Session | None = self._open() if keep_open else None
+        self._users = 0
+        self._lock = threading.Lock()
+
+    @property
+    def is_open(self) -> bool:
+        return self._session is not None
+
+    def session(self) -> Session:
+        """The open session; with low_memory and no call running, a new one for inspection (not kept)."""
+        with self._lock:
+            return self._session if self._session is not None else self._open()
+
+    @contextmanager
+    def use(self) -> Iterator[Session]:
+        with self._lock:
+            if self._session is None:
+                self._session = self._open()
+            self._users += 1
+            session = self._session
+        try:
+            yield session
+        finally:
+            with self._lock:
+                self._users -= 1
+                if not self.keep_open and self._users == 0:
+                    self._session.close()
+                    self._session = None
+
+
+def create_runtime(bundle: Bundle, backend: str = "onnxruntime", device: str | None = None, *,
+                   precision: str = "f32", low_memory: bool = False, **backend_options) -> Backend:
+    """The backend for `bundle`; precision="auto" picks the fastest precision the device computes in that
+    passed lcm_edge.precision's fidelity gate for this bundle on this machine, else f32 (describe() says)."""
+    if not isinstance(low_memory, bool):
+        raise InvalidArgumentError("low_memory", f"{low_memory!r} is not a bool", "pass True or False")
+    if precision != "auto":
+        return create_backend(backend, device, precision=precision, low_memory=low_memory, **backend_options)
+    from .precision import auto_precision
+
+    runtime = create_backend(backend, device, low_memory=low_memory, **backend_options)
+    chosen, note = auto_precision(bundle, runtime)
+    if chosen != runtime.precision:
+        runtime = create_backend(backend, device, precision=chosen, low_memory=low_memory, **backend_options)
+    runtime.precision_note = note
+    return runtime
+
+
+def _check_static_shape(session: Session, shapes: Mapping[str, tuple[int, ...]], arguments: Mapping[int, str]) -> None:
+    """A size the graph fixes otherwise is an InvalidArgumentError naming the generation argument behind the axis."""
+    try:
+        check_feeds(session.name, session.inputs, {spec.name: np.empty(shapes[spec.name], np.dtype(spec.dtype))
+                                                   for spec in session.inputs})
+    except GraphInputError as exc:
+        axis = next((a for a in arguments if f"axis {a} " in str(exc)), None)
+        raise InvalidArgumentError(arguments.get(axis, "num_frames/height/width"), f"the bundle's graph cannot take "
+                                   f"this size ({exc})", "use the size the bundle was exported for") from exc
 
 
 class AnimateLCMPipeline:
@@ -139,42 +247,105 @@ class AnimateLCMPipeline:
 
     >>> pipe = AnimateLCMPipeline.from_bundle("bundle/", backend="onnxruntime", device="cpu")
     >>> pipe("a red circle moving right", num_frames=16, seed=0).save("clip.mp4")
+
+    Threads may share one pipeline: each call keeps its state (scheduler, generator) to itself and
+    the backends' sessions take concurrent runs; the same seed gives the same frames as a serial call.
+    low_memory=True opens each graph when a call needs it and closes it after (the text encoder before
+    the UNet runs, the UNet before decoding), decodes one frame at a time by default, and turns off
+    onnxruntime's memory arena / keeps one compiled shape per OpenVINO graph: less peak RAM, and every
+    call pays the graphs' load (and, on OpenVINO without a cache_dir, compile) time.
     """
 
-    def __init__(self, bundle: Bundle, backend: Backend):
+    def __init__(self, bundle: Bundle, backend: Backend, *, low_memory: bool | None = None):
         self.bundle = bundle
         self.backend = backend
+        self.low_memory = backend.low_memory if low_memory is None else low_memory
         self.tokenizer = CLIPTokenizer.from_folder(bundle.tokenizer_dir)
-        self.text_encoder = backend.open(bundle.root, bundle.components["text_encoder"])
-        self.unet = backend.open(bundle.root, bundle.components["unet"])
-        self.vae_decoder = backend.open(bundle.root, bundle.components["vae_decoder"])
+        self.components = {name: Component(backend, bundle, name, keep_open=not self.low_memory)
+                           for name in ("text_encoder", "unet", "vae_decoder")}
+
+    @property
+    def text_encoder(self) -> Session:
+        return self.components["text_encoder"].session()
+
+    @property
+    def unet(self) -> Session:
+        return self.components["unet"].session()
+
+    @property
+    def vae_decoder(self) -> Session:
+        return self.components["vae_decoder"].session()
 
     @classmethod
     def from_bundle(cls, path: str | os.PathLike, *, backend: str = "onnxruntime", device: str | None = None,
-                    verify_checksums: bool = True, **backend_options) -> "AnimateLCMPipeline":
+                    verify_checksums: bool = True, precision: str = "f32", low_memory: bool = False,
+                    **backend_options) -> "AnimateLCMPipeline":
         """Verify the bundle, then compile its graphs on `backend` / `device`.
 
-        backend_options go to the backend: onnxruntime takes threads, optimization,
-        provider_options; openvino takes cache_dir, performance_hint, config.
+        precision: "f32" (default), "bf16"/"f16" (OpenVINO, where the device computes in it) or "auto".
+        low_memory: see the class docstring.
+        backend_options go to the backend: onnxruntime takes threads, optimization, memory_arena,
+        provider_options; openvino takes cache_dir, performance_hint, static_shapes, shape_cache_size,
+        max_infer_requests, mmap_weights, config.
         """
-        runtime = create_backend(backend, device, **backend_options)
-        return cls(load_bundle(path, verify_checksums=verify_checksums), runtime)
+        bundle = load_bundle(path, verify_checksums=verify_checksums)
+        runtime = create_runtime(bundle, backend, device, precision=precision, low_memory=low_memory,
+                                 **backend_options)
+        return cls(bundle, runtime, low_memory=low_memory)
+
+    def prepare(self, *, num_frames: int | None = None, height: int | None = None, width: int | None = None,
+                guidance_scale: float = 1.0, decode_chunk_size: int | None = None) -> None:
+        """Check a generation size against the bundle and every graph's own input shapes, then compile for it
+        where the backend compiles per shape (OpenVINO's static shapes; an NPU needs this), so the first call
+        at that size does not pay the compile. A size a graph cannot take is an InvalidArgumentError naming
+        the argument, before anything compiles."""
+        model = self.bundle.model
+        num_frames = model.default_frames if num_frames is None else num_frames
+        height = model.default_height if height is None else height
+        width = model.default_width if width is None else width
+        decode_chunk_size = self._chunk_size(decode_chunk_size)
+        check_inputs(self.bundle, "", num_frames=num_frames, height=height, width=width,
+                     guidance_scale=guidance_scale, decode_chunk_size=decode_chunk_size)
+        batch, f = (2 if guidance_scale > 1.0 else 1), model.vae_scale_factor
+        shapes = {
+            "text_encoder": ({"input_ids": (batch, model.text_max_length)}, {0: "guidance_scale"}),
+            "unet": ({"sample": (batch, model.latent_channels, num_frames, height // f, width // f),
+                      "timestep": (1,), "encoder_hidden_states": (batch, model.text_max_length, model.text_hidden_size)},
+                     {0: "guidance_scale", 2: "num_frames", 3: "height", 4: "width"}),
+            "vae_decoder": ({"latent_sample": (min(decode_chunk_size, num_frames), model.latent_channels,
+                                               height // f, width // f)},
+                            {0: "decode_chunk_size", 2: "height", 3: "width"}),
+        }
+        for name, (graph_shapes, arguments) in shapes.items():
+            with self.components[name].use() as session:
+                _check_static_shape(session, graph_shapes, arguments)
+        for name, (graph_shapes, _) in shapes.items():
+            with self.components[name].use() as session:
+                session.prepare(graph_shapes)
+
+    def _chunk_size(self, decode_chunk_size: int | None) -> int:
+        # low_memory decodes one frame at a time: the decoder's activations are the peak at large sizes.
+        if decode_chunk_size is None:
+            return 1 if self.low_memory else 4
+        return decode_chunk_size
 
     # ---------------------------------------------------------------- call
     def __call__(self, prompt: str, *, num_frames: int | None = None, height: int | None = None,
                  width: int | None = None, num_inference_steps: int | None = 4, guidance_scale: float = 1.0,
                  negative_prompt: str | None = None, seed: int | None = None, latents: np.ndarray | None = None,
                  timesteps: list[int] | None = None, noise_fn: NoiseFn | None = None,
-                 decode_chunk_size: int = 4, callback: Callable[[StepInfo], None] | None = None,
-                 cancel_event: threading.Event | None = None) -> GenerationResult:
+                 decode_chunk_size: int | None = None, callback: Callable[[StepInfo], None] | None = None,
+                 cancel_event: threading.Event | None = None, output_type: str = "frames") -> GenerationResult:
         model = self.bundle.model
+        decode_chunk_size = self._chunk_size(decode_chunk_size)  # 4 frames, 1 with low_memory
         num_frames = model.default_frames if num_frames is None else num_frames
         height = model.default_height if height is None else height
         width = model.default_width if width is None else width
 
         # 1. Check every input before any work is done.
         check_inputs(self.bundle, prompt, negative_prompt, num_frames, height, width, num_inference_steps,
-                     timesteps, guidance_scale, seed, latents, noise_fn, decode_chunk_size, callback, cancel_event)
+                     timesteps, guidance_scale, seed, latents, noise_fn, decode_chunk_size, callback, cancel_event,
+                     output_type)
         do_cfg = guidance_scale > 1.0
         timings = Timings()
         start = time.perf_counter()
@@ -195,52 +366,51 @@ class AnimateLCMPipeline:
             negative = self.tokenizer.encode(negative_prompt or "")
             ids.insert(0, negative.input_ids)
         t0 = time.perf_counter()
-        embeddings = self._run(self.text_encoder, input_ids=np.stack(ids))["last_hidden_state"]
+        with self.components["text_encoder"].use() as text_encoder:  # closed here with low_memory
+            embeddings = self._run(text_encoder, input_ids=np.stack(ids))["last_hidden_state"]
         timings.text_encoder_s = time.perf_counter() - t0
+        check_cancel("text encoding")
 
         # 3. Timesteps from the bundle's scheduler config (no code defaults).
         scheduler = LCMScheduler(self.bundle.scheduler_config)
-        if timesteps is None and str(num_inference_steps) in model.default_timesteps:
-            # The schedule the exporter tuned for this step count (bundle.json model.default_timesteps).
-            timesteps, num_inference_steps = list(model.default_timesteps[str(num_inference_steps)]), None
-        schedule = scheduler.set_timesteps(num_inference_steps, timesteps=timesteps)
+        schedule = sampling_timesteps(self.bundle, num_inference_steps, timesteps, scheduler)
 
         # 4. Initial latents: the caller's, or standard normal from a seeded generator.
         if seed is None and (latents is None or noise_fn is None):
             seed = int(np.random.SeedSequence().generate_state(1, np.uint64)[0] >> np.uint64(1))
-        rng = np.random.default_rng(seed) if seed is not None else None
         shape = (1, model.latent_channels, num_frames, height // model.vae_scale_factor,
                  width // model.vae_scale_factor)
-        if latents is None:
-            latents = rng.standard_normal(shape, dtype=np.float32)
+        if latents is None or noise_fn is None:
+            latents, noise_fn = seeded_draws(seed, shape, latents, noise_fn)
         latents = latents.astype(np.float32) * np.float32(scheduler.init_noise_sigma)
-        if noise_fn is None:
-            def noise_fn(_step: int, noise_shape: tuple[int, ...]) -> np.ndarray:
-                return rng.standard_normal(noise_shape, dtype=np.float32)
 
         # 5. The LCM loop: one UNet pass per step without guidance, a batch of two with it.
         denoised = latents
-        for i, t in enumerate(schedule):
-            check_cancel(f"UNet step {i + 1}/{len(schedule)}")
-            t0 = time.perf_counter()
-            model_input = np.concatenate([latents, latents]) if do_cfg else latents
-            noise_pred = self._run(self.unet, sample=model_input, timestep=np.array([t], np.float32),
-                                   encoder_hidden_states=embeddings)["out_sample"]
-            if do_cfg:
-                uncond, cond = noise_pred[:1], noise_pred[1:]
-                noise_pred = uncond + np.float32(guidance_scale) * (cond - uncond)
-            last = i == len(schedule) - 1
-            noise = None if last else np.asarray(noise_fn(i, latents.shape), dtype=np.float32)
-            out = scheduler.step(noise_pred, i, latents, noise)
-            latents, denoised = out.prev_sample, out.denoised
-            timings.unet_steps_s.append(time.perf_counter() - t0)
-            if callback is not None:
-                callback(StepInfo(i, len(schedule), int(t), timings.unet_steps_s[-1]))
+        with self.components["unet"].use() as unet:  # closed before decoding with low_memory
+            for i, t in enumerate(schedule):
+                check_cancel(f"UNet step {i + 1}/{len(schedule)}")
+                t0 = time.perf_counter()
+                model_input = np.concatenate([latents, latents]) if do_cfg else latents
+                noise_pred = self._run(unet, sample=model_input, timestep=np.array([t], np.float32),
+                                       encoder_hidden_states=embeddings)["out_sample"]
+                if do_cfg:
+                    uncond, cond = noise_pred[:1], noise_pred[1:]
+                    noise_pred = uncond + np.float32(guidance_scale) * (cond - uncond)
+                last = i == len(schedule) - 1
+                noise = None if last else np.asarray(noise_fn(i, latents.shape), dtype=np.float32)
+                out = scheduler.step(noise_pred, i, latents, noise)
+                latents, denoised = out.prev_sample, out.denoised
+                timings.unet_steps_s.append(time.perf_counter() - t0)
+                if callback is not None:
+                    callback(StepInfo(i, len(schedule), int(t), timings.unet_steps_s[-1]))
 
-        # 6. Decode `denoised` in frame chunks so peak memory stays bounded by the chunk.
-        t0 = time.perf_counter()
-        frames = self.decode(denoised, decode_chunk_size, check_cancel)
-        timings.vae_decode_s = time.perf_counter() - t0
+        # 6. Decode `denoised` in frame chunks so peak memory stays bounded by the chunk
+        #    (output_type="latents": the caller decodes, e.g. a subset of frames or elsewhere).
+        frames = None
+        if output_type == "frames":
+            t0 = time.perf_counter()
+            frames = self.decode(denoised, decode_chunk_size, check_cancel)
+            timings.vae_decode_s = time.perf_counter() - t0
         timings.total_s = time.perf_counter() - start
 
         # 7. The result carries everything needed to reproduce and report the run.
@@ -254,12 +424,13 @@ class AnimateLCMPipeline:
         scaled = latents / np.float32(self.bundle.model.vae_scaling_factor)
         per_frame = scaled[0].transpose(1, 0, 2, 3)  # (f, c, h, w): frames fold into batch
         frames = []
-        for begin in range(0, per_frame.shape[0], chunk_size):
-            check_cancel(f"VAE decode of frame {begin + 1}")
-            chunk = np.ascontiguousarray(per_frame[begin:begin + chunk_size])
-            image = self._run(self.vae_decoder, latent_sample=chunk)["sample"]
-            image = np.clip(image / 2 + 0.5, 0.0, 1.0)
-            frames.append((image.transpose(0, 2, 3, 1) * 255).round().astype(np.uint8))
+        with self.components["vae_decoder"].use() as vae_decoder:
+            for begin in range(0, per_frame.shape[0], chunk_size):
+                check_cancel(f"VAE decode of frame {begin + 1}")
+                chunk = np.ascontiguousarray(per_frame[begin:begin + chunk_size])
+                image = self._run(vae_decoder, latent_sample=chunk)["sample"]
+                image = np.clip(image / 2 + 0.5, 0.0, 1.0)
+                frames.append((image.transpose(0, 2, 3, 1) * 255).round().astype(np.uint8))
         return np.concatenate(frames)
 
     @staticmethod
