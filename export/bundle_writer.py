@@ -16,7 +16,6 @@ import os
 import platform
 import shutil
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -25,10 +24,11 @@ import numpy as np
 import torch
 
 import lcm_edge
+from lcm_edge.atomic_output import Partial, recover
 from lcm_edge.backends import create_backend
 from lcm_edge.bundle import (SCHEDULER_CONFIG, TOKENIZER_DIR, ComponentInfo, ModelInfo, check_default_timesteps,
-                             load_bundle, write_manifest)
-from lcm_edge.errors import InvalidArgumentError, ParityError
+                             load_unpublished_bundle, write_manifest)
+from lcm_edge.errors import InvalidArgumentError, LcmEdgeError, OutputWriteError, ParityError
 from lcm_edge.scheduler import SchedulerConfig
 from lcm_edge.tokenizer import CLIPTokenizer as RuntimeTokenizer
 
@@ -162,23 +162,16 @@ def _motion_max_frames(unet: torch.nn.Module) -> int:
 def _prepare_destination(out: Path, overwrite: bool) -> None:
     if not out.parent.is_dir():
         raise InvalidArgumentError("out", f"folder '{out.parent}' does not exist", "create it first")
+    try:
+        # What an export to this target that was killed left behind goes first: its temporary folder, and a
+        # previous bundle it had moved aside (put back). Claiming a temporary name proves the folder writable.
+        recover(out)
+        Partial(out).close()
+    except OSError as exc:
+        raise InvalidArgumentError("out", f"folder '{out.parent}' is not writable ({exc.strerror or exc})",
+                                   "export to a folder you can write to") from exc
     if out.exists() and not overwrite:
         raise InvalidArgumentError("out", f"'{out}' already exists", "choose a new folder or pass overwrite=True")
-
-
-def _place(tmp: Path, out: Path) -> None:
-    """Rename the finished bundle into place; an existing one is replaced only after that succeeds."""
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-        try:
-            os.replace(tmp, out)
-        except OSError:
-            os.replace(old, out)
-            raise
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
 
 
 def export_bundle(out: str | os.PathLike, *, unet: torch.nn.Module, vae: torch.nn.Module,
@@ -244,7 +237,10 @@ def export_bundle(out: str | os.PathLike, *, unet: torch.nn.Module, vae: torch.n
     vocab_size = int(text_encoder.config.vocab_size)
     rng = np.random.default_rng(seed)
 
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    # A claimed `.NAME.partial-TOKEN` beside the target: its lock tells the next export to this target whether
+    # this one is still running or was killed (lcm_edge.atomic_output).
+    partial = Partial(out)
+    tmp = partial.path
     tmp.mkdir()
     report = ExportReport(bundle=out, seconds=0.0)
     ort_backend = create_backend("onnxruntime", "cpu")
@@ -319,11 +315,14 @@ def export_bundle(out: str | os.PathLike, *, unet: torch.nn.Module, vae: torch.n
         })
 
         # 7. Prove the runtime reads it, then publish atomically.
-        load_bundle(tmp, verify_checksums=True)
-        _place(tmp, out)
+        load_unpublished_bundle(tmp)
+        partial.publish()
+    except OSError as exc:
+        if isinstance(exc, LcmEdgeError):
+            raise
+        raise OutputWriteError(out, exc) from exc  # disk full, folder made read-only: the target is untouched
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        partial.close()
     report.seconds = time.perf_counter() - start
     return report
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from .atomic_output import is_partial_name
 from .errors import BundleFormatError, BundleIntegrityError, BundleNotFoundError, InvalidArgumentError
 from .scheduler import LCMScheduler, SchedulerConfig
 
@@ -178,6 +179,16 @@ def verify_files(root: Path, files: Mapping[str, FileEntry], *, checksums: bool 
 
 def load_bundle(path: str | os.PathLike, *, verify_checksums: bool = True) -> Bundle:
     """Read and verify a bundle. Raises a `BundleError` subclass naming the bad file."""
+    root = Path(path)
+    if is_partial_name(root.resolve().name):
+        # Even complete-looking (an export killed on its final rename), it was never published.
+        raise BundleFormatError(root, "is the temporary folder of an export that did not finish",
+                                "load the export's target folder; the next export to that target removes this one")
+    return load_unpublished_bundle(root, verify_checksums=verify_checksums)
+
+
+def load_unpublished_bundle(path: str | os.PathLike, *, verify_checksums: bool = True) -> Bundle:
+    """`load_bundle` for the exporter's own temporary folder: its last check before publishing it."""
     root = Path(path)
     if not root.is_dir():
         raise BundleNotFoundError(root, "bundle folder does not exist",

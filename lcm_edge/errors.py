@@ -54,6 +54,17 @@ class GraphInputError(LcmEdgeError, ValueError):
     """Arrays handed to a graph do not match the graph's own input metadata."""
 
 
+class OutputWriteError(LcmEdgeError, OSError):
+    """Writing an output (a bundle, a clip) failed: disk full, read-only folder, no permission. `path` names
+    the target, which is left as it was; `errno` is the operating system's."""
+
+    def __init__(self, path: str, cause: OSError):
+        self.path = str(path)
+        super().__init__(f"{self.path}: could not be written ({cause.strerror or cause}). Fix: free disk space, "
+                         "or write to a folder you can write to; nothing was written under this name")
+        self.errno = cause.errno
+
+
 class ParityError(LcmEdgeError):
     """A numerical gate failed. `failures` lists every failing output."""
 

@@ -1,20 +1,22 @@
 """Write uint8 frames (frames, height, width, 3) RGB to .mp4 or .gif, atomically.
 
 The file appears under its final name only once it is complete: it is written beside
-the destination under a temporary name and renamed, so an interrupted save never leaves a
-half-written clip that looks finished.
+the destination under a temporary name (`.clip.mp4.partial-TOKEN.mp4`, see atomic_output) and renamed, so an
+interrupted save never leaves a half-written clip that looks finished, and the next save to that name
+removes what a killed one left.
 """
 
 from __future__ import annotations
 
+import errno
 import os
-import uuid
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from .errors import InvalidArgumentError, LcmEdgeError
+from .atomic_output import Partial, recover
+from .errors import InvalidArgumentError, LcmEdgeError, OutputWriteError
 
 VIDEO_EXTENSIONS = (".mp4", ".gif")
 
@@ -47,19 +49,24 @@ def save_video(frames: np.ndarray, path: str | os.PathLike, fps: int) -> Path:
     if not isinstance(fps, int) or fps < 1:
         raise InvalidArgumentError("fps", f"{fps!r} is not a positive integer", "pass e.g. fps=8")
     suffix = out.suffix.lower()
-    # A unique hidden name in the same folder (same filesystem, so the rename is atomic);
-    # the encoder creates it, so it gets the user's normal file permissions.
-    tmp = out.parent / f".{out.stem}.{uuid.uuid4().hex}.partial{suffix}"
+    # A claimed hidden sibling (`.NAME.partial-TOKEN.mp4`, same filesystem, so the rename is atomic); what
+    # an earlier writer that was killed left beside this target is removed first. The encoder creates the
+    # file, so it gets the user's normal permissions.
     try:
+        recover(out)
+        partial = Partial(out, suffix)
+    except OSError as exc:
+        raise OutputWriteError(out, exc) from exc
+    with partial:
         bgr = [cv2.cvtColor(frame, cv2.COLOR_RGB2BGR) for frame in frames]
-        if suffix == ".mp4":
-            _write_mp4(bgr, tmp, fps)
-        else:
-            _write_gif(bgr, tmp, fps)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        try:
+            if suffix == ".mp4":
+                _write_mp4(bgr, partial.path, fps)
+            else:
+                _write_gif(bgr, partial.path, fps)
+            partial.publish()
+        except OSError as exc:
+            raise OutputWriteError(out, exc) from exc
     return out
 
 
@@ -76,6 +83,13 @@ def _write_mp4(bgr: list[np.ndarray], path: Path, fps: int) -> None:
         writer.release()
     if path.stat().st_size == 0:
         raise LcmEdgeError(f"{path}: OpenCV wrote an empty mp4. Fix: save as .gif")
+    # OpenCV's writer reports no write errors: a disk that fills up mid-clip leaves a truncated file, which
+    # is caught here by reading the clip back before it is renamed into place.
+    capture = cv2.VideoCapture(str(path))
+    written = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if capture.isOpened() else 0
+    capture.release()
+    if written != len(bgr):
+        raise OSError(errno.EIO, f"the mp4 read back holds {max(written, 0)} of {len(bgr)} frames (disk full?)")
 
 
 def _write_gif(bgr: list[np.ndarray], path: Path, fps: int) -> None:
