@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import onnx
 import torch
 
 import lcm_edge
@@ -32,6 +33,8 @@ from lcm_edge.errors import InvalidArgumentError, LcmEdgeError, OutputWriteError
 from lcm_edge.scheduler import SchedulerConfig
 from lcm_edge.tokenizer import CLIPTokenizer as RuntimeTokenizer
 
+from .attention import (FUSED_ATTENTION_DOMAIN, FUSED_ATTENTION_OPSET, FUSED_OP_KEY, check_attention, count_ops,
+                        fused_attention, write_unfused)
 from .onnx_io import EXTERNAL_DATA_THRESHOLD_BYTES, OPSET, consolidate, parameter_bytes, trace_onnx
 from .openvino_ir import convert_to_openvino
 from .parity import ParityReport, check_parity, reference_outputs
@@ -180,7 +183,8 @@ def export_bundle(out: str | os.PathLike, *, unet: torch.nn.Module, vae: torch.n
                   default_frames: int = 16, default_fps: int = 8, external_data: bool | None = None,
                   provenance: Mapping[str, Any] | None = None, overwrite: bool = False,
                   seed: int = 0, precision: str = "fp32", release_torch: bool = False,
-                  default_timesteps: Mapping[int, Sequence[int]] | None = None) -> ExportReport:
+                  default_timesteps: Mapping[int, Sequence[int]] | None = None,
+                  attention: str = "fused") -> ExportReport:
     """Export components to a bundle at `out`; every graph passes its parity gate or nothing is written.
 
     precision: "fp32", or "fp16" (UNet and text encoder as fp16 graphs, OpenVINO IR with fp16
@@ -191,10 +195,19 @@ def export_bundle(out: str | os.PathLike, *, unet: torch.nn.Module, vae: torch.n
     and OpenVINO load theirs (halves peak memory at full size). The models are unusable afterwards.
     default_timesteps: {steps: [t_1, ..., t_steps]}, schedules tuned for this model; the runtime samples a
     generation of that many steps at them unless the caller passes timesteps (bundle.json model.default_timesteps).
+    attention: "fused" (default) writes the UNet and VAE decoder twice over one weights file: model_fused.onnx with
+    onnxruntime's MultiHeadAttention (onnxruntime CPU/CUDA/DirectML run it; it never builds the full score
+    tensor) and model.onnx with plain ops (TensorRT, onnxruntime's OpenVINO EP, and the OpenVINO IR, which fuses
+    them itself); both are gated. "plain" writes model.onnx only, as before. See export/attention.py.
     """
     start = time.perf_counter()
     out = Path(out)
     check_precision(precision)
+    check_attention(attention)
+    if attention == "fused" and external_data is False:
+        raise InvalidArgumentError("external_data", "False with attention='fused', whose fused and plain graphs "
+                                   "share one external weights file", "leave external_data=None, or pass "
+                                   "attention='plain' for graphs with inline weights")
     _prepare_destination(out, overwrite)
 
     # 1. Check the components fit together and derive the model facts the runtime needs.
@@ -233,6 +246,9 @@ def export_bundle(out: str | os.PathLike, *, unet: torch.nn.Module, vae: torch.n
         "unet": (unet_spec(latent_channels, max_length, hidden), UNetWrapper(motion_unet)),
         "vae_decoder": (vae_decoder_spec(latent_channels), VaeDecoderWrapper(vae)),
     }
+    # The diffusers models whose attention processors the fused trace swaps, per graph.
+    attention_models = {"unet": (motion_unet,), "vae_decoder": (vae,)} if attention == "fused" else {}
+    attention_record: dict[str, dict[str, int]] = {}
     trace_case, cases = _shape_cases(2 ** unet_downsamplers, max_frames)
     vocab_size = int(text_encoder.config.vocab_size)
     rng = np.random.default_rng(seed)
@@ -253,25 +269,48 @@ def export_bundle(out: str | os.PathLike, *, unet: torch.nn.Module, vae: torch.n
             #    then merge the traced weights, so torch's copy can be released first.
             onnx_path = tmp / name / "model.onnx"
             example = sample_inputs(spec, trace_case, vocab_size=vocab_size, rng=rng)
-            traced = trace_onnx(module, spec, example, tmp / name / "_trace")
+            fused = name in attention_models
+            if fused:
+                with fused_attention(*attention_models[name]):
+                    traced = trace_onnx(module, spec, example, tmp / name / "_trace",
+                                        custom_opsets={FUSED_ATTENTION_DOMAIN: FUSED_ATTENTION_OPSET})
+                fused_nodes = count_ops(onnx.load(str(traced), load_external_data=False)).get(FUSED_OP_KEY, 0)
+                fused = fused_nodes > 0  # a graph without attention (e.g. a VAE without mid-block attention)
+            else:
+                traced = trace_onnx(module, spec, example, tmp / name / "_trace")
+            # Torch's outputs come from the models' own attention processors (restored above): an
+            # independent reference for the fused graph.
             feeds = {key: sample_inputs(spec, case, vocab_size=vocab_size, rng=rng) for key, case in cases.items()}
             expected = reference_outputs(module, spec, feeds)
             source_config = module_config(name, motion_unet, vae, text_encoder)
             weight_bytes = parameter_bytes(module)
             if release_torch:
                 module.to("meta")
-            data_path = consolidate(traced, onnx_path, spec, external_data=external_data if external_data is not None
+            fused_path = onnx_path.with_name("model_fused.onnx")
+            # Fused and plain graphs share one external-data file, so a fused component always has one.
+            data_path = consolidate(traced, fused_path if fused else onnx_path, spec,
+                                    external_data=True if fused else external_data if external_data is not None
                                     else weight_bytes > EXTERNAL_DATA_THRESHOLD_BYTES)
             shutil.rmtree(traced.parent)
+            if fused:
+                write_unfused(fused_path, onnx_path)
             half = precision == "fp16" and name in FP16_COMPONENTS
             info = ComponentInfo(
                 name=name, onnx=f"{name}/model.onnx",
                 onnx_data=f"{name}/{data_path.name}" if data_path else None, openvino=None,
                 config=f"{name}/config.json", inputs=spec.inputs, outputs=spec.outputs,
-                precision="fp16" if half else "fp32")
-            # 3. Gate the fp32 graph on onnxruntime.
+                precision="fp16" if half else "fp32", onnx_fused=f"{name}/{fused_path.name}" if fused else None)
+            # 3. Gate the fp32 graph on onnxruntime (the fused one, which its CPU provider picks), and the plain
+            #    graph beside it, which TensorRT and onnxruntime's OpenVINO EP run.
             report.parity[f"{name}/onnxruntime"] = check_parity(
-                module, spec, ort_backend.open(tmp, info), "onnxruntime", feeds, expected=expected)
+                module, spec, ort_backend.open(tmp, info), "onnxruntime-fused" if fused else "onnxruntime", feeds,
+                expected=expected)
+            if fused:
+                report.parity[f"{name}/onnxruntime-plain"] = check_parity(
+                    module, spec, ort_backend.open(tmp, dataclasses.replace(info, onnx_fused=None)),
+                    "onnxruntime-plain", feeds, expected=expected)
+                attention_record[name] = {"fused_nodes": fused_nodes, "softmax_left": count_ops(
+                    onnx.load(str(fused_path), load_external_data=False)).get("Softmax", 0)}
             # 4. OpenVINO IR from the fp32 graph (fp16-compressed weights in fp16 bundles), gated the same way.
             if ov_backend is not None:
                 convert_to_openvino(onnx_path, tmp / name / "openvino_model.xml", compress_to_fp16=half)
@@ -281,13 +320,21 @@ def export_bundle(out: str | os.PathLike, *, unet: torch.nn.Module, vae: torch.n
                     OPENVINO_FP16_TOLERANCE if half else None, expected=expected)
             # 4b. fp16 graph replaces the gated fp32 one, gated against fp32 torch.
             if half:
-                keep_external = data_path is not None and (external_data or
+                keep_external = data_path is not None and (fused or external_data or
                                                            weight_bytes // 2 > EXTERNAL_DATA_THRESHOLD_BYTES)
-                data_path = convert_onnx_to_fp16(onnx_path, external_data=keep_external)
+                # A fused component converts its fused graph and derives the plain one from it again, so both
+                # keep sharing the (now fp16) weights file.
+                data_path = convert_onnx_to_fp16(fused_path if fused else onnx_path, external_data=keep_external)
+                if fused:
+                    write_unfused(fused_path, onnx_path)
                 info = dataclasses.replace(info, onnx_data=f"{name}/{data_path.name}" if data_path else None)
                 report.parity[f"{name}/onnxruntime-fp16"] = check_parity(
-                    module, spec, ort_backend.open(tmp, info), "onnxruntime-fp16", feeds, ONNX_FP16_TOLERANCE,
-                    expected=expected)
+                    module, spec, ort_backend.open(tmp, info), "onnxruntime-fp16-fused" if fused else
+                    "onnxruntime-fp16", feeds, ONNX_FP16_TOLERANCE, expected=expected)
+                if fused:
+                    report.parity[f"{name}/onnxruntime-fp16-plain"] = check_parity(
+                        module, spec, ort_backend.open(tmp, dataclasses.replace(info, onnx_fused=None)),
+                        "onnxruntime-fp16-plain", feeds, ONNX_FP16_TOLERANCE, expected=expected)
             details[name] = {
                 "onnx": "fp16 compute, fp32 inputs/outputs" if half else "fp32",
                 "openvino": None if ov_backend is None else ("FP16-compressed weights" if half else "FP32"),
@@ -311,6 +358,13 @@ def export_bundle(out: str | os.PathLike, *, unet: torch.nn.Module, vae: torch.n
             "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "versions": _versions(), "opset": OPSET, "source": dict(provenance or {}),
             "precision": {"requested": precision, "components": details},
+            "attention": {
+                "requested": attention, "fused_op": FUSED_OP_KEY, "components": attention_record,
+                # Which graph each runtime gets (lcm_edge.backends.ort_backend.select_onnx_graph decides).
+                "graphs": {"onnxruntime cpu, cuda, directml": "onnx_fused (where present, else onnx)",
+                           "onnxruntime tensorrt, openvino": "onnx",
+                           "openvino": "openvino (converted from onnx), else onnx"},
+            },
             "parity": {key: r.to_dict() for key, r in report.parity.items()},
         })
 

@@ -34,10 +34,12 @@ def parameter_bytes(module: torch.nn.Module) -> int:
         sum(b.numel() * b.element_size() for b in module.buffers())
 
 
-def trace_onnx(module: torch.nn.Module, spec: ComponentSpec, example: dict[str, np.ndarray], scratch: Path) -> Path:
+def trace_onnx(module: torch.nn.Module, spec: ComponentSpec, example: dict[str, np.ndarray], scratch: Path,
+               *, custom_opsets: dict[str, int] | None = None) -> Path:
     """TorchScript-export `module` into the folder `scratch`; returns the traced model.onnx.
 
     For a >2 GiB model the exporter spills one file per tensor beside it; consolidate() merges them.
+    custom_opsets: versions of non-standard domains the module's symbolics emit (fused attention's com.microsoft).
     """
     scratch.mkdir(parents=True)
     traced = scratch / "model.onnx"
@@ -48,7 +50,8 @@ def trace_onnx(module: torch.nn.Module, spec: ComponentSpec, example: dict[str, 
         warnings.simplefilter("ignore")
         torch.onnx.export(module.eval(), args, str(traced), input_names=spec.input_names,
                           output_names=spec.output_names, dynamic_axes=spec.dynamic_axes(),
-                          opset_version=OPSET, do_constant_folding=True, dynamo=False)
+                          opset_version=OPSET, do_constant_folding=True, dynamo=False,
+                          custom_opsets=custom_opsets or {})
     return traced
 
 

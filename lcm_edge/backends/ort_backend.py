@@ -31,6 +31,19 @@ _ORT_DTYPES = {
     "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(uint8)": "uint8", "tensor(bool)": "bool",
 }
 
+# Providers that get a component's plain graph even where the bundle has a fused one: TensorRT does not take
+# com.microsoft ops, and OpenVINO fuses the plain MatMul-Softmax-MatMul into its own ScaledDotProductAttention.
+# CPU, CUDA and DirectML run the fused MultiHeadAttention, which never holds the full attention score tensor
+# (at 512x512x16 the plain UNet graph's largest is 8 GiB, twice, and onnxruntime ran out of 24 GiB).
+PLAIN_GRAPH_PROVIDERS = ("TensorrtExecutionProvider", "OpenVINOExecutionProvider")
+
+
+def select_onnx_graph(component: ComponentInfo, provider: str) -> str:
+    """The bundle-relative graph `provider` (a full provider name) runs for `component`."""
+    if component.onnx_fused is not None and provider not in PLAIN_GRAPH_PROVIDERS:
+        return component.onnx_fused
+    return component.onnx
+
 
 def _tensor_spec(arg) -> TensorSpec:
     dtype = _ORT_DTYPES.get(arg.type)
@@ -86,7 +99,7 @@ class OnnxRuntimeBackend(Backend):
         self.memory_arena = memory_arena
 
     def open(self, bundle_root: Path, component: ComponentInfo) -> Session:
-        path = bundle_root / component.onnx
+        path = bundle_root / select_onnx_graph(component, self.provider)
         options = ort.SessionOptions()
         options.graph_optimization_level = OPTIMIZATION_LEVELS[self.optimization]
         if self.threads:
