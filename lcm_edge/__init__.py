@@ -14,8 +14,8 @@ from .backends import BACKENDS, create_backend
 from .bundle import Bundle, load_bundle
 from .default import default_bundle_path, load_default
 from .errors import (BackendError, BundleError, BundleFormatError, BundleIntegrityError, BundleNotFoundError,
-                     GenerationCancelled, GraphInputError, InvalidArgumentError, LcmEdgeError, MissingExtraError,
-                     ParityError)
+                     GenerationCancelled, GraphInputError, InferenceError, InvalidArgumentError, LcmEdgeError,
+                     MissingExtraError, ParityError)
 from .pipeline import AnimateLCMPipeline, GenerationResult, PromptTruncatedWarning, StepInfo, Timings
 from .scheduler import LCMScheduler, SchedulerConfig
 from .tokenizer import CLIPTokenizer
@@ -24,7 +24,7 @@ from .video import save_video
 __all__ = [
     "AnimateLCMPipeline", "BACKENDS", "BackendError", "Bundle", "BundleError", "BundleFormatError",
     "BundleIntegrityError", "BundleNotFoundError", "CLIPTokenizer", "GenerationCancelled", "GenerationResult",
-    "GraphInputError", "InvalidArgumentError", "LCMScheduler", "LcmEdgeError", "MissingExtraError",
+    "GraphInputError", "InferenceError", "InvalidArgumentError", "LCMScheduler", "LcmEdgeError", "MissingExtraError",
     "ParityError", "PromptTruncatedWarning", "SchedulerConfig", "StepInfo", "Timings", "create_backend",
     "default_bundle_path", "load_bundle", "load_default", "save_video", "__version__",
 ]

@@ -54,6 +54,16 @@ class GraphInputError(LcmEdgeError, ValueError):
     """Arrays handed to a graph do not match the graph's own input metadata."""
 
 
+class InferenceError(LcmEdgeError, RuntimeError):
+    """A runtime failed while running a graph (out of memory, a lost device, a runtime bug); `graph` names it."""
+
+    def __init__(self, graph: str, problem: str, fix: str):
+        self.graph = graph
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"{graph}: {problem}. Fix: {fix}")
+
+
 class OutputWriteError(LcmEdgeError, OSError):
     """Writing an output (a bundle, a clip) failed: disk full, read-only folder, no permission. `path` names
     the target, which is left as it was; `errno` is the operating system's."""

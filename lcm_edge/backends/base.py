@@ -18,7 +18,11 @@ from ..errors import GraphInputError
 
 
 class Session(ABC):
-    """One compiled graph. `inputs`/`outputs` come from the graph file, not the manifest."""
+    """One compiled graph. `inputs`/`outputs` come from the graph file, not the manifest.
+
+    `run` may be called from several threads at once: an app shares one pipeline between its
+    workers, so each implementation keeps per-call state out of the session (or guards it).
+    """
 
     def __init__(self, name: str, path: Path, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...]):
         self.name = name
@@ -36,12 +40,26 @@ class Session(ABC):
         check_feeds(self.name, self.inputs, feeds)
         return self._run(feeds)
 
+    def prepare(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        """Compile ahead for these input shapes. Only backends that compile per shape (OpenVINO with
+        static shapes) have work to do; a runtime with dynamic shapes is ready once opened."""
+
+    def close(self) -> None:
+        """Release the runtime's memory for this graph; the session must not be run afterwards."""
+
     @abstractmethod
     def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
 class Backend(ABC):
     name: str
+    precision: str = "f32"  # the compute precision sessions run at ("f32", "bf16", "f16")
+    precision_note: str = ""  # why, when precision="auto" chose it (describe() prints it)
+    low_memory: bool = False  # release what can be released between calls (see AnimateLCMPipeline)
+
+    def supported_precisions(self) -> tuple[str, ...]:
+        """Compute precisions this backend and device can run fp32 graphs at, fastest last."""
+        return ("f32",)
 
     @abstractmethod
     def open(self, bundle_root: Path, component: ComponentInfo) -> Session: ...

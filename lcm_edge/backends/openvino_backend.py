@@ -1,19 +1,42 @@
-"""OpenVINO backend: device CPU, GPU, NPU or AUTO, with a compile cache and a performance hint."""
+"""OpenVINO backend: device CPU, GPU, NPU or AUTO, with a compile cache and a performance hint.
+
+Static shapes (the default): each graph is reshaped to a call's input shapes and compiled for
+them, and a few compiled shapes are kept per graph (least recently used first out). On the
+full-size SD1.5 UNet at 512x512x16 this cut peak RSS from 20.9 to 15.4 GiB and the first pass by
+17 s against the dynamic graph, at the same steady-state step; the NPU plugin takes static shapes
+only. The graph file is read again for each new shape and the `ov.Model` dropped once compiled, so
+its weights (memory-mapped IR, or a heap copy of an ONNX graph) do not sit beside the compiled copy.
+
+Threads: each compiled shape hands out infer requests from a bounded pool (an OpenVINO infer
+request runs one inference at a time; a second caller got RuntimeError 'Infer Request is busy').
+`max_infer_requests=1` makes callers queue for one request, which is a lock.
+"""
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import numpy as np
 
 from ..bundle import ComponentInfo, TensorSpec
-from ..errors import BackendError, BundleIntegrityError, MissingExtraError
+from ..errors import (BackendError, BundleIntegrityError, GraphInputError, InferenceError, InvalidArgumentError,
+                      MissingExtraError)
 from .base import Backend, Session
 
 DEVICES = ("CPU", "GPU", "NPU", "AUTO")
 PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
 INFERENCE_PRECISIONS = ("f32", "f16", "bf16")
+# What OpenVINO's OPTIMIZATION_CAPABILITIES lists for a device that computes at that precision.
+PRECISION_CAPABILITY = {"f32": "FP32", "f16": "FP16", "bf16": "BF16"}
+SHAPE_CACHE_SIZE = 2  # compiled shapes kept per graph: a UNet at full size is 3.4 GB of weights per copy
+LOW_MEMORY_SHAPE_CACHE_SIZE = 1
+# Requests per compiled shape that threads may run at once. 1 (a lock) measured as fast as a pool of 4
+# with 4 threads on the default bundle (benchmarks/soak.py --compare-requests), with one set of activations.
+MAX_INFER_REQUESTS = 1
 
 
 def _import_openvino():
@@ -33,40 +56,131 @@ def _tensor_spec(port, wanted: set[str]) -> TensorSpec:
     return TensorSpec(chosen[0], str(np.dtype(port.get_element_type().to_dtype())), shape)
 
 
+def device_capabilities(core, device: str) -> frozenset[str]:
+    """OpenVINO's own word on what `device` computes in (e.g. {'FP32', 'BF16', 'INT8'} on an AVX512_BF16 CPU)."""
+    return frozenset(str(c) for c in core.get_property(device, "OPTIMIZATION_CAPABILITIES"))
+
+
+class CompiledShape:
+    """One compiled model (at one input shape, or dynamic) and a bounded pool of its infer requests."""
+
+    def __init__(self, compiled, max_requests: int):
+        self.compiled = compiled
+        self._idle: list = []
+        self._slots = threading.BoundedSemaphore(max_requests)
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def request(self) -> Iterator:
+        with self._slots:
+            with self._lock:
+                request = self._idle.pop() if self._idle else None
+            if request is None:
+                request = self.compiled.create_infer_request()
+            try:
+                yield request
+            finally:
+                with self._lock:
+                    self._idle.append(request)
+
+
 class OpenVinoSession(Session):
-    def __init__(self, component: ComponentInfo, path: Path, compiled):
-        wanted = {t.name for t in component.inputs + component.outputs}
-        super().__init__(component.name, path, tuple(_tensor_spec(p, wanted) for p in compiled.inputs),
-                         tuple(_tensor_spec(p, wanted) for p in compiled.outputs))
-        self._request = compiled.create_infer_request()
+    def __init__(self, backend: "OpenVinoBackend", component: ComponentInfo, path: Path):
+        self._backend = backend
+        self._wanted = {t.name for t in component.inputs + component.outputs}
+        model = backend.read_model(path)
+        super().__init__(component.name, path, tuple(_tensor_spec(p, self._wanted) for p in model.inputs),
+                         tuple(_tensor_spec(p, self._wanted) for p in model.outputs))
+        # Shape key -> CompiledShape, least recently used first. Dynamic mode keeps one entry under None.
+        self._compiled: OrderedDict[tuple | None, CompiledShape] = OrderedDict()
+        self._compile_lock = threading.Lock()
+        if not backend.static_shapes:
+            self._compiled[None] = self._compile(model, None)
+        del model  # the compiled model holds what it needs; the read graph's weights go now
+
+    def _compile(self, model, shapes: tuple[tuple[int, ...], ...] | None) -> CompiledShape:
+        ov = _import_openvino()
+        if shapes is not None:
+            try:
+                model.reshape({port: ov.PartialShape(list(shape)) for port, shape in zip(model.inputs, shapes)})
+            except RuntimeError as exc:
+                raise GraphInputError(f"{self.name}: the graph cannot be reshaped to static input shapes "
+                                      f"{list(shapes)} ({exc}). Fix: use a size the bundle was exported for, or "
+                                      "static_shapes=False") from exc
+        try:
+            compiled = self._backend.core.compile_model(model, self._backend.device, self._backend.config)
+        except RuntimeError as exc:
+            raise InferenceError(self.name, f"OpenVINO could not compile it for {self._backend.device} at input "
+                                 f"shapes {shapes or 'dynamic'} ({exc})",
+                                 "check the device's driver, or use device='CPU'") from exc
+        return CompiledShape(compiled, self._backend.max_infer_requests)
+
+    def _entry(self, shapes: tuple[tuple[int, ...], ...]) -> CompiledShape:
+        key = None if not self._backend.static_shapes else shapes
+        with self._compile_lock:  # one compile per shape, even when threads ask for it at once
+            entry = self._compiled.get(key)
+            if entry is None:
+                entry = self._compile(self._backend.read_model(self.path), key)
+                self._compiled[key] = entry
+                # Evicted shapes go as soon as no running call holds them (a call keeps its entry alive).
+                while len(self._compiled) > self._backend.shape_cache_size:
+                    self._compiled.popitem(last=False)
+            self._compiled.move_to_end(key)
+            return entry
+
+    def compiled_shapes(self) -> list[tuple | None]:
+        """The input shapes compiled and kept now, least recently used first (None: the dynamic graph)."""
+        with self._compile_lock:
+            return list(self._compiled)
+
+    def prepare(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        self._entry(tuple(tuple(int(d) for d in shapes[spec.name]) for spec in self.inputs))
+
+    def close(self) -> None:
+        with self._compile_lock:
+            self._compiled.clear()
 
     def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        # share_inputs=False: OpenVINO otherwise aliases caller arrays, and a later request at
-        # another shape was seen overwriting them (the text embeddings are reused every step).
         ordered = [feeds[spec.name] for spec in self.inputs]
-        results = self._request.infer(ordered, share_inputs=False, share_outputs=False)
-        return {spec.name: np.array(results[i]) for i, spec in enumerate(self.outputs)}
+        entry = self._entry(tuple(a.shape for a in ordered))
+        with entry.request() as request:
+            try:
+                # share_inputs=False: OpenVINO otherwise aliases caller arrays, and a later request at
+                # another shape was seen overwriting them (the text embeddings are reused every step).
+                results = request.infer(ordered, share_inputs=False, share_outputs=False)
+            except RuntimeError as exc:
+                raise InferenceError(self.name, f"OpenVINO inference failed on {self._backend.device} ({exc})",
+                                     "check free memory and the device; rerun with device='CPU' to compare") from exc
+            return {spec.name: np.array(results[i]) for i, spec in enumerate(self.outputs)}
 
 
 class OpenVinoBackend(Backend):
     """Uses the bundle's OpenVINO IR when it has one, else reads the ONNX graph (`Session.path` says which).
 
-    inference_precision: "f32" (default, matches PyTorch), or "bf16"/"f16" for speed where the
-    device has it; check the result against f32 before shipping such a setting.
+    inference_precision: "f32" (default, matches PyTorch), or "bf16"/"f16" where the device computes
+    in it (OpenVINO's OPTIMIZATION_CAPABILITIES: BF16 on CPUs with AVX512_BF16 or AMX, FP16 on GPUs);
+    asking for one the device lacks is an InvalidArgumentError before any graph compiles. Check a
+    setting with `lcm_edge.precision.check_precision` before shipping it.
+    static_shapes: compile per call shape (default; the NPU needs it) or once for dynamic shapes.
+    shape_cache_size: compiled shapes kept per graph (1 with low_memory).
+    max_infer_requests: how many threads may run one compiled graph at once (1: they queue).
+    mmap_weights: OpenVINO's ENABLE_MMAP for reading IR weights.
     """
 
     name = "openvino"
 
     def __init__(self, device: str = "CPU", *, cache_dir: str | Path | None = None,
                  performance_hint: str = "LATENCY", inference_precision: str = "f32",
-                 config: Mapping[str, str] | None = None):
+                 config: Mapping[str, str] | None = None, static_shapes: bool = True,
+                 shape_cache_size: int | None = None, max_infer_requests: int = MAX_INFER_REQUESTS,
+                 mmap_weights: bool = True, low_memory: bool = False):
         ov = _import_openvino()
-        self._core = ov.Core()
+        self.core = ov.Core()
         device_upper = device.upper()
         family = device_upper.split(".")[0].split(":")[0]
         if family not in DEVICES:
             raise BackendError(f"device: unknown OpenVINO device '{device}'. Fix: use one of {list(DEVICES)}")
-        available = self._core.available_devices
+        available = self.core.available_devices
         if family != "AUTO" and not any(d.split(".")[0] == family for d in available):
             raise BackendError(f"device: OpenVINO device {device_upper} is not available on this machine; "
                                f"available: {available}. Fix: pick one of those or AUTO")
@@ -76,12 +190,28 @@ class OpenVinoBackend(Backend):
         if inference_precision not in INFERENCE_PRECISIONS:
             raise BackendError(f"inference_precision: unknown '{inference_precision}'. Fix: use one of "
                                f"{list(INFERENCE_PRECISIONS)}")
+        if not isinstance(static_shapes, bool):
+            raise InvalidArgumentError("static_shapes", f"{static_shapes!r} is not a bool", "pass True or False")
+        if not static_shapes and family == "NPU":
+            raise InvalidArgumentError("static_shapes", "False, but OpenVINO's NPU plugin compiles static shapes "
+                                       "only", "drop static_shapes=False (static is the default)")
+        for argument, value in (("shape_cache_size", shape_cache_size), ("max_infer_requests", max_infer_requests)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise InvalidArgumentError(argument, f"{value!r} is not a positive int", "pass e.g. 1 or 2")
         self.device = device_upper
         self.performance_hint = performance_hint.upper()
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        if inference_precision != "f32":
+            self._check_precision(inference_precision, family)
         # f32 unless asked: OpenVINO's CPU plugin silently picks bf16 where the CPU has it
         # (1e-2 relative error on CLIP here) and GPU plugins pick f16.
-        self.inference_precision = inference_precision
+        self.inference_precision = self.precision = inference_precision
+        self.static_shapes = static_shapes
+        self.low_memory = low_memory
+        self.shape_cache_size = shape_cache_size or (LOW_MEMORY_SHAPE_CACHE_SIZE if low_memory else SHAPE_CACHE_SIZE)
+        self.max_infer_requests = max_infer_requests
+        self.mmap_weights = mmap_weights
+        self.core.set_property({"ENABLE_MMAP": mmap_weights})
         self.config = {"PERFORMANCE_HINT": self.performance_hint, "INFERENCE_PRECISION_HINT": inference_precision,
                        **dict(config or {})}
         if self.cache_dir is not None:
@@ -89,15 +219,36 @@ class OpenVinoBackend(Backend):
             self.config["CACHE_DIR"] = str(self.cache_dir)
         self._version = ov.__version__.split("-")[0]
 
-    def open(self, bundle_root: Path, component: ComponentInfo) -> Session:
-        path = bundle_root / (component.openvino or component.onnx)
+    def _check_precision(self, precision: str, family: str) -> None:
+        if family == "AUTO":
+            raise InvalidArgumentError("inference_precision", f"{precision} with device AUTO, which may pick a "
+                                       "device without it", "name the device (CPU, GPU or NPU), or use 'f32'")
+        capabilities = device_capabilities(self.core, self.device)
+        if PRECISION_CAPABILITY[precision] not in capabilities:
+            raise InvalidArgumentError(
+                "inference_precision", f"{self.device} does not compute in {precision} (OpenVINO lists "
+                f"{sorted(capabilities)}; bf16 needs a CPU with AVX512_BF16 or AMX, f16 a GPU)",
+                "use 'f32', or precision='auto', which picks the fastest precision this machine has and has passed "
+                "the fidelity gate")
+
+    def supported_precisions(self) -> tuple[str, ...]:
+        if self.device.split(".")[0] == "AUTO":
+            return ("f32",)
+        capabilities = device_capabilities(self.core, self.device)
+        return tuple(p for p in ("f32", "f16", "bf16") if PRECISION_CAPABILITY[p] in capabilities)
+
+    def read_model(self, path: Path):
         try:
-            model = self._core.read_model(str(path))
+            return self.core.read_model(str(path))
         except RuntimeError as exc:
             raise BundleIntegrityError(path, f"OpenVINO cannot read the graph ({exc})",
                                        "re-export the bundle") from exc
-        compiled = self._core.compile_model(model, self.device, self.config)
-        return OpenVinoSession(component, path, compiled)
+
+    def open(self, bundle_root: Path, component: ComponentInfo) -> Session:
+        return OpenVinoSession(self, component, bundle_root / (component.openvino or component.onnx))
 
     def describe(self) -> str:
-        return f"openvino {self._version} {self.device} {self.performance_hint} {self.inference_precision}"
+        shapes = "static shapes" if self.static_shapes else "dynamic shapes"
+        note = f" ({self.precision_note})" if self.precision_note else ""
+        return (f"openvino {self._version} {self.device} {self.performance_hint} {self.inference_precision}{note} "
+                f"{shapes}{' low-memory' if self.low_memory else ''}")
