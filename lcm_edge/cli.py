@@ -1,4 +1,4 @@
-"""`lcm-edge` command line: generate, export, info. Argument parsing lives here only."""
+"""`lcm-edge` command line: generate, export, info, serve, batch. Argument parsing lives here only."""
 
 from __future__ import annotations
 
@@ -23,10 +23,9 @@ def _progress(info: StepInfo) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .backends import create_backend
     from .bundle import load_bundle
     from .default import default_bundle_path
-    from .pipeline import AnimateLCMPipeline, check_inputs
+    from .pipeline import AnimateLCMPipeline, check_inputs, create_runtime
     from .video import check_output_path
 
     output = check_output_path(args.output, "--output")  # before minutes of work, not after
@@ -37,17 +36,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
         options["threads"] = args.threads
     if args.cache_dir is not None:
         options["cache_dir"] = args.cache_dir
-    if args.low_memory:
-        if args.backend != "onnxruntime":
-            raise LcmEdgeError("--low-memory: only the onnxruntime backend has a memory arena to turn off. "
-                               "Fix: drop --low-memory, or use --backend onnxruntime")
-        options["memory_arena"] = False
+    if args.dynamic_shapes:
+        if args.backend != "openvino":
+            raise LcmEdgeError("--dynamic-shapes: only the openvino backend compiles per shape. Fix: drop "
+                               "--dynamic-shapes, or use --backend openvino")
+        options["static_shapes"] = False
     t0 = time.perf_counter()
     bundle = load_bundle(args.bundle)
     generation = dict(num_frames=args.frames, height=args.height, width=args.width, num_inference_steps=args.steps,
-                      guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt, seed=args.seed)
+                      guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt, seed=args.seed,
+                      decoder=args.decoder)
     check_inputs(bundle, args.prompt, **generation)  # before compiling graphs, which can take minutes
-    pipe = AnimateLCMPipeline(bundle, create_backend(args.backend, args.device, **options))
+    runtime = create_runtime(bundle, args.backend, args.device, precision=args.precision,
+                             low_memory=args.low_memory, **options)
+    pipe = AnimateLCMPipeline(bundle, runtime, low_memory=args.low_memory)
     load_s = time.perf_counter() - t0
     print(f"loaded {args.bundle} on {pipe.backend.describe()} in {load_s:.2f} s", file=sys.stderr)
     with warnings.catch_warnings(record=True) as caught:
@@ -59,6 +61,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     f, h, w_, _ = result.frames.shape
     print(f"wrote {saved} ({f} frames, {w_}x{h}, seed {result.seed})")
     print(f"timings: {result.timings.summary()}")
+    return 0
+
+
+def cmd_check_precision(args: argparse.Namespace) -> int:
+    from .default import default_bundle_path
+    from .bundle import load_bundle
+    from .precision import GATE_SEEDS, check_precision, record_path
+
+    bundle = default_bundle_path() if args.bundle is None else args.bundle
+    # A failed gate is recorded too (auto then stays at f32) and ends in a ParityError: exit code 2.
+    check = check_precision(bundle, args.precision, backend=args.backend, device=args.device,
+                            seeds=tuple(args.seeds or GATE_SEEDS), num_frames=args.frames, height=args.height,
+                            width=args.width)
+    print(check.summary())
+    print(f"recorded in {record_path(load_bundle(bundle, verify_checksums=False))}")
     return 0
 
 
@@ -115,7 +132,24 @@ def cmd_export(args: argparse.Namespace) -> int:
               f"(LoRA effect {check['effect_max_abs']:.3g})", file=sys.stderr)
     report = export_bundle(args.out, **components.export_kwargs(), openvino=args.openvino,
                            provenance=components.source, overwrite=args.overwrite, precision=args.precision,
-                           release_torch=True, default_timesteps=default_timesteps)
+                           release_torch=True, default_timesteps=default_timesteps, tiny_decoder=args.tiny_decoder)
+    print(report.summary())
+    return 0
+
+
+def cmd_add_tiny_decoder(args: argparse.Namespace) -> int:
+    from .errors import MissingExtraError
+
+    try:
+        from lcm_edge.export.tiny_decoder import add_tiny_decoder
+    except MissingExtraError as exc:
+        raise LcmEdgeError(str(exc)) from exc
+    if args.skip_fidelity_check and args.min_psnr_db is not None:
+        raise LcmEdgeError("--min-psnr-db: given with --skip-fidelity-check. Fix: pass one of them")
+    gate = {"min_psnr_db": None} if args.skip_fidelity_check else \
+        {} if args.min_psnr_db is None else {"min_psnr_db": args.min_psnr_db}
+    report = add_tiny_decoder(args.bundle, args.weights, out=args.out, overwrite=args.overwrite, threads=args.threads,
+                              **gate)
     print(report.summary())
     return 0
 
@@ -159,6 +193,84 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import launch
+
+    launch(host=args.host, port=args.port, bundles=args.bundle, concurrency=args.concurrency)
+    return 0
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from .batch import run_batch
+    from .default import default_bundle_path
+
+    options = {} if args.threads is None else {"threads": args.threads}
+    summary = run_batch(args.prompts, args.out, bundle=args.bundle or default_bundle_path(), backend=args.backend,
+                        device=args.device, options=options, workers=args.workers, ray_address=args.ray,
+                        on_error=args.on_error, extension="." + args.format)
+    print(f"batch: {summary.written} written, {summary.skipped_existing} already there, {summary.failed} failed, "
+          f"{summary.bad_lines} bad lines; results in {args.out / 'results.jsonl'}")
+    return 1 if summary.failed or summary.bad_lines else 0
+
+
+def _parse_torch_source(items: list[str] | None) -> dict | None:
+    if not items:
+        return None
+    source: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise LcmEdgeError(f"--torch-source: {item!r} is not KEY=VALUE. Fix: write e.g. base=sd15/ "
+                               "motion_module=AnimateLCM_sd15_t2v.ckpt lora=lora.safetensors:0.8")
+        if key == "lora":
+            source.setdefault("loras", []).append(value)
+        else:
+            source[key] = value
+    return source
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from .bench.runner import BenchOptions, run_bench
+    from .bench.scenarios import expand_matrix, load_scenario_file
+
+    settings = {"warmup": args.warmup, "runs": args.runs, "seed": args.seed, "prompt": args.prompt,
+                "decode_frames": args.decode_frames, "timeout_s": args.timeout,
+                "torch_source": _parse_torch_source(args.torch_source)}
+    if args.scenarios is not None:
+        given = [flag for flag in ("bundle", "runtime", "size", "steps", "guidance") if getattr(args, flag)]
+        if given:
+            raise LcmEdgeError(f"--scenarios: given with --{', --'.join(given)}. Fix: put the matrix in the file, "
+                               "or drop --scenarios")
+        scenarios, _ = load_scenario_file(args.scenarios)
+        overrides = {k: v for k, v in settings.items() if v is not None}
+        if overrides:
+            from dataclasses import replace
+
+            scenarios = [replace(s, **overrides) for s in scenarios]
+    else:
+        scenarios = expand_matrix(bundles=args.bundle or ["default"],
+                                  runtimes=args.runtime or ["onnxruntime:cpu", "openvino:CPU"],
+                                  sizes=args.size or [None], steps=args.steps or [4], guidance=args.guidance or [1.0],
+                                  settings=settings)
+    out = args.out or Path("bench-results") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    options = BenchOptions(out=out, reference=args.reference, reference_bundle=args.reference_bundle,
+                           memory_limit_gib=args.memory_limit_gib, plots=not args.no_plots,
+                           peak_probe=not args.no_peak_probe)
+    if args.list:
+        from .bench.runner import prepare_scenarios
+
+        for s, reason in prepare_scenarios(scenarios, options):
+            print(s.id + (f"  [skipped: {reason}]" if reason else ""))
+        return 0
+    doc = run_bench(scenarios, options)
+    print((out / "results.md").read_text(encoding="utf-8"))
+    failed = [r for r in doc["rows"] if r["status"] not in ("ok", "skipped")]
+    print(f"results: {out / 'results.json'} ({len(doc['rows'])} rows, {len(failed)} did not finish)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lcm-edge", description="AnimateLCM text-to-video on the edge")
     parser.add_argument("--version", action="version", version=f"lcm-edge {__version__}")
@@ -174,8 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="onnxruntime: cpu|cuda|tensorrt|directml|openvino; openvino: CPU|GPU|NPU|AUTO")
     gen.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     gen.add_argument("--cache-dir", type=Path, default=None, help="OpenVINO compile cache folder")
+    gen.add_argument("--precision", choices=("auto", "f32", "bf16", "f16"), default="f32",
+                     help="compute precision (openvino: bf16 on CPUs with AVX512_BF16/AMX, f16 on GPUs); auto picks "
+                          "the fastest one `lcm-edge check-precision` passed on this machine, else f32")
+    gen.add_argument("--dynamic-shapes", action="store_true",
+                     help="openvino: compile once for any size instead of per call size (static is the default)")
     gen.add_argument("--low-memory", action="store_true",
-                     help="onnxruntime: no CPU memory arena (about half the peak RAM, slower steps)")
+                     help="load each graph when needed and free it after (text encoder before the UNet, UNet before "
+                          "decoding), decode one frame at a time, no onnxruntime memory arena: less RAM, slower")
     gen.add_argument("--frames", type=int, default=None)
     gen.add_argument("--height", type=int, default=None)
     gen.add_argument("--width", type=int, default=None)
@@ -184,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--fps", type=int, default=None)
+    gen.add_argument("--decoder", choices=("full", "tiny"), default="full",
+                     help="tiny: decode with the bundle's tiny decoder (vae_decoder_tiny), much faster, a little "
+                          "less exact")
     gen.add_argument("-o", "--output", required=True, help="out.mp4 or out.gif")
     gen.set_defaults(func=cmd_generate)
 
@@ -214,12 +335,111 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a schedule tuned for this model (repeatable), e.g. 4=999,699,399,199: `generate --steps "
                           "4` samples at it")
     exp.add_argument("--overwrite", action="store_true")
+    exp.add_argument("--tiny-decoder", type=Path, default=None, metavar="PATH",
+                     help="TAESD-format decoder weights (diffusers AutoencoderTiny folder, or taesd_decoder"
+                          ".safetensors/.pth) to add as vae_decoder_tiny, gated against this VAE's decoder")
     exp.set_defaults(func=cmd_export)
 
     # The distill command's parser is torch-free; training imports happen when it runs.
     from lcm_edge.distill.cli import add_distill_parser
 
     add_distill_parser(sub)
+
+    serve = sub.add_parser("serve", help="local web UI (needs the [app] extra)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
+    serve.add_argument("--port", type=int, default=7860)
+    serve.add_argument("--bundle", type=Path, action="append", default=[],
+                       help="a bundle folder offered beside the default model (repeatable)")
+    serve.add_argument("--concurrency", type=int, default=1,
+                       help="generations run at once; the others wait in the queue (default 1)")
+    serve.set_defaults(func=cmd_serve)
+
+    batch = sub.add_parser("batch", help="many clips from a JSON-lines file (resumable; local or Ray)")
+    batch.add_argument("prompts", type=Path,
+                       help="JSON lines: {\"prompt\": ..., \"seed\", \"frames\", \"height\", \"width\", "
+                            "\"steps\", \"guidance\", \"negative_prompt\" optional}")
+    batch.add_argument("--out", type=Path, required=True, help="output folder (clips + results.jsonl)")
+    batch.add_argument("--bundle", type=Path, default=None, help="bundle folder (default: the shipped model)")
+    batch.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
+    batch.add_argument("--device", default=None)
+    batch.add_argument("--threads", type=int, default=None, help="onnxruntime threads per worker")
+    batch.add_argument("--workers", type=int, default=1, help="worker processes (or Ray actors), one pipeline each")
+    batch.add_argument("--ray", default=None, metavar="auto|local|ADDRESS",
+                       help="run the workers as Ray actors: auto = the cluster of `ray start`, local = a new one "
+                            "on this machine, or a cluster address")
+    batch.add_argument("--on-error", choices=("skip", "stop"), default="skip",
+                       help="a bad line or failed clip: report and go on (skip), or stop the batch (stop)")
+    batch.add_argument("--format", choices=("mp4", "gif"), default="mp4")
+    batch.set_defaults(func=cmd_batch)
+
+    tiny = sub.add_parser("add-tiny-decoder", help="add a tiny VAE decoder (TAESD format) to a bundle, gated",
+                          description="Export TAESD-format decoder weights as the bundle's vae_decoder_tiny: fit "
+                                      "checks, parity gates, and a fidelity gate (PSNR and flicker against the "
+                                      "bundle's VAE decoder on clips its own sampler makes). The bundle stays "
+                                      "valid if interrupted.")
+    tiny.add_argument("bundle", type=Path, help="bundle folder")
+    tiny.add_argument("--weights", type=Path, required=True,
+                      help="diffusers AutoencoderTiny folder, or taesd_decoder.safetensors/.pth")
+    tiny.add_argument("--out", type=Path, default=None, help="write a copy of the bundle here instead of in place")
+    tiny.add_argument("--overwrite", action="store_true", help="replace a tiny decoder the bundle already has")
+    tiny.add_argument("--min-psnr-db", type=float, default=None,
+                      help="fidelity gate threshold (default: TINY_DECODER_MIN_PSNR_DB, 24 dB)")
+    tiny.add_argument("--skip-fidelity-check", action="store_true",
+                      help="only the fit checks and parity gates (for weights checked another way)")
+    tiny.add_argument("--threads", type=int, default=None, help="onnxruntime threads for the fidelity check")
+    tiny.set_defaults(func=cmd_add_tiny_decoder)
+
+    bench = sub.add_parser(
+        "bench", help="benchmark runtimes, precisions and devices on bundles (with PyTorch beside them)",
+        description="Runs every scenario of a matrix (bundle x runtime x size x steps x guidance), each in its own "
+                    "process, and writes results.json/.csv/.md and plots. Runtimes: backend:device[,key=value...], "
+                    "backends onnxruntime (cpu|cuda|tensorrt|directml|openvino), openvino (CPU|GPU|NPU|AUTO), "
+                    "pytorch / pytorch-compile (cpu|cuda; diffusers on the bundle's source weights, --torch-source). "
+                    "Sizes: HEIGHTxWIDTHxFRAMES.")
+    bench.add_argument("--bundle", nargs="+", default=None,
+                       help="bundle folders ('default': the shipped model; the default)")
+    bench.add_argument("--runtime", nargs="+", default=None,
+                       help="e.g. onnxruntime:cpu openvino:CPU openvino:CPU,inference_precision=bf16 pytorch:cpu "
+                            "(default: onnxruntime:cpu openvino:CPU)")
+    bench.add_argument("--size", nargs="+", default=None, help="e.g. 256x256x8 512x512x16 (default: the bundle's)")
+    bench.add_argument("--steps", nargs="+", type=int, default=None, help="default 4")
+    bench.add_argument("--guidance", nargs="+", type=float, default=None, help="default 1.0")
+    bench.add_argument("--scenarios", type=Path, default=None,
+                       help="a TOML/JSON file of [settings], [matrix] and [[scenario]] tables instead of the flags")
+    bench.add_argument("--warmup", type=int, default=None, help="warm-up runs per scenario (default 2)")
+    bench.add_argument("--runs", type=int, default=None, help="timed runs per scenario (default 3)")
+    bench.add_argument("--seed", type=int, default=None)
+    bench.add_argument("--prompt", default=None)
+    bench.add_argument("--decode-frames", type=int, default=None,
+                       help="decode only the first N frames (per-frame VAE figures; for 512x512x16 runs)")
+    bench.add_argument("--timeout", type=float, default=None, help="seconds per scenario before it is stopped")
+    bench.add_argument("--torch-source", nargs="+", default=None, metavar="KEY=VALUE",
+                       help="the PyTorch rows' weights, as lcm-edge export reads them: base=PATH [base_folder=PATH] "
+                            "[motion_module=PATH] [lora=FILE:WEIGHT ...]")
+    bench.add_argument("--reference", choices=("auto", "none"), default="auto",
+                       help="auto: add an fp32 onnxruntime:cpu row to each group for the fidelity columns")
+    bench.add_argument("--reference-bundle", default=None,
+                       help="compare against this (fp32) bundle's onnxruntime rows, e.g. for an INT8 bundle")
+    bench.add_argument("--memory-limit-gib", type=float, default=None,
+                       help="kill a scenario above this RSS (default: 90%% of RAM) and record it")
+    bench.add_argument("--out", type=Path, default=None, help="results folder (default: bench-results/DATE-TIME)")
+    bench.add_argument("--no-plots", action="store_true", help="skip the PNG plots (they need lcm-edge[bench])")
+    bench.add_argument("--no-peak-probe", action="store_true", help="skip the fp32 matmul peak probe")
+    bench.add_argument("--list", action="store_true", help="print the checked scenarios and exit")
+    bench.set_defaults(func=cmd_bench)
+
+    prec = sub.add_parser("check-precision", help="fidelity gate: clips at bf16/f16 against f32, recorded for "
+                                                  "--precision auto")
+    prec.add_argument("bundle", type=Path, nargs="?", default=None, help="bundle folder (default: the shipped one)")
+    prec.add_argument("--precision", choices=("bf16", "f16"), required=True)
+    prec.add_argument("--backend", choices=BACKENDS, default="openvino")
+    prec.add_argument("--device", default=None)
+    prec.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 30000 30001")
+    prec.add_argument("--frames", type=int, default=None)
+    prec.add_argument("--height", type=int, default=None)
+    prec.add_argument("--width", type=int, default=None)
+    prec.set_defaults(func=cmd_check_precision)
 
     info = sub.add_parser("info", help="verify a bundle (files, checksums, graphs) and describe it")
     info.add_argument("bundle", type=Path, nargs="?", default=None, help="bundle folder (default: the shipped one)")

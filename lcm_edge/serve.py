@@ -1,0 +1,314 @@
+"""`lcm-edge serve`: a local web UI (Gradio) on the public API.
+
+Built only on what an app developer has: `AnimateLCMPipeline`, `check_inputs`, the `StepInfo`
+callback, `cancel_event` and `GenerationCancelled`. Gradio is imported only here (the `[app]`
+extra), so `import lcm_edge` stays light.
+
+One pipeline per (bundle, backend, device) stays warm for the server's life; generations run one
+at a time per server by default (Gradio's queue holds the others and shows their place), because a
+generation already uses every core. Every argument goes through `check_inputs` before any graph
+is compiled or run; its message (argument and fix) is what the user reads, never a traceback.
+"""
+
+# No `from __future__ import annotations`: Gradio reads the `gr.Request` annotations of the handlers.
+import re
+import shutil
+import tempfile
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from .backends import BACKENDS, create_backend
+from .bundle import Bundle, load_bundle
+from .default import DEFAULT_PROMPT, default_bundle_path
+from .errors import BackendError, GenerationCancelled, InvalidArgumentError, LcmEdgeError, MissingExtraError
+from .pipeline import AnimateLCMPipeline, StepInfo, check_inputs
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
+DEFAULT_BUNDLE_CHOICE = "default model"
+# How many generations run at once; more only split the same cores.
+DEFAULT_CONCURRENCY = 1
+# Queued requests beyond this are refused with Gradio's "queue full" message instead of waiting for hours.
+MAX_QUEUE = 64
+
+# Small clips shown large, with their pixels kept sharp.
+CSS = "#clip img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }"
+# The UI's names for the pipeline's arguments, so an error names the field the user sees.
+FIELD_LABELS = {
+    "prompt": "Prompt", "negative_prompt": "Negative prompt", "num_frames": "Frames", "height": "Height",
+    "width": "Width", "num_inference_steps": "Steps", "guidance_scale": "Guidance", "seed": "Seed",
+}
+
+
+def available_devices() -> dict[str, list[str]]:
+    """Backend -> devices that are installed and visible on this machine (nothing else is offered).
+
+    The library has no such query yet; this reads the runtimes directly.
+    """
+    import onnxruntime as ort
+
+    from .backends.ort_backend import PROVIDERS
+
+    installed = set(ort.get_available_providers())
+    devices = {"onnxruntime": [short for short, provider in PROVIDERS.items() if provider in installed]}
+    try:
+        import openvino
+    except ImportError:
+        return devices  # the [openvino] extra is not installed: not offered
+    families = sorted({name.split(".")[0] for name in openvino.Core().available_devices})
+    if families:
+        devices["openvino"] = families + ["AUTO"]
+    return devices
+
+
+@dataclass
+class _Warm:
+    pipeline: AnimateLCMPipeline
+    lock: threading.Lock  # one generation at a time on one set of compiled graphs
+
+
+class WarmPipelines:
+    """Compiled pipelines by (bundle folder, backend, device), created on first use and kept."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._bundles: dict[Path, Bundle] = {}
+        self._pipelines: dict[tuple[Path, str, str], _Warm] = {}
+
+    def bundle(self, folder: Path) -> Bundle:
+        """The verified bundle (checksums read once per server, not per click)."""
+        with self._lock:
+            if folder not in self._bundles:
+                self._bundles[folder] = load_bundle(folder)
+            return self._bundles[folder]
+
+    def get(self, folder: Path, backend: str, device: str) -> _Warm:
+        key = (folder, backend, device)
+        bundle = self.bundle(folder)
+        with self._lock:  # two first users of one key compile it once
+            if key not in self._pipelines:
+                self._pipelines[key] = _Warm(AnimateLCMPipeline(bundle, create_backend(backend, device)),
+                                             threading.Lock())
+            return self._pipelines[key]
+
+
+class CancelEvents:
+    """One cancel event per browser session, armed fresh for each generation."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._events: dict[str, threading.Event] = {}
+
+    def arm(self, session: str) -> None:
+        with self._lock:
+            self._events[session] = threading.Event()
+
+    def current(self, session: str) -> threading.Event:
+        with self._lock:
+            return self._events.setdefault(session, threading.Event())
+
+    def cancel(self, session: str) -> None:
+        with self._lock:
+            event = self._events.get(session)
+        if event is not None:
+            event.set()
+
+    def forget(self, session: str) -> None:
+        with self._lock:
+            self._events.pop(session, None)
+
+
+def user_message(exc: LcmEdgeError) -> str:
+    """An error as the UI shows it: the field's label, the problem and the fix."""
+    if isinstance(exc, InvalidArgumentError):
+        return f"{FIELD_LABELS.get(exc.argument, exc.argument)}: {exc.problem}. Fix: {exc.fix}"
+    return str(exc)
+
+
+def _as_int(value):
+    # Gradio's Number with precision=0 gives an int, an empty field None; a float is left for
+    # check_inputs to name.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _parse_seed(text):
+    # An integer typed as text; anything else goes on as typed, for check_inputs to name.
+    if isinstance(text, str) and re.fullmatch(r"\s*\d+\s*", text):
+        return int(text)
+    return _as_int(text)
+
+
+class ServeApp:
+    """The UI's logic, independent of Gradio's widgets (so it reads and tests as plain Python)."""
+
+    def __init__(self, bundles: list[Path] | None = None, allow_any_folder: bool = True,
+                 output_dir: Path | None = None):
+        self.default_bundle = default_bundle_path()
+        # Choice label -> folder: the default model, plus any folders given on the command line.
+        self.bundle_choices = {DEFAULT_BUNDLE_CHOICE: self.default_bundle}
+        for folder in bundles or []:
+            self.bundle_choices[str(folder)] = Path(folder).resolve()
+        self.allow_any_folder = allow_any_folder
+        self.devices = available_devices()
+        self.pipelines = WarmPipelines()
+        self.cancels = CancelEvents()
+        self.output_dir = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="lcm-edge-serve-"))
+
+    def resolve_bundle(self, choice: str) -> Path:
+        if choice in self.bundle_choices:
+            return self.bundle_choices[choice]
+        if not self.allow_any_folder:
+            raise InvalidArgumentError("bundle", f"'{choice}' is not one of this server's bundles",
+                                       f"pick one of {list(self.bundle_choices)}")
+        folder = Path(str(choice).strip()).expanduser()
+        if not folder.is_dir():
+            raise InvalidArgumentError("bundle", f"folder '{folder}' does not exist on the server",
+                                       "give the path of a bundle folder written by `lcm-edge export`")
+        return folder.resolve()
+
+    def generate(self, session: str, prompt: str, negative_prompt: str, frames, height, width, steps,
+                 guidance, seed, random_seed: bool, backend: str, device: str, bundle_choice: str,
+                 progress=None) -> dict:
+        """Run one generation; returns what the UI shows (a dict, never raises an LcmEdgeError)."""
+        cancel_event = self.cancels.current(session)
+        try:
+            if backend not in self.devices or device not in self.devices[backend]:
+                raise BackendError(f"backend/device: {backend} {device} is not available on this server. "
+                                   f"Fix: pick one of {self.devices}")
+            folder = self.resolve_bundle(bundle_choice)
+            bundle = self.pipelines.bundle(folder)
+            guidance = float(guidance) if isinstance(guidance, (int, float)) else guidance
+            arguments = dict(
+                num_frames=_as_int(frames), height=_as_int(height), width=_as_int(width),
+                num_inference_steps=_as_int(steps), guidance_scale=guidance,
+                # The field is disabled without guidance; what it still holds is not sent.
+                negative_prompt=(negative_prompt or None) if isinstance(guidance, float) and guidance > 1 else None,
+                seed=None if random_seed else _parse_seed(seed))
+            check_inputs(bundle, prompt, **arguments)  # before compiling anything
+            if progress is not None:
+                progress(0, desc=f"loading {bundle_choice} on {backend} {device}")
+            warm = self.pipelines.get(folder, backend, device)
+
+            def on_step(info: StepInfo) -> None:
+                if progress is not None:
+                    progress((info.step + 1, info.num_steps), desc=f"UNet step {info.step + 1}/{info.num_steps}",
+                             unit="steps")
+
+            with warm.lock:
+                result = warm.pipeline(prompt, **arguments, callback=on_step, cancel_event=cancel_event)
+            name = f"clip-{result.seed}-{uuid.uuid4().hex[:8]}"
+            gif = result.save(self.output_dir / f"{name}.gif")
+            mp4 = result.save(self.output_dir / f"{name}.mp4")
+            n, h, w, _ = result.frames.shape
+            return {"clip": str(gif), "files": [str(mp4), str(gif)], "seed": result.seed,
+                    "timings": result.timings.summary(),
+                    "status": f"Done: {n} frames at {w}x{h}, seed {result.seed}, "
+                              f"{warm.pipeline.backend.describe()}."}
+        except GenerationCancelled as exc:
+            return {"clip": None, "files": None, "seed": None, "timings": "",
+                    "status": f"Cancelled during {exc.stage}."}
+        except LcmEdgeError as exc:
+            return {"clip": None, "files": None, "seed": None, "timings": "", "status": f"Error: {user_message(exc)}"}
+
+    def close(self) -> None:
+        shutil.rmtree(self.output_dir, ignore_errors=True)
+
+
+def build_ui(app: ServeApp, concurrency: int = DEFAULT_CONCURRENCY):
+    """The Gradio Blocks for `app` (queue configured; launch it with `launch`)."""
+    try:
+        import gradio as gr
+    except ImportError as exc:
+        raise MissingExtraError("lcm-edge serve", "app", "gradio") from exc
+
+    model = app.pipelines.bundle(app.default_bundle).model
+    backends = [name for name in BACKENDS if app.devices.get(name)]
+    with gr.Blocks(title="lcm-edge", analytics_enabled=False) as demo:
+        gr.Markdown("## lcm-edge: AnimateLCM text-to-video\nThe default model knows coloured shapes moving "
+                    "left/right/up/down, e.g. *a red circle moving right*.")
+        with gr.Row():
+            with gr.Column():
+                prompt = gr.Textbox(label="Prompt", value=DEFAULT_PROMPT, elem_id="prompt")
+                guidance = gr.Slider(1.0, 10.0, value=1.0, step=0.1, label="Guidance",
+                                     info="1 = AnimateLCM's CFG-free sampling; above 1 enables the negative prompt",
+                                     elem_id="guidance")
+                negative = gr.Textbox(label="Negative prompt", interactive=False, elem_id="negative")
+                with gr.Row():
+                    frames = gr.Number(value=model.default_frames, precision=0, label="Frames", elem_id="frames")
+                    height = gr.Number(value=model.default_height, precision=0, label="Height", elem_id="height")
+                    width = gr.Number(value=model.default_width, precision=0, label="Width", elem_id="width")
+                    steps = gr.Number(value=4, precision=0, label="Steps", elem_id="steps")
+                with gr.Row():
+                    # Text, not a number field: seeds reach 2**63, beyond a browser's exact integers (2**53).
+                    seed = gr.Textbox(value="0", label="Seed", elem_id="seed")
+                    random_seed = gr.Checkbox(value=True, label="Random seed", elem_id="random_seed")
+                with gr.Row():
+                    backend = gr.Dropdown(backends, value=backends[0], label="Backend", elem_id="backend")
+                    device = gr.Dropdown(app.devices[backends[0]], value=app.devices[backends[0]][0],
+                                         label="Device", elem_id="device")
+                bundle = gr.Dropdown(list(app.bundle_choices), value=DEFAULT_BUNDLE_CHOICE,
+                                     allow_custom_value=app.allow_any_folder, elem_id="bundle",
+                                     label="Bundle" + (" (or type a bundle folder on the server)"
+                                                       if app.allow_any_folder else ""))
+                with gr.Row():
+                    run = gr.Button("Generate", variant="primary", elem_id="generate")
+                    stop = gr.Button("Cancel", variant="stop", elem_id="cancel")
+            with gr.Column():
+                clip = gr.Image(label="Clip", type="filepath", interactive=False, height=320, elem_id="clip")
+                status = gr.Markdown(elem_id="status")
+                seed_used = gr.Textbox(label="Seed used", interactive=False, elem_id="seed_used")
+                timings = gr.Textbox(label="Timings", interactive=False, elem_id="timings")
+                files = gr.File(label="Download", file_count="multiple", interactive=False, elem_id="files")
+
+        guidance.change(lambda g: gr.update(interactive=g > 1.0), guidance, negative, queue=False)
+        backend.change(lambda b: gr.update(choices=app.devices[b], value=app.devices[b][0]), backend, device,
+                       queue=False)
+
+        def arm(request: gr.Request) -> str:
+            app.cancels.arm(request.session_hash)
+            return "Working..."
+
+        def generate(prompt_, negative_, frames_, height_, width_, steps_, guidance_, seed_, random_, backend_,
+                     device_, bundle_, request: gr.Request, progress=gr.Progress()):
+            shown = app.generate(request.session_hash, prompt_, negative_, frames_, height_, width_, steps_,
+                                 guidance_, seed_, random_, backend_, device_, bundle_, progress)
+            seed_text = "" if shown["seed"] is None else str(shown["seed"])
+            return shown["clip"], shown["status"], seed_text, shown["timings"], shown["files"]
+
+        def cancel(request: gr.Request) -> None:
+            app.cancels.cancel(request.session_hash)
+
+        # Arm a fresh cancel event outside the queue, so Cancel pressed while waiting in the queue applies to
+        # this run, and one pressed earlier does not.
+        run.click(arm, None, status, queue=False).then(
+            generate, [prompt, negative, frames, height, width, steps, guidance, seed, random_seed, backend, device,
+                       bundle], [clip, status, seed_used, timings, files], concurrency_limit=concurrency,
+            concurrency_id="generate", show_progress_on=[clip])
+        stop.click(cancel, None, None, queue=False)
+        def forget(request: gr.Request) -> None:
+            app.cancels.forget(request.session_hash)
+
+        demo.unload(forget)
+    demo.queue(max_size=MAX_QUEUE)
+    return demo
+
+
+def launch(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, bundles: list[Path] | None = None,
+           concurrency: int = DEFAULT_CONCURRENCY) -> None:
+    """Serve until interrupted. Typing a bundle folder is allowed only when bound to loopback."""
+    app = ServeApp(bundles, allow_any_folder=host in ("127.0.0.1", "localhost", "::1"))
+    try:
+        demo = build_ui(app, concurrency)  # raises MissingExtraError without the [app] extra
+        import gradio as gr
+
+        # System fonts: the default theme would fetch Google fonts, which an offline edge box cannot.
+        theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["monospace"])
+        print(f"lcm-edge serve: http://{host}:{port} (Ctrl-C to stop)", flush=True)
+        demo.launch(server_name=host, server_port=port, allowed_paths=[str(app.output_dir)], ssr_mode=False,
+                    theme=theme, css=CSS, quiet=True, footer_links=[])
+    finally:
+        app.close()
