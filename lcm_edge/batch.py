@@ -18,6 +18,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import socket
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import closing as _closing
@@ -116,7 +117,7 @@ def _generate(pipeline, job: Job) -> dict:
             "timesteps": list(result.timesteps),
             "timings": {"text_encoder_s": result.timings.text_encoder_s, "unet_steps_s": result.timings.unet_steps_s,
                         "vae_decode_s": result.timings.vae_decode_s, "total_s": result.timings.total_s},
-            "backend": pipeline.backend.describe()}
+            "backend": pipeline.backend.describe(), "worker": f"{socket.gethostname()}:{os.getpid()}"}
 
 
 def _generate_in_worker(job: Job) -> dict:
@@ -225,7 +226,8 @@ def run_batch(prompts: Path, out: Path, *, bundle: Path, backend: str = "onnxrun
                 summary.written += 1
                 frames, height, width, _ = outcome["frames"].shape
                 record.update(file=job.file, seed=outcome["seed"], frames=frames, height=height, width=width,
-                              timesteps=outcome["timesteps"], timings=outcome["timings"], backend=outcome["backend"])
+                              timesteps=outcome["timesteps"], timings=outcome["timings"], backend=outcome["backend"],
+                              worker=outcome["worker"])
                 report(f"[{done}/{len(todo)}] line {job.line}: {job.file} (seed {outcome['seed']}, "
                        f"{outcome['timings']['total_s']:.2f} s)")
             log.write(json.dumps(record) + "\n")
