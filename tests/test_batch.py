@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -106,3 +108,10 @@ def test_batch_on_a_local_ray_cluster(tmp_path):
         ray.shutdown()
     results = _check_clips(out, {1: GOOD[0], 2: GOOD[1], 3: GOOD[2]})
     assert all(not r["worker"].endswith(f":{os.getpid()}") for r in results)  # made in the Ray actors
+
+
+def test_package_and_cli_import_neither_gradio_nor_ray():
+    code = ("import sys, lcm_edge, lcm_edge.cli, lcm_edge.batch; lcm_edge.cli.build_parser(); "
+            "print(sorted(m for m in ('gradio', 'ray', 'PySide6') if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "[]", run.stdout + run.stderr
