@@ -40,6 +40,10 @@ class StepInfo:
     num_steps: int
     timestep: int
     seconds: float
+    # This step's x_0 prediction (1, c, f, h, w): what the clip would be if sampling stopped here.
+    denoised: np.ndarray | None = None
+    # uint8 (f, H, W, 3) frames of `denoised` through the bundle's tiny decoder, with preview=True only.
+    preview: np.ndarray | None = None
 
 
 @dataclass
@@ -47,6 +51,7 @@ class Timings:
     text_encoder_s: float = 0.0
     unet_steps_s: list[float] = field(default_factory=list)
     vae_decode_s: float = 0.0
+    preview_s: float = 0.0  # tiny-decoder previews of every step (preview=True), included in total_s
     total_s: float = 0.0
 
     def summary(self) -> str:
@@ -117,7 +122,7 @@ def sampling_timesteps(bundle: Bundle, num_inference_steps: int | None, timestep
 def check_inputs(bundle: Bundle, prompt, negative_prompt=None, num_frames=None, height=None, width=None,
                  num_inference_steps=4, timesteps=None, guidance_scale=1.0, seed=None, latents=None,
                  noise_fn=None, decode_chunk_size=4, callback=None, cancel_event=None,
-                 output_type="frames") -> None:
+                 output_type="frames", decoder="full", preview=False) -> None:
     """Every argument of a generation, checked against the bundle before any graph runs."""
     model = bundle.model
     ots = bundle.scheduler_config.original_inference_steps
@@ -173,6 +178,28 @@ def check_inputs(bundle: Bundle, prompt, negative_prompt=None, num_frames=None, 
     if output_type not in OUTPUT_TYPES:
         raise InvalidArgumentError("output_type", f"unknown {output_type!r}",
                                    f"use one of {list(OUTPUT_TYPES)} ('latents' skips the VAE decode)")
+    _decoder_component(bundle, decoder)
+    if not isinstance(preview, bool):
+        raise InvalidArgumentError("preview", f"{preview!r} is not a bool", "pass True or False")
+    if preview:
+        if callback is None:
+            raise InvalidArgumentError("preview", "asked without a callback to receive the frames",
+                                       "pass callback=f(StepInfo) and read step.preview")
+        _decoder_component(bundle, "tiny", argument="preview")
+
+
+DECODERS = {"full": "vae_decoder", "tiny": "vae_decoder_tiny"}
+
+
+def _decoder_component(bundle: Bundle, decoder, argument: str = "decoder") -> str:
+    """The bundle component that `decoder` ("full" or "tiny") names; the tiny one is optional."""
+    if decoder not in DECODERS:
+        raise InvalidArgumentError(argument, f"unknown decoder {decoder!r}", f"use one of {list(DECODERS)}")
+    if DECODERS[decoder] not in bundle.components:
+        raise InvalidArgumentError(argument, f"the bundle {bundle.root} has no tiny decoder (vae_decoder_tiny)",
+                                   "add one (lcm_edge.export.add_tiny_decoder(bundle, weights)) or distill one "
+                                   "(lcm_edge.distill.decoder), or use decoder='full' without previews")
+    return DECODERS[decoder]
 
 
 class Component:
@@ -262,7 +289,8 @@ class AnimateLCMPipeline:
         self.low_memory = backend.low_memory if low_memory is None else low_memory
         self.tokenizer = CLIPTokenizer.from_folder(bundle.tokenizer_dir)
         self.components = {name: Component(backend, bundle, name, keep_open=not self.low_memory)
-                           for name in ("text_encoder", "unet", "vae_decoder")}
+                           for name in ("text_encoder", "unet", "vae_decoder", "vae_decoder_tiny")
+                           if name in bundle.components}
 
     @property
     def text_encoder(self) -> Session:
@@ -335,7 +363,11 @@ class AnimateLCMPipeline:
                  negative_prompt: str | None = None, seed: int | None = None, latents: np.ndarray | None = None,
                  timesteps: list[int] | None = None, noise_fn: NoiseFn | None = None,
                  decode_chunk_size: int | None = None, callback: Callable[[StepInfo], None] | None = None,
-                 cancel_event: threading.Event | None = None, output_type: str = "frames") -> GenerationResult:
+                 cancel_event: threading.Event | None = None, output_type: str = "frames", decoder: str = "full",
+                 preview: bool = False) -> GenerationResult:
+        """decoder: "full" (the VAE decoder) or "tiny" (the bundle's vae_decoder_tiny) for the final frames.
+        preview=True: every step's x_0 prediction goes through the tiny decoder to the callback as StepInfo.preview
+        (uint8 frames), so an app can show the clip forming."""
         model = self.bundle.model
         decode_chunk_size = self._chunk_size(decode_chunk_size)  # 4 frames, 1 with low_memory
         num_frames = model.default_frames if num_frames is None else num_frames
@@ -345,7 +377,7 @@ class AnimateLCMPipeline:
         # 1. Check every input before any work is done.
         check_inputs(self.bundle, prompt, negative_prompt, num_frames, height, width, num_inference_steps,
                      timesteps, guidance_scale, seed, latents, noise_fn, decode_chunk_size, callback, cancel_event,
-                     output_type)
+                     output_type, decoder, preview)
         do_cfg = guidance_scale > 1.0
         timings = Timings()
         start = time.perf_counter()
@@ -402,14 +434,19 @@ class AnimateLCMPipeline:
                 latents, denoised = out.prev_sample, out.denoised
                 timings.unet_steps_s.append(time.perf_counter() - t0)
                 if callback is not None:
-                    callback(StepInfo(i, len(schedule), int(t), timings.unet_steps_s[-1]))
+                    preview_frames = None
+                    if preview:
+                        t0 = time.perf_counter()
+                        preview_frames = self.decode(denoised, decode_chunk_size, check_cancel, decoder="tiny")
+                        timings.preview_s += time.perf_counter() - t0
+                    callback(StepInfo(i, len(schedule), int(t), timings.unet_steps_s[-1], denoised, preview_frames))
 
         # 6. Decode `denoised` in frame chunks so peak memory stays bounded by the chunk
         #    (output_type="latents": the caller decodes, e.g. a subset of frames or elsewhere).
         frames = None
         if output_type == "frames":
             t0 = time.perf_counter()
-            frames = self.decode(denoised, decode_chunk_size, check_cancel)
+            frames = self.decode(denoised, decode_chunk_size, check_cancel, decoder=decoder)
             timings.vae_decode_s = time.perf_counter() - t0
         timings.total_s = time.perf_counter() - start
 
@@ -419,12 +456,14 @@ class AnimateLCMPipeline:
                                 timesteps=tuple(int(t) for t in schedule))
 
     def decode(self, latents: np.ndarray, chunk_size: int = 4,
-               check_cancel: Callable[[str], None] = lambda stage: None) -> np.ndarray:
-        """(1, c, f, h, w) latents -> uint8 (f, H, W, 3), as diffusers' decode_latents + postprocess."""
+               check_cancel: Callable[[str], None] = lambda stage: None, *, decoder: str = "full") -> np.ndarray:
+        """(1, c, f, h, w) latents -> uint8 (f, H, W, 3), as diffusers' decode_latents + postprocess.
+        decoder: "full" or "tiny" (both graphs take latents / vae_scaling_factor, give [-1, 1] images)."""
+        component = _decoder_component(self.bundle, decoder)
         scaled = latents / np.float32(self.bundle.model.vae_scaling_factor)
         per_frame = scaled[0].transpose(1, 0, 2, 3)  # (f, c, h, w): frames fold into batch
         frames = []
-        with self.components["vae_decoder"].use() as vae_decoder:
+        with self.components[component].use() as vae_decoder:
             for begin in range(0, per_frame.shape[0], chunk_size):
                 check_cancel(f"VAE decode of frame {begin + 1}")
                 chunk = np.ascontiguousarray(per_frame[begin:begin + chunk_size])
