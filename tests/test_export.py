@@ -79,8 +79,9 @@ def test_external_data_bundle_generates(tiny_components, tmp_path):
     report = _export(tiny_components, tmp_path / "ext", external_data=True)
     bundle = load_bundle(tmp_path / "ext")
     assert bundle.components["unet"].onnx_data == "unet/model.onnx_data"
+    # model_fused.onnx: the same graph with fused attention, over the same model.onnx_data (export/attention.py).
     assert sorted(p.name for p in (tmp_path / "ext" / "unet").iterdir()) == ["config.json", "model.onnx",
-                                                                            "model.onnx_data"]
+                                                                            "model.onnx_data", "model_fused.onnx"]
     assert report.parity["unet/onnxruntime"].worst_abs() < 1e-4
     result = AnimateLCMPipeline.from_bundle(tmp_path / "ext")("a cat", num_frames=2, height=16, width=16, seed=0)
     assert result.frames.shape == (2, 16, 16, 3)
