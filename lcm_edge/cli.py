@@ -102,6 +102,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     if base is None:
         raise LcmEdgeError("--base: no model given. Fix: pass --base DIR (SD1.5 diffusers folder) or "
                            "--base FILE (single-file checkpoint, with --base-folder DIR for its tokenizer)")
+    if args.int8 is not None:  # the INT8 arguments are checked before minutes of export
+        from lcm_edge.export.calibration import read_prompts
+
+        if args.out.exists() and not args.overwrite:
+            raise LcmEdgeError(f"--out: '{args.out}' already exists. Fix: choose a new folder or pass --overwrite")
+        if not args.out.parent.is_dir():
+            raise LcmEdgeError(f"--out: folder '{args.out.parent}' does not exist. Fix: create it first")
+        if args.calibration_prompts is not None:
+            try:
+                read_prompts(args.calibration_prompts)
+            except LcmEdgeError as exc:
+                raise LcmEdgeError(f"--calibration-prompts: {exc.problem}. Fix: {exc.fix}") from exc
+        if args.samples < 1:
+            raise LcmEdgeError(f"--samples: {args.samples} is not positive. Fix: record e.g. 200 UNet inputs")
     default_timesteps = {}
     for steps, timesteps in map(_parse_default_timesteps, args.default_timesteps):
         if steps in default_timesteps:
@@ -130,11 +144,74 @@ def cmd_export(args: argparse.Namespace) -> int:
     for check in components.source.get("loras", {}).get("checks", []):
         print(f"  LoRA fusion gate {check['component']}: fused vs unfused max abs {check['max_abs']:.3g} "
               f"(LoRA effect {check['effect_max_abs']:.3g})", file=sys.stderr)
-    report = export_bundle(args.out, **components.export_kwargs(), openvino=args.openvino,
-                           provenance=components.source, overwrite=args.overwrite, precision=args.precision,
-                           release_torch=True, default_timesteps=default_timesteps, tiny_decoder=args.tiny_decoder)
-    print(report.summary())
+    if args.int8 is None:
+        report = export_bundle(args.out, **components.export_kwargs(), openvino=args.openvino,
+                               provenance=components.source, overwrite=args.overwrite, precision=args.precision,
+                               release_torch=True, default_timesteps=default_timesteps, tiny_decoder=args.tiny_decoder)
+        print(report.summary())
+        return 0
+    # --int8: the fp32 bundle is exported beside the target, quantized into it, then removed.
+    import shutil
+    import tempfile
+
+    fp32 = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.fp32-", dir=args.out.parent)) / "bundle"
+    try:
+        report = export_bundle(fp32, **components.export_kwargs(), openvino=args.openvino,
+                               provenance=components.source, precision=args.precision, release_torch=True,
+                               default_timesteps=default_timesteps, tiny_decoder=args.tiny_decoder)
+        print(report.summary())
+        _run_quantize(args, fp32, args.int8_backend, args.int8)
+    finally:
+        shutil.rmtree(fp32.parent)
     return 0
+
+
+def _quantize_kwargs(args: argparse.Namespace) -> dict:
+    return dict(calibration_prompts=args.calibration_prompts, samples=args.samples, frames=args.frames,
+                height=args.height, width=args.width, guidance_scale=args.calibration_guidance,
+                gate_clips=args.gate_clips, adherence_prompts=args.adherence_prompts, overwrite=args.overwrite)
+
+
+def _run_quantize(args: argparse.Namespace, bundle: Path, backend: str, recipe: str) -> None:
+    from .errors import InvalidArgumentError
+
+    from lcm_edge.export.quantize import quantize_bundle
+
+    flags = {"bundle": "BUNDLE", "guidance_scale": "--calibration-guidance", "backend": "--backend"}
+    try:
+        report = quantize_bundle(bundle, args.out, backend=backend, recipe=recipe, **_quantize_kwargs(args),
+                                 log=lambda message: print(message, file=sys.stderr, flush=True))
+    except InvalidArgumentError as exc:  # name the flag, not the Python argument
+        flag = flags.get(exc.argument, "--" + exc.argument.replace("_", "-"))
+        raise LcmEdgeError(f"{flag}: {exc.problem}. Fix: {exc.fix}") from exc
+    print(report.summary())
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .errors import MissingExtraError
+
+    try:
+        import lcm_edge.export.quantize  # noqa: F401
+    except MissingExtraError as exc:
+        raise LcmEdgeError(str(exc)) from exc
+    _run_quantize(args, args.bundle, args.backend, args.recipe)
+    return 0
+
+
+def _add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
+    """INT8 calibration and gate options, shared by `quantize` and `export --int8`."""
+    parser.add_argument("--calibration-prompts", type=Path, default=None, metavar="FILE",
+                        help="prompts to calibrate on, one a line (default: the shipped default model's list)")
+    parser.add_argument("--samples", type=int, default=200, help="UNet inputs recorded from the 4-step loop")
+    parser.add_argument("--frames", type=int, default=None, help="calibration frames (default: the bundle's)")
+    parser.add_argument("--height", type=int, default=None, help="calibration height (default: the bundle's)")
+    parser.add_argument("--width", type=int, default=None, help="calibration width (default: the bundle's)")
+    parser.add_argument("--calibration-guidance", type=float, default=None, metavar="SCALE",
+                        help="also record guided batches (every other clip) at this CFG scale")
+    parser.add_argument("--gate-clips", type=int, default=2,
+                        help="clips for the held-out per-step gate and the end-to-end PSNR gate")
+    parser.add_argument("--adherence-prompts", type=int, default=None,
+                        help="default model only: clips for the adherence gate (default 60; 0 skips it)")
 
 
 def cmd_add_tiny_decoder(args: argparse.Namespace) -> int:
@@ -188,15 +265,23 @@ def cmd_info(args: argparse.Namespace) -> int:
                                "manifest. Fix: re-export the bundle")
         ins = ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in session.inputs)
         outs = ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in session.outputs)
-        ir = f" + OpenVINO IR {component.openvino}" if component.openvino else ""
-        print(f"  {name}: {component.onnx}{ir} ({component.precision}); in: {ins}; out: {outs}")
+        ir = f" + OpenVINO IR {component.openvino} ({component.graph_precision('openvino')})" \
+            if component.openvino else ""
+        print(f"  {name}: {component.onnx} ({component.graph_precision('onnx')}){ir}; in: {ins}; out: {outs}")
+    int8 = bundle.provenance.get("int8")
+    if int8:  # a quantized bundle: how it was calibrated
+        c = int8["calibration"]
+        print(f"  int8: recipe {int8['recipe']} for {', '.join(int8['backends'])}; calibrated on {c['samples']} UNet "
+              f"inputs ({c['frames']}x{c['height']}x{c['width']}, timesteps {c['timesteps']}) from "
+              f"{c['prompts_file']} (sha256 {c['prompts_sha256'][:12]}); CPU vnni={int8['cpu']['vnni']}")
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import launch
 
-    launch(host=args.host, port=args.port, bundles=args.bundle, concurrency=args.concurrency)
+    launch(host=args.host, port=args.port, bundles=args.bundle, concurrency=args.concurrency,
+           precision=args.precision, low_memory=args.low_memory)
     return 0
 
 
@@ -338,7 +423,22 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--tiny-decoder", type=Path, default=None, metavar="PATH",
                      help="TAESD-format decoder weights (diffusers AutoencoderTiny folder, or taesd_decoder"
                           ".safetensors/.pth) to add as vae_decoder_tiny, gated against this VAE's decoder")
+    exp.add_argument("--int8", nargs="?", const="hybrid", default=None, choices=("hybrid", "full"), metavar="RECIPE",
+                     help="write an INT8 bundle instead (recipe hybrid, the default, or full), calibrated and gated "
+                          "as `lcm-edge quantize`")
+    exp.add_argument("--int8-backend", choices=("onnxruntime", "openvino", "both"), default="both")
+    _add_calibration_arguments(exp)
     exp.set_defaults(func=cmd_export)
+
+    quant = sub.add_parser("quantize", help="INT8 bundle from an fp32 one: calibrated on its own sampling, gated")
+    quant.add_argument("bundle", type=Path, help="fp32 bundle folder")
+    quant.add_argument("--out", type=Path, required=True, help="folder for the INT8 bundle (must not exist)")
+    quant.add_argument("--backend", default="both", help="onnxruntime | openvino | both")
+    quant.add_argument("--recipe", default="hybrid",
+                       help="hybrid (W8A8 convolutions + weight-only linear layers) or full (W8A8 both)")
+    _add_calibration_arguments(quant)
+    quant.add_argument("--overwrite", action="store_true")
+    quant.set_defaults(func=cmd_quantize)
 
     # The distill command's parser is torch-free; training imports happen when it runs.
     from lcm_edge.distill.cli import add_distill_parser
@@ -353,6 +453,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a bundle folder offered beside the default model (repeatable)")
     serve.add_argument("--concurrency", type=int, default=1,
                        help="generations run at once; the others wait in the queue (default 1)")
+    serve.add_argument("--precision", choices=("auto", "f32", "bf16", "f16"), default="f32",
+                       help="compute precision of every pipeline the server compiles (as for generate)")
+    serve.add_argument("--low-memory", action="store_true",
+                       help="open each graph only while a generation needs it (less RAM, slower calls)")
     serve.set_defaults(func=cmd_serve)
 
     batch = sub.add_parser("batch", help="many clips from a JSON-lines file (resumable; local or Ray)")
