@@ -184,7 +184,7 @@ def export_bundle(out: str | os.PathLike, *, unet: torch.nn.Module, vae: torch.n
                   provenance: Mapping[str, Any] | None = None, overwrite: bool = False,
                   seed: int = 0, precision: str = "fp32", release_torch: bool = False,
                   default_timesteps: Mapping[int, Sequence[int]] | None = None,
-                  attention: str = "fused") -> ExportReport:
+                  attention: str = "fused", tiny_decoder=None) -> ExportReport:
     """Export components to a bundle at `out`; every graph passes its parity gate or nothing is written.
 
     precision: "fp32", or "fp16" (UNet and text encoder as fp16 graphs, OpenVINO IR with fp16
@@ -199,6 +199,8 @@ def export_bundle(out: str | os.PathLike, *, unet: torch.nn.Module, vae: torch.n
     onnxruntime's MultiHeadAttention (onnxruntime CPU/CUDA/DirectML run it; it never builds the full score
     tensor) and model.onnx with plain ops (TensorRT, onnxruntime's OpenVINO EP, and the OpenVINO IR, which fuses
     them itself); both are gated. "plain" writes model.onnx only, as before. See export/attention.py.
+    tiny_decoder: TAESD-format decoder weights (a path, see export/tiny_decoder.py, or TinyDecoderWeights) to add as
+    the optional vae_decoder_tiny, behind the parity gates and the fidelity gate against this VAE's decoder.
     """
     start = time.perf_counter()
     out = Path(out)
@@ -241,6 +243,12 @@ def export_bundle(out: str | os.PathLike, *, unet: torch.nn.Module, vae: torch.n
         text_hidden_size=hidden, default_timesteps=check_default_timesteps(
             {} if default_timesteps is None else default_timesteps, scheduler_config),
     )
+    if tiny_decoder is not None:  # read and fit-checked before any tracing
+        from .tiny_decoder import TinyDecoderWeights, check_fit, load_tiny_decoder
+
+        if not isinstance(tiny_decoder, TinyDecoderWeights):
+            tiny_decoder = load_tiny_decoder(tiny_decoder, argument="tiny_decoder")
+        check_fit(tiny_decoder, model, "tiny_decoder")
     specs: dict[str, tuple[ComponentSpec, torch.nn.Module]] = {
         "text_encoder": (text_encoder_spec(max_length, hidden), TextEncoderWrapper(text_encoder)),
         "unet": (unet_spec(latent_channels, max_length, hidden), UNetWrapper(motion_unet)),
@@ -367,6 +375,13 @@ def export_bundle(out: str | os.PathLike, *, unet: torch.nn.Module, vae: torch.n
             },
             "parity": {key: r.to_dict() for key, r in report.parity.items()},
         })
+
+        # 6b. The optional tiny decoder, exported and gated into the finished (still unpublished) bundle.
+        if tiny_decoder is not None:
+            from .tiny_decoder import install_tiny_decoder
+
+            report.parity.update(install_tiny_decoder(tmp, tiny_decoder, argument="tiny_decoder",
+                                                      openvino=openvino).parity)
 
         # 7. Prove the runtime reads it, then publish atomically.
         load_unpublished_bundle(tmp)

@@ -35,7 +35,6 @@ import json
 import os
 import re
 import shutil
-import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +45,9 @@ import torch
 from torch import nn
 
 from lcm_edge.backends import create_backend
-from lcm_edge.bundle import MANIFEST_NAME, Bundle, ComponentInfo, ModelInfo, load_bundle, write_manifest
+from lcm_edge.atomic_output import Partial, recover
+from lcm_edge.bundle import (MANIFEST_NAME, Bundle, ComponentInfo, ModelInfo, load_bundle, load_unpublished_bundle,
+                             write_manifest)
 from lcm_edge.errors import InvalidArgumentError, LcmEdgeError
 
 from .onnx_io import export_onnx
@@ -443,7 +444,8 @@ def install_tiny_decoder(root: str | os.PathLike, weights: TinyDecoderWeights | 
                          flicker_margin: float = TINY_DECODER_FLICKER_MARGIN, overwrite: bool = False,
                          threads: int | None = None, provenance: Mapping[str, Any] | None = None
                          ) -> TinyDecoderReport:
-    """Add `weights` as vae_decoder_tiny to the bundle folder `root`, in place.
+    """Add `weights` as vae_decoder_tiny to the bundle folder `root`, in place (a published bundle, or the
+    exporter's own temporary folder: add_tiny_decoder is the entry point for users).
 
     Checks the fit, exports and parity-gates the graph (OpenVINO IR too when `openvino`, default: when the
     bundle has IR), gates fidelity on `check_latents` ((1, c, f, h, w) latents; default: FIDELITY_CLIPS clips
@@ -451,7 +453,7 @@ def install_tiny_decoder(root: str | os.PathLike, weights: TinyDecoderWeights | 
     elsewhere), then rewrites bundle.json. Nothing changes in the bundle unless every gate passed.
     """
     root = Path(root)
-    bundle = load_bundle(root, verify_checksums=True)
+    bundle = load_unpublished_bundle(root, verify_checksums=True)
     if not isinstance(weights, TinyDecoderWeights):
         weights = load_tiny_decoder(weights, argument=argument)
     check_fit(weights, bundle.model, argument)
@@ -468,7 +470,12 @@ def install_tiny_decoder(root: str | os.PathLike, weights: TinyDecoderWeights | 
             raise InvalidArgumentError("check_latents", f"[{i}] has shape {getattr(latents, 'shape', None)}",
                                        f"pass (1, {m.latent_channels}, frames, h, w) latents")
 
-    staging = root.parent / f".{root.name}.{TINY_DECODER}-{uuid.uuid4().hex[:8]}"
+    # The component is written and gated beside the bundle, in a claimed temporary folder that the next add to this
+    # bundle removes if this process dies (lcm_edge.atomic_output).
+    target = root.parent / f"{root.name}.{TINY_DECODER}"
+    recover(target)
+    partial = Partial(target)
+    staging = partial.path
     staging.mkdir()
     try:
         info, parity = export_component(weights, bundle.model, staging, openvino=openvino)
@@ -500,8 +507,8 @@ def install_tiny_decoder(root: str | os.PathLike, weights: TinyDecoderWeights | 
             {**components, TINY_DECODER: info},
             {**old_provenance, "parity": parity_all, "tiny_decoder": record})
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    load_bundle(root, verify_checksums=True)
+        partial.close()
+    load_unpublished_bundle(root, verify_checksums=True)
     return TinyDecoderReport(root, parity, figures)
 
 
@@ -510,20 +517,19 @@ def add_tiny_decoder(bundle: str | os.PathLike, weights: TinyDecoderWeights | st
     """Add a tiny decoder to `bundle` (in place), or to a copy of it at `out` (which must not exist; the copy
     appears under that name only once the tiny decoder is in). `options`: see install_tiny_decoder."""
     if out is None:
+        load_bundle(bundle, verify_checksums=False)  # refuses an export's temporary folder
         return install_tiny_decoder(bundle, weights, **options)
     out = Path(out)
     source = load_bundle(bundle, verify_checksums=True)
-    if out.exists():
-        raise InvalidArgumentError("out", f"'{out}' already exists", "choose a new folder")
     if not out.parent.is_dir():
         raise InvalidArgumentError("out", f"folder '{out.parent}' does not exist", "create it first")
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    try:
-        shutil.copytree(source.root, tmp, ignore=shutil.ignore_patterns(f".{MANIFEST_NAME}.*"))
-        report = install_tiny_decoder(tmp, weights, **options)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    recover(out)  # what an add or export to `out` that was killed left behind
+    if out.exists():
+        raise InvalidArgumentError("out", f"'{out}' already exists", "choose a new folder")
+    with Partial(out) as partial:
+        shutil.copytree(source.root, partial.path, ignore=shutil.ignore_patterns(f"{MANIFEST_NAME}.tmp"))
+        report = install_tiny_decoder(partial.path, weights, **options)
+        partial.publish()
     return dataclasses.replace(report, bundle=out)
 
 

@@ -198,6 +198,22 @@ def test_export_rejects_a_tiny_decoder_that_does_not_fit_before_tracing(tiny_com
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow  # a whole tiny export: ~10 s alone, about a minute on a loaded machine
+def test_export_with_a_tiny_decoder_for_another_latent_space_publishes_nothing(tiny_components, tmp_path):
+    """Shapes fit, the latent space does not: every graph is exported and gated, then the tiny decoder's fidelity
+    gate fails on clips the unpublished bundle samples, and nothing is published."""
+    from lcm_edge.export import export_bundle
+
+    c = tiny_components
+    two_x = decoder_config(block_out_channels=(8, 8), num_blocks=(1, 1))
+    with pytest.raises(TinyDecoderFidelityError) as info:
+        export_bundle(tmp_path / "b", unet=c["unet"], vae=c["vae"], text_encoder=c["text_encoder"],
+                      tokenizer=c["tokenizer"], scheduler_config=dict(c["scheduler"].config), default_frames=4,
+                      tiny_decoder=TinyDecoderWeights(build_decoder(two_x), two_x))
+    assert info.value.argument == "tiny_decoder"
+    assert list(tmp_path.iterdir()) == []
+
+
 def _decoder_config(tmp_path, name, **train):
     from lcm_edge.distill.decoder import decoder_config_from_dict
 
