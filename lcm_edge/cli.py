@@ -147,7 +147,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.int8 is None:
         report = export_bundle(args.out, **components.export_kwargs(), openvino=args.openvino,
                                provenance=components.source, overwrite=args.overwrite, precision=args.precision,
-                               release_torch=True, default_timesteps=default_timesteps, tiny_decoder=args.tiny_decoder)
+                               release_torch=True, default_timesteps=default_timesteps, tiny_decoder=args.tiny_decoder,
+                               attention=args.attention)
         print(report.summary())
         return 0
     # --int8: the fp32 bundle is exported beside the target, quantized into it, then removed.
@@ -158,7 +159,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         report = export_bundle(fp32, **components.export_kwargs(), openvino=args.openvino,
                                provenance=components.source, precision=args.precision, release_torch=True,
-                               default_timesteps=default_timesteps, tiny_decoder=args.tiny_decoder)
+                               default_timesteps=default_timesteps, tiny_decoder=args.tiny_decoder,
+                               attention=args.attention)
         print(report.summary())
         _run_quantize(args, fp32, args.int8_backend, args.int8)
     finally:
@@ -261,13 +263,14 @@ def cmd_info(args: argparse.Namespace) -> int:
         session = backend.open(bundle.root, component)
         if [(t.name, t.dtype, len(t.shape)) for t in session.inputs] != \
                 [(t.name, t.dtype, len(t.shape)) for t in component.inputs]:
-            raise LcmEdgeError(f"{bundle.root / component.onnx}: graph inputs {session.inputs} differ from the "
+            raise LcmEdgeError(f"{session.path}: graph inputs {session.inputs} differ from the "
                                "manifest. Fix: re-export the bundle")
         ins = ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in session.inputs)
         outs = ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in session.outputs)
         ir = f" + OpenVINO IR {component.openvino} ({component.graph_precision('openvino')})" \
             if component.openvino else ""
-        print(f"  {name}: {component.onnx} ({component.graph_precision('onnx')}){ir}; in: {ins}; out: {outs}")
+        fused = f" + fused attention {component.onnx_fused}" if component.onnx_fused else ""
+        print(f"  {name}: {component.onnx}{fused} ({component.graph_precision('onnx')}){ir}; in: {ins}; out: {outs}")
     int8 = bundle.provenance.get("int8")
     if int8:  # a quantized bundle: how it was calibrated
         c = int8["calibration"]
@@ -420,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a schedule tuned for this model (repeatable), e.g. 4=999,699,399,199: `generate --steps "
                           "4` samples at it")
     exp.add_argument("--overwrite", action="store_true")
+    exp.add_argument("--attention", choices=("fused", "plain"), default="fused",
+                     help="fused (default): UNet and VAE decoder also as a graph with onnxruntime's memory-efficient "
+                          "MultiHeadAttention, which onnxruntime CPU/CUDA/DirectML run; plain: standard ops only")
     exp.add_argument("--tiny-decoder", type=Path, default=None, metavar="PATH",
                      help="TAESD-format decoder weights (diffusers AutoencoderTiny folder, or taesd_decoder"
                           ".safetensors/.pth) to add as vae_decoder_tiny, gated against this VAE's decoder")

@@ -150,16 +150,27 @@ def _export(components, out, **kwargs):
                          scheduler_config=dict(c["scheduler"].config), **kwargs)
 
 
-def test_attention_argument(tiny_components, tmp_path, one_torch_thread):
+def test_attention_argument_and_cli(tiny_components, tiny_bundle, tmp_path, capsys, one_torch_thread):
+    from diffusers import AnimateDiffPipeline
+
+    from lcm_edge.cli import main as cli_main
+
     for kwargs, argument in (({"attention": "flash"}, "attention"),
                              ({"attention": "fused", "external_data": False}, "external_data")):
         with pytest.raises(InvalidArgumentError) as err:
             _export(tiny_components, tmp_path / "bad", **kwargs)
         assert err.value.argument == argument
     assert not (tmp_path / "bad").exists()
-    _export(tiny_components, tmp_path / "plain", attention="plain")
+    # `lcm-edge export --attention plain`: standard ops only, one graph per component, as before fused attention.
+    c = tiny_components
+    AnimateDiffPipeline(vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=c["tokenizer"], unet=c["unet"],
+                        motion_adapter=None, scheduler=c["scheduler"]).save_pretrained(tmp_path / "model")
+    assert cli_main(["export", str(tmp_path / "model"), "--out", str(tmp_path / "plain"), "--attention", "plain"]) == 0
     bundle = load_bundle(tmp_path / "plain")
     assert all(c.onnx_fused is None for c in bundle.components.values())
     assert FUSED_OP_KEY not in _ops(tmp_path / "plain", "unet/model.onnx")
     assert not (tmp_path / "plain" / "unet" / "model_fused.onnx").exists()
     assert "unet/onnxruntime-plain" not in bundle.provenance["parity"]
+    capsys.readouterr()
+    assert cli_main(["info", str(tiny_bundle)]) == 0
+    assert "unet: unet/model.onnx + fused attention unet/model_fused.onnx" in capsys.readouterr().out
