@@ -6,7 +6,7 @@ sees training failures the same way as runtime ones.
 
 from __future__ import annotations
 
-from lcm_edge.errors import InvalidArgumentError, LcmEdgeError
+from lcm_edge.errors import InvalidArgumentError, LcmEdgeError, PathError
 
 
 class ConfigError(InvalidArgumentError):
@@ -16,24 +16,12 @@ class ConfigError(InvalidArgumentError):
     """
 
 
-class DatasetError(LcmEdgeError):
+class DatasetError(PathError):
     """A dataset folder, captions file or media file cannot be used. `path` names it."""
 
-    def __init__(self, path: str, problem: str, fix: str):
-        self.path = str(path)
-        self.problem = problem
-        self.fix = fix
-        super().__init__(f"{self.path}: {problem}. Fix: {fix}")
 
-
-class CheckpointError(LcmEdgeError):
+class CheckpointError(PathError):
     """A checkpoint or saved weight file cannot be resumed from or loaded. `path` names it."""
-
-    def __init__(self, path: str, problem: str, fix: str):
-        self.path = str(path)
-        self.problem = problem
-        self.fix = fix
-        super().__init__(f"{self.path}: {problem}. Fix: {fix}")
 
 
 class TrainingDivergedError(LcmEdgeError):

@@ -24,14 +24,18 @@ class InvalidArgumentError(LcmEdgeError, ValueError):
         super().__init__(f"{argument}: {problem}. Fix: {fix}")
 
 
-class BundleError(LcmEdgeError):
-    """A bundle on disk is unusable. `path` names the offending file or folder."""
+class PathError(LcmEdgeError):
+    """A file or folder cannot be used. `path` names it, `problem` says why, `fix` what to do."""
 
     def __init__(self, path: str, problem: str, fix: str):
         self.path = str(path)
         self.problem = problem
         self.fix = fix
         super().__init__(f"{self.path}: {problem}. Fix: {fix}")
+
+
+class BundleError(PathError):
+    """A bundle on disk is unusable. `path` names the offending file or folder."""
 
 
 class BundleNotFoundError(BundleError, FileNotFoundError):
