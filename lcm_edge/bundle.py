@@ -20,9 +20,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Mapping
 
 from .atomic_output import is_partial_name
@@ -37,6 +38,11 @@ TOKENIZER_DIR = "tokenizer"
 REQUIRED_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 OPTIONAL_COMPONENTS = ("vae_encoder", "vae_decoder_tiny")  # vae_decoder_tiny: see lcm_edge.export.tiny_decoder
 _HASH_CHUNK = 1 << 22
+TENSOR_DTYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
+# Largest frame height or width a generation takes (pipeline.check_inputs), and the bound on every count in
+# bundle.json's model facts: far above any real model, low enough that nothing sized by one can exhaust memory.
+MAX_SIDE = 16384
+MAX_MODEL_COUNT = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -136,7 +142,28 @@ def _strict(cls, data: Any, where: str):
     if missing or unknown:
         raise BundleFormatError(where, f"{cls.__name__} has missing keys {missing} and unknown keys {unknown}",
                                 "re-export the bundle with this version of lcm-edge")
+    for f in dataclasses.fields(cls):
+        _check_scalar(f"{cls.__name__}.{f.name}", str(f.type), data.get(f.name, f.default), where)
     return cls(**data)
+
+
+_SCALARS = {"str": str, "int": int, "float": (int, float), "bool": bool, "None": type(None)}
+
+
+def _check_scalar(name: str, annotation: str, value: Any, where: str) -> None:
+    """A field annotated with scalars only (`int`, `str | None`, ...) holds one of them; a float is finite.
+    Container fields are checked by their own parsers."""
+    kinds = [k.strip() for k in annotation.split("|")]
+    if not all(k in _SCALARS for k in kinds):
+        return
+    fits = any(isinstance(value, _SCALARS[k]) and (k == "bool" or not isinstance(value, bool)) for k in kinds)
+    if not fits or (isinstance(value, float) and not math.isfinite(value)):
+        raise BundleFormatError(where, f"{name} must be {annotation}, got {_short(value)}", "re-export the bundle")
+
+
+def _short(value: Any) -> str:
+    text = repr(value) if not isinstance(value, (list, dict)) else type(value).__name__
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _tensor_specs(items: Any, where: str) -> tuple[TensorSpec, ...]:
@@ -145,7 +172,13 @@ def _tensor_specs(items: Any, where: str) -> tuple[TensorSpec, ...]:
     specs = []
     for item in items:
         spec = _strict(TensorSpec, item, where)
-        specs.append(TensorSpec(spec.name, spec.dtype, tuple(spec.shape)))
+        shape = spec.shape
+        if spec.dtype not in TENSOR_DTYPES or not isinstance(shape, list) or len(shape) > 8 or not all(
+                (isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31) or (isinstance(d, str) and d)
+                for d in shape):
+            raise BundleFormatError(where, f"tensor {spec.name!r}: dtype {_short(spec.dtype)} or shape "
+                                    f"{_short(shape)} is not one a graph has", "re-export the bundle")
+        specs.append(TensorSpec(spec.name, spec.dtype, tuple(shape)))
     return tuple(specs)
 
 
@@ -156,12 +189,36 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleFormatError(path, f"not valid JSON ({exc})", "re-export the bundle or restore the file") from exc
+    except RecursionError as exc:  # nesting deeper than Python's parser recurses
+        raise BundleFormatError(path, "nests JSON deeper than a bundle file does", "re-export the bundle") from exc
+
+
+def bundle_file(root: Path, relative: Any) -> Path:
+    """The path of a file the manifest lists, which must lie inside the bundle folder: a relative, normalised
+    path (no `..`, no absolute or drive path) that no symlink leads out of. Raises BundleFormatError."""
+    where = root / MANIFEST_NAME
+    if not isinstance(relative, str) or not relative or "\x00" in relative or "\\" in relative \
+            or PurePosixPath(relative).as_posix() != relative or PurePosixPath(relative).is_absolute() \
+            or PureWindowsPath(relative).drive or any(part in ("..", ".") for part in relative.split("/")):
+        raise BundleFormatError(where, f"file entry {_short(relative)} is not a plain path inside the bundle",
+                                "re-export the bundle; a manifest never points outside its folder")
+    path = root / relative
+    try:
+        inside = path.resolve().is_relative_to(root.resolve())
+        path.is_file()
+    except (OSError, RuntimeError) as exc:  # a name too long for the filesystem, a symlink loop
+        raise BundleFormatError(where, f"file entry {_short(relative)} cannot be resolved ({exc})",
+                                "re-export the bundle") from exc
+    if not inside:
+        raise BundleFormatError(where, f"file entry '{relative}' leads out of the bundle folder (a symlink)",
+                                "copy the real files into the bundle instead of linking to them")
+    return path
 
 
 def verify_files(root: Path, files: Mapping[str, FileEntry], *, checksums: bool = True) -> None:
     """Every listed file exists with its recorded size (and sha256 when `checksums`)."""
     for relative, entry in sorted(files.items()):
-        path = root / relative
+        path = bundle_file(root, relative)
         if not path.is_file():
             raise BundleNotFoundError(path, "file listed in bundle.json is missing",
                                       "re-export the bundle or copy the whole folder again")
@@ -175,6 +232,25 @@ def verify_files(root: Path, files: Mapping[str, FileEntry], *, checksums: bool 
                 raise BundleIntegrityError(path, f"sha256 {actual[:16]}... differs from the manifest's "
                                            f"{entry.sha256[:16]}... (file altered or corrupt)",
                                            "re-export the bundle or copy the whole folder again")
+
+
+def _check_model(model: ModelInfo, where: str) -> ModelInfo:
+    """The model facts are ones a generation with the bundle's defaults can use."""
+    counts = {f.name: getattr(model, f.name) for f in dataclasses.fields(ModelInfo) if f.type == "int"}
+    bad = [f"{name}={value}" for name, value in counts.items() if not 1 <= value <= MAX_MODEL_COUNT]
+    if model.vae_scaling_factor <= 0:
+        bad.append(f"vae_scaling_factor={model.vae_scaling_factor}")
+    if not bad:
+        if model.default_frames > model.max_frames:
+            bad.append(f"default_frames={model.default_frames} > max_frames={model.max_frames}")
+        if model.size_multiple % model.vae_scale_factor:
+            bad.append(f"size_multiple={model.size_multiple} is no multiple of vae_scale_factor")
+        bad += [f"{name}={value} is no multiple of size_multiple={model.size_multiple} up to {MAX_SIDE}"
+                for name, value in (("default_height", model.default_height), ("default_width", model.default_width))
+                if value % model.size_multiple or value > MAX_SIDE]
+    if bad:
+        raise BundleFormatError(where, f"values out of range: {', '.join(bad)}", "re-export the bundle")
+    return model
 
 
 def load_bundle(path: str | os.PathLike, *, verify_checksums: bool = True) -> Bundle:
@@ -215,7 +291,7 @@ def load_unpublished_bundle(path: str | os.PathLike, *, verify_checksums: bool =
     # Integrity first: every later read trusts the files it opens.
     verify_files(root, files, checksums=verify_checksums)
 
-    model = _strict(ModelInfo, manifest["model"], f"{where}: model")
+    model = _check_model(_strict(ModelInfo, manifest["model"], f"{where}: model"), f"{where}: model")
     components_raw = manifest["components"]
     if not isinstance(components_raw, dict):
         raise BundleFormatError(where, "'components' must be an object", "re-export the bundle")

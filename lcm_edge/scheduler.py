@@ -61,6 +61,11 @@ _FIX_CONFIG = (
 )
 
 
+# Diffusion models train on 1000 timesteps; the schedule tables are this long, so a hostile config must not
+# size them (2**31 would allocate 16 GB before anything else failed).
+MAX_TRAIN_TIMESTEPS = 100_000
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     num_train_timesteps: int
@@ -124,7 +129,10 @@ class SchedulerConfig:
             v = keys[key]
             if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
                 raise bad(f"{key} must be a number, got {v!r}")
-            v = float(v)
+            try:
+                v = float(v)
+            except OverflowError:  # an int beyond float range is no finite number either
+                v = math.inf
             if not math.isfinite(v) or (positive and v <= 0.0):
                 raise bad(f"{key} is {v}, must be {'a finite number > 0' if positive else 'finite'}")
             return v
@@ -148,7 +156,7 @@ class SchedulerConfig:
                 "set thresholding to false in scheduler_config.json",
             )
 
-        num_train_timesteps = integer("num_train_timesteps", 1)
+        num_train_timesteps = integer("num_train_timesteps", 1, MAX_TRAIN_TIMESTEPS)
         beta_start = number("beta_start")
         beta_end = number("beta_end")
         beta_schedule = choice("beta_schedule", BETA_SCHEDULES)
