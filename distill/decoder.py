@@ -21,8 +21,9 @@ factor). A bundle has no VAE encoder, so images and videos enter only as latents
 
 The student decodes each frame alone. Temporal context (a decoder that sees neighbouring frames) would only pay
 if the per-frame student flickered more than the full decoder; gate.json records the two flickers
-(mean |frame t+1 - frame t|), and on the default model the student's exceeds the full decoder's by 0.0004
-(0.1 grey level), so the shipped decoder stays per-frame.
+(mean |frame t+1 - frame t|). On the default model the per-frame student flickers less than the full decoder
+(0.0125 against 0.0138 on the 8 held-out clips: it smooths a little), so there is no excess for temporal context
+to remove, and the shipped decoder stays per-frame.
 """
 
 from __future__ import annotations

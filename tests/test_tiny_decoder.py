@@ -255,3 +255,48 @@ def test_distill_resumes_and_adds_a_gated_decoder(tmp_path, bundle_copy):
     with pytest.raises(ConfigError, match="use 3 stages") as info:
         distill_decoder(bundle_copy, bad)
     assert info.value.argument == "decoder.num_blocks" and not (tmp_path / "bad").exists()
+
+
+SHIPPED_GATE_SEED_BASE = 40_000  # never used: distillation sampled 0..47 and 1_000_000.., the add gate 20_000..
+
+
+def test_shipped_tiny_decoder_passes_its_gates():
+    """The default model's tiny decoder against its VAE decoder on clips it never saw (figures at distillation:
+    32.0 dB and flicker 0.0125 vs 0.0138 on 8 held-out clips)."""
+    from lcm_edge.backends import create_backend
+    from lcm_edge.export.tiny_decoder import (TINY_DECODER_FLICKER_MARGIN, TINY_DECODER_MIN_PSNR_DB, check_fidelity,
+                                              fidelity, sample_latents)
+
+    bundle = load_bundle(default_bundle_path())
+    assert bundle.files[f"{TINY_DECODER}/model.onnx"].size < 1 << 20
+    clips = sample_latents(bundle, prompts=("a green triangle moving left", "a white square moving down",
+                                            "a yellow circle moving up"), clips=3, seed_base=SHIPPED_GATE_SEED_BASE,
+                           num_frames=16, threads=1)
+    backend = create_backend("onnxruntime", "cpu", threads=1)
+    figures = fidelity(backend.open(bundle.root, bundle.components["vae_decoder"]),
+                       backend.open(bundle.root, bundle.components[TINY_DECODER]), clips,
+                       bundle.model.vae_scaling_factor)
+    print(f"[tiny decoder] {figures}")
+    check_fidelity(figures, argument="default bundle", min_psnr_db=TINY_DECODER_MIN_PSNR_DB,
+                   flicker_margin=TINY_DECODER_FLICKER_MARGIN)
+
+
+@pytest.mark.slow  # 60 clips
+def test_shipped_tiny_decoder_keeps_the_prompt_adherence():
+    """benchmarks/decoder_speed.py --adherence: detector adherence of the tiny decoder's frames within
+    TINY_DECODER_ADHERENCE_MARGIN of the full decoder's, same latents, seeds 30000+ (measured 0.83 and 0.83)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    spec = importlib.util.spec_from_file_location("decoder_speed", folder / "decoder_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        result = module.adherence(str(default_bundle_path()), threads=1, prompts=60)
+    finally:
+        if str(folder) in sys.path:
+            sys.path.remove(str(folder))
+    print(f"[tiny decoder adherence] full {result['full']['adherence']:.2f} tiny {result['tiny']['adherence']:.2f}")
+    assert result["passed"], result
