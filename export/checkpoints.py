@@ -20,7 +20,8 @@ import torch
 
 from lcm_edge.errors import InvalidArgumentError
 
-from .weights import LoadedWeights, WeightsMismatchError, as_float32, load_strict, on_meta, read_weight_file
+from .weights import (LoadedWeights, WeightsMismatchError, as_float32, dtype_problem, load_strict, on_meta,
+                      read_weight_file)
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -210,8 +211,9 @@ def load_ldm_checkpoint(path: str | Path, *, unet_config: Mapping, vae_config: M
                per_model[target.split(":", 1)[0]]]
     models = {"unet": unet, "vae": vae, "text_encoder": text_encoder}
     mismatched = []
+    model_tensors = {component: model.state_dict() for component, model in models.items()}
     for component, model in models.items():
-        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        shapes = {k: tuple(v.shape) for k, v in model_tensors[component].items()}
         for name, value in list(per_model[component].items()):
             want = shapes[name]
             if tuple(value.shape) != want and component == "vae" and value.dim() == 4 and \
@@ -221,6 +223,9 @@ def load_ldm_checkpoint(path: str | Path, *, unet_config: Mapping, vae_config: M
             elif tuple(value.shape) != want:
                 ldm = next(k for k, t in mapping.items() if t == f"{component}:{name}")
                 mismatched.append(f"{ldm}: file {list(value.shape)} vs model {list(want)}")
+            elif problem := dtype_problem(value, model_tensors[component][name]):
+                ldm = next(k for k, t in mapping.items() if t == f"{component}:{name}")
+                mismatched.append(f"{ldm}: {problem}")
     if missing or unexpected or mismatched:
         raise WeightsMismatchError(f"{argument} {path}", "the checkpoint (LDM layout) for SD1.5",
                                    missing=missing, unexpected=unexpected, mismatched=mismatched,

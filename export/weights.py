@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
@@ -26,6 +27,11 @@ SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # How many keys of each kind an error message shows; the exception keeps the full lists.
 _SHOWN_KEYS = 12
+# torch.save stores every zip entry uncompressed, so a checkpoint's entries add up to its own size (plus the
+# zip headers). One whose entries claim more than this many times its size, plus the slack, is refused
+# unread: a zip bomb is a small file that inflates until memory runs out.
+ZIP_MAX_EXPANSION = 2
+ZIP_SLACK_BYTES = 1 << 20
 
 
 class WeightsMismatchError(InvalidArgumentError):
@@ -108,6 +114,7 @@ def read_weight_file(path: str | Path, argument: str, *,
                                        "re-download the file; check it is complete") from exc
         return LoadedWeights(tensors, [path], metadata)
     if suffix in PICKLE_SUFFIXES:
+        _check_archive(path, argument)
         try:
             # weights_only: never execute code from a pickle; mmap: do not read what `keep` drops.
             obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
@@ -124,6 +131,26 @@ def read_weight_file(path: str | Path, argument: str, *,
         return LoadedWeights(tensors, [path])
     raise InvalidArgumentError(argument, f"'{path}' has suffix '{path.suffix}'",
                                f"pass a {'/'.join(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)} file")
+
+
+def _check_archive(path: Path, argument: str) -> None:
+    """Refuse a zip whose entries claim far more bytes than the file holds, before torch inflates any of it."""
+    if not zipfile.is_zipfile(path):
+        return  # a legacy (non-zip) pickle: torch.load reads it, or fails, without inflating anything
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError) as exc:
+        raise InvalidArgumentError(argument, f"'{path}' is not a readable torch checkpoint ({exc})",
+                                   "re-download the file; check it is complete") from exc
+    size = path.stat().st_size
+    declared = sum(info.file_size for info in entries)
+    if declared > ZIP_MAX_EXPANSION * size + ZIP_SLACK_BYTES:
+        largest = max(entries, key=lambda info: info.file_size)
+        raise InvalidArgumentError(
+            argument, f"'{path}' ({size} bytes) is a zip archive whose entries expand to {declared} bytes (entry "
+            f"'{largest.filename}': {largest.file_size}); torch.save writes entries uncompressed, so this is a zip "
+            "bomb or not a torch checkpoint", "use the model's original .safetensors or .ckpt release")
 
 
 def read_config_json(path: Path) -> dict:
@@ -152,9 +179,14 @@ def read_diffusers_weights(folder: Path, argument: str, *, stem: str = "diffusio
             continue
         if name.endswith(".index.json"):
             index = read_config_json(path)
-            shards = sorted(set(index.get("weight_map", {}).values()))
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            shards = sorted({str(s) for s in weight_map.values()}) if isinstance(weight_map, dict) else []
             if not shards:
                 raise BundleFormatError(path, "weight_map is empty", "restore the index file")
+            outside = [s for s in shards if s in ("", ".", "..") or Path(s).name != s or "\\" in s]
+            if outside:
+                raise BundleFormatError(path, f"weight_map names shard files outside its folder: {outside}",
+                                        "list only file names of shards beside the index")
             merged: dict[str, torch.Tensor] = {}
             for shard in shards:
                 merged.update(read_weight_file(folder / shard, argument).tensors)
@@ -185,6 +217,15 @@ def expected_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
+def dtype_problem(provided: torch.Tensor, expected: torch.Tensor) -> str | None:
+    """' file dtype int64 vs model float32' when a float weight is given as integers, booleans or complex
+    numbers (torch would refuse them with an untyped error, or cast them silently); None when it fits."""
+    if expected.is_floating_point() and (not provided.is_floating_point() or provided.is_complex()):
+        return f"file dtype {str(provided.dtype).removeprefix('torch.')} vs model " \
+               f"{str(expected.dtype).removeprefix('torch.')}"
+    return None
+
+
 def compare_keys(expected: Mapping[str, tuple[int, ...]], provided: Mapping[str, torch.Tensor], *,
                  optional: Callable[[str], bool] = lambda key: False) -> tuple[list[str], list[str], list[str]]:
     """(missing, unexpected, mismatched): `optional` keys may be absent (regenerated buffers)."""
@@ -199,6 +240,9 @@ def load_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], 
                 fix: str) -> torch.nn.Module:
     """Load every key or raise. A model built on `meta` gets the tensors assigned, not copied."""
     missing, unexpected, mismatched = compare_keys(expected_shapes(model), state_dict)
+    model_tensors = model.state_dict()
+    mismatched += [f"{k}: {problem}" for k, v in state_dict.items() if k in model_tensors
+                   and (problem := dtype_problem(v, model_tensors[k]))]
     if missing or unexpected or mismatched:
         raise WeightsMismatchError(argument, what, missing=missing, unexpected=unexpected, mismatched=mismatched,
                                    fix=fix)
