@@ -34,6 +34,11 @@ ADHERENCE_SEED_BASE = 30_000
 # The tiny decoder may lose at most this much adherence against the full decoder on the same latents: 3 of 60 clips.
 TINY_DECODER_ADHERENCE_MARGIN = 0.05
 DECODE_CHUNK = 4
+# SD1.5's VAE (diffusers' runwayml config) and TAESD's decoder (AutoencoderTiny's defaults).
+SD15_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, norm_num_groups=32,
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                scaling_factor=0.18215)
+TAESD = dict(decoder_block_out_channels=(64, 64, 64, 64), num_decoder_blocks=(3, 3, 3, 1))
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -68,7 +73,8 @@ def bundle_rows(bundle_path: str, threads: int | None, repeats: int, openvino: b
     return rows
 
 
-def full_size_rows(sizes: list[tuple[int, int]], threads: int | None, repeats: int, openvino: bool) -> list[dict]:
+def full_size_rows(sizes: list[tuple[int, int]], threads: int | None, repeats: int, openvino: bool,
+                   vae_config: dict = SD15_VAE, taesd_config: dict = TAESD) -> list[dict]:
     import torch
     from diffusers import AutoencoderKL, AutoencoderTiny
 
@@ -80,13 +86,14 @@ def full_size_rows(sizes: list[tuple[int, int]], threads: int | None, repeats: i
     from lcm_edge.export.wrappers import VaeDecoderWrapper
 
     torch.manual_seed(0)
-    # SD1.5's VAE (diffusers' runwayml config) and TAESD (AutoencoderTiny's defaults), random weights.
-    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                        norm_num_groups=32, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215).eval()
-    taesd = AutoencoderTiny().eval()
+    vae = AutoencoderKL(**vae_config).eval()
+    taesd = AutoencoderTiny(encoder_block_out_channels=taesd_config["decoder_block_out_channels"],
+                            num_encoder_blocks=taesd_config["num_decoder_blocks"], **taesd_config).eval()
+    scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
     graphs = {"full": (vae_decoder_spec(4), VaeDecoderWrapper(vae)),
-              "tiny": (tiny_decoder_spec(4), TinyDecoderWrapper(taesd.decoder, decoder_config(), 0.18215))}
+              "tiny": (tiny_decoder_spec(4), TinyDecoderWrapper(taesd.decoder, decoder_config(
+                  block_out_channels=taesd_config["decoder_block_out_channels"],
+                  num_blocks=taesd_config["num_decoder_blocks"]), vae_config["scaling_factor"]))}
     backends = [create_backend("onnxruntime", "cpu", **({"threads": threads} if threads else {}))]
     if openvino:
         backends.append(create_backend("openvino", "CPU"))
@@ -110,7 +117,8 @@ def full_size_rows(sizes: list[tuple[int, int]], threads: int | None, repeats: i
         for backend in backends:
             sessions = {name: backend.open(root, info) for name, info in infos.items()}
             for size, frames in sizes:
-                latents = np.random.default_rng(0).standard_normal((frames, 4, size // 8, size // 8), np.float32)
+                latents = np.random.default_rng(0).standard_normal((frames, 4, size // scale, size // scale),
+                                                                   np.float32)
                 row = {"backend": backend.describe(), "frames": frames, "size": f"{size}x{size}"}
                 for name, session in sessions.items():
                     def decode():
