@@ -1,7 +1,7 @@
 """Evaluate the default model like the AnimateLCM paper's Table 1, at toy scale.
 
     python benchmarks/default_model_eval.py --teacher WORKDIR/teacher --teacher-motion WORKDIR/teacher_motion
-        [--bundle BUNDLE] [--prompts 60] [--seeds 1] [--guidance 4.0] [--out results/default_model]
+        [--split tune|eval] [--bundle BUNDLE] [--prompts 60] [--seeds 1] [--guidance 4.0] [--out results/default_model]
         [--student-steps 1 2 4 8] [--teacher-steps 1 2 4 8 25 50] [--rows-from earlier/results.json]
         [--threads N]
 
@@ -11,13 +11,16 @@ weights it was trained as) at 1/2/4/8/25/50 steps with classifier-free guidance.
 read off each clip by `lcm_edge.distill.default_model.detector` (no model in the loop):
 prompt adherence (colour, shape and direction all right), each attribute alone, the same on
 colour-shape-direction combinations held out of training, and temporal consistency (object
-present in every frame with a stable size). Seeds are never used in training.
+present in every frame with a stable size). Seeds are never used in training; --split picks them: "tune"
+(seed base 10000, what the recipe and its probes were chosen on) or "eval" (seed base 50000, disjoint, never used
+to choose anything: the probes refuse it). Every row records the model's sha256, the code's commit and its seed base.
 Writes table.md, results.json, plot.png and samples.png (the 4-step student's first clips) to --out.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -26,11 +29,36 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from lcm_edge.distill.default_model.chain import HELD_OUT
+from lcm_edge.distill.default_model.chain import code_version
+from lcm_edge.distill.default_model.clips import HELD_OUT
 from lcm_edge.distill.default_model.detector import detect
 from lcm_edge.distill.synthetic import COLOURS, DIRECTIONS, SHAPES, caption_for
 
-EVAL_SEED_BASE = 10_000  # far from the training seeds (0..)
+# Seed bases of the two splits, far from the training seeds (0..). Clip i of a split is sampled at base + i; the
+# eval split's SPLIT_SEEDS seeds are never used to choose anything (tune_seed_base refuses them).
+SEED_BASES = {"tune": 10_000, "eval": 50_000}
+SPLIT_SEEDS = 10_000
+EVAL_SEED_BASE = SEED_BASES["tune"]  # the probes' default
+
+
+def tune_seed_base(seed_base: int, clips: int) -> int:
+    """`seed_base` for a probe of `clips` clips, refused if any of its seeds is one of the eval split's."""
+    low = SEED_BASES["eval"]
+    if seed_base < low + SPLIT_SEEDS and seed_base + clips > low:
+        raise SystemExit(f"seed base {seed_base} ({clips} clips) reaches the eval split's seeds {low}-"
+                         f"{low + SPLIT_SEEDS - 1}, kept for measuring what the tune seeds chose: use another base")
+    return seed_base
+
+
+def sha256_of(*paths: Path) -> str:
+    """sha256 over the files' bytes, in order: a bundle's manifest (which lists every file's own sha256) or a
+    teacher's weights."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 # Every colour-shape-direction combination once (the held-out ones first). Up to v5 the table read the first 24;
@@ -49,7 +77,7 @@ def first_prompts_adherence(clips, combos) -> dict:
 def prompt_set(count: int, seeds: int = 1) -> list[tuple[str, str, str]]:
     """All held-out combinations first, then a fixed spread of the trained ones; the whole list `seeds` times.
 
-    Clip i is sampled at seed EVAL_SEED_BASE + i, so the first repetition is exactly the one-seed set.
+    Clip i is sampled at seed base + i, so the first repetition is exactly the one-seed set.
     """
     trained = [(c, s, d) for c in COLOURS for s in SHAPES for d in DIRECTIONS if (c, s, d) not in HELD_OUT]
     rng = np.random.default_rng(1234)
@@ -82,21 +110,21 @@ def score(clips: list[np.ndarray], combos: list[tuple[str, str, str]]) -> dict:
     }
 
 
-def run_student(bundle: str, combos, steps: int,
-                threads: int | None) -> tuple[list[np.ndarray], float, list[int]]:
+def run_student(bundle: str, combos, steps: int, threads: int | None,
+                seed_base: int = EVAL_SEED_BASE) -> tuple[list[np.ndarray], float, list[int]]:
     """Clips, s/clip and the schedule sampled (the bundle's tuned one for `steps`, where it has one)."""
     import lcm_edge
 
     pipe = lcm_edge.AnimateLCMPipeline.from_bundle(bundle, **({"threads": threads} if threads else {}))
     clips, start = [], time.perf_counter()
     for i, combo in enumerate(combos):
-        result = pipe(caption_for(*combo), num_inference_steps=steps, seed=EVAL_SEED_BASE + i)
+        result = pipe(caption_for(*combo), num_inference_steps=steps, seed=seed_base + i)
         clips.append(result.frames)
     return clips, (time.perf_counter() - start) / len(combos), list(result.timesteps)
 
 
-def run_teacher(teacher: Path, motion: Path, combos, steps: int, guidance: float,
-                threads: int | None) -> tuple[list[np.ndarray], float]:
+def run_teacher(teacher: Path, motion: Path, combos, steps: int, guidance: float, threads: int | None,
+                seed_base: int = EVAL_SEED_BASE) -> tuple[list[np.ndarray], float]:
     import torch
 
     if threads:
@@ -113,7 +141,7 @@ def run_teacher(teacher: Path, motion: Path, combos, steps: int, guidance: float
         motion_adapter=MotionAdapter.from_pretrained(motion, **local),
         scheduler=DDIMScheduler.from_pretrained(teacher / "scheduler", **local))
     pipe.set_progress_bar_config(disable=True)
-    return sample_diffusers(pipe, combos, steps, guidance)
+    return sample_diffusers(pipe, combos, steps, guidance, seed_base)
 
 
 def sample_diffusers(pipe, combos, steps: int, guidance: float,
@@ -178,6 +206,8 @@ def main() -> int:
     parser.add_argument("--bundle", default=None, help="the student bundle (default: the shipped one)")
     parser.add_argument("--teacher", type=Path, default=None, help="WORKDIR/teacher of the chain")
     parser.add_argument("--teacher-motion", type=Path, default=None, help="WORKDIR/teacher_motion of the chain")
+    parser.add_argument("--split", choices=sorted(SEED_BASES), default="tune",
+                        help="tune: the seeds the recipe was chosen on; eval: disjoint seeds never used to choose")
     parser.add_argument("--prompts", type=int, default=EVAL_PROMPTS)
     parser.add_argument("--seeds", type=int, default=1,
                         help="clips per prompt (each at its own seed): more narrow the rates' intervals")
@@ -198,39 +228,52 @@ def main() -> int:
                      "with no values)")
     args.out.mkdir(parents=True, exist_ok=True)
     combos = prompt_set(args.prompts, args.seeds)
+    if len(combos) > SPLIT_SEEDS:
+        parser.error(f"{len(combos)} clips is more than a split's {SPLIT_SEEDS} seeds")
     prompts = len(combos) // args.seeds  # at most every combination once
+    seed_base, commit = SEED_BASES[args.split], code_version()
+    trace = {"split": args.split, "seed_base": seed_base, "commit": commit}
     results = []
     if args.student_steps:
         from lcm_edge.default import default_bundle_path
 
         bundle = args.bundle or str(default_bundle_path())
+        trace_student = {**trace, "model_sha256": sha256_of(Path(bundle) / "bundle.json")}
+    if args.teacher_steps:
+        weights = [next((folder).glob("*.safetensors")) for folder in (args.teacher / "unet", args.teacher_motion)]
+        trace_teacher = {**trace, "model_sha256": sha256_of(*weights)}
     for steps in args.student_steps:
-        clips, sec, timesteps = run_student(bundle, combos, steps, args.threads)
+        clips, sec, timesteps = run_student(bundle, combos, steps, args.threads, seed_base)
         if steps == 4:
             write_samples(clips[:SAMPLE_ROWS], combos[:SAMPLE_ROWS], args.out / "samples.png")
         results.append({"method": "consistency model (no CFG)", "steps": steps, "guidance": 1.0, "timesteps": timesteps,
                         "seconds_per_clip": sec, "prompts": prompts, "seeds": args.seeds, **score(clips, combos),
-                        **first_prompts_adherence(clips, combos)})
+                        **first_prompts_adherence(clips, combos), **trace_student})
         print(results[-1], flush=True)
     for steps in args.teacher_steps:
-        clips, sec = run_teacher(args.teacher, args.teacher_motion, combos, steps, args.guidance, args.threads)
+        clips, sec = run_teacher(args.teacher, args.teacher_motion, combos, steps, args.guidance, args.threads,
+                                 seed_base)
         results.append({"method": "teacher DDIM (CFG)", "steps": steps, "guidance": args.guidance,
                         "seconds_per_clip": sec, "prompts": prompts, "seeds": args.seeds, **score(clips, combos),
-                        **first_prompts_adherence(clips, combos)})
+                        **first_prompts_adherence(clips, combos), **trace_teacher})
         print(results[-1], flush=True)
     if args.rows_from is not None:
         earlier = json.loads(args.rows_from.read_text())
         if any(r.get("prompts") != prompts or r.get("seeds", 1) != args.seeds for r in earlier):
             raise SystemExit(f"--rows-from {args.rows_from}: rows were measured on another prompt or seed count")
-        results += earlier
-    results.sort(key=lambda r: (r["method"] != "consistency model (no CFG)", r["steps"]))
+        # Rows from before seed bases were recorded were all measured at the tune split's base.
+        results += [{"split": "tune", "seed_base": SEED_BASES["tune"], "commit": "not recorded",
+                     "model_sha256": "not recorded", **r} for r in earlier]
+    results.sort(key=lambda r: (r["method"] != "consistency model (no CFG)", r["steps"], r["seed_base"]))
     header = ("| method | steps | guidance | adherence | adherence 95% interval | colour | shape | direction | "
-              "adherence (held-out) | temporal consistency | s/clip |\n|---|---|---|---|---|---|---|---|---|---|---|")
+              "adherence (held-out) | temporal consistency | s/clip | seed base | model sha256 | commit |\n"
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     interval = lambda r: "%.2f-%.2f" % wilson_interval(r["adherence"], r["prompts"] * r.get("seeds", 1))  # noqa: E731
     lines = [header] + [
         f"| {r['method']} | {r['steps']} | {r['guidance']} | {r['adherence']:.2f} | {interval(r)} | "
         f"{r['colour']:.2f} | {r['shape']:.2f} | {r['direction']:.2f} | {r['adherence_held_out']:.2f} | "
-        f"{r['consistency']:.2f} | {r['seconds_per_clip']:.2f} |" for r in results]
+        f"{r['consistency']:.2f} | {r['seconds_per_clip']:.2f} | {r['seed_base']} | {r['model_sha256'][:12]} | "
+        f"{r['commit']} |" for r in results]
     schedules = "; ".join(f"{r['steps']} step{'s' * (r['steps'] > 1)} {'/'.join(map(str, r['timesteps']))}"
                           for r in results if "timesteps" in r)
     if schedules:

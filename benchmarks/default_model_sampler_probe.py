@@ -16,7 +16,7 @@
 
 One JSON line per step count: the eval's columns (`default_model_eval.score`) and s/clip. It tells where a
 prompt attribute is lost between teacher, stage 1 and stage 2 without exporting a bundle per variant
-(benchmarks/results/default_model_teacher_sweep/README.md, "The word is lost in stage 1's LoRA").
+(benchmarks/research/default_model_teacher_sweep/README.md, "The word is lost in stage 1's LoRA").
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 
 # the script's folder is on sys.path
 from default_model_eval import (EVAL_PROMPTS, EVAL_SEED_BASE, caption_for, first_prompts_adherence, prompt_set,
-                                sample_diffusers, score)
+                                sample_diffusers, score, tune_seed_base)
 
 
 def build_pipeline(args):
@@ -204,7 +204,8 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=1, help="clips per prompt, as the eval's --seeds")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed-base", type=int, default=EVAL_SEED_BASE,
-                        help="clip i at this seed + i (another base: a second sample to choose a sampler on)")
+                        help="clip i at this seed + i (another base: a second sample to choose a sampler on; the "
+                             "eval split's seeds are refused)")
     parser.add_argument("--timesteps", type=int, nargs="+", default=None,
                         help="the sampler's timesteps, largest first (instead of --steps); with --scheduler ddim "
                              "the guided DDIM of lcm_edge.distill.sampling")
@@ -232,6 +233,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     combos = prompt_set(args.prompts, args.seeds)
+    tune_seed_base(args.seed_base, len(combos))
     if args.teacher_check:
         if args.timesteps or args.lora or args.scheduler != "lcm":
             parser.error("--teacher-check samples the student's own 4-step LCM schedule; drop --timesteps, "
@@ -246,7 +248,7 @@ def main() -> int:
         clips, seconds_per_clip = sample_ddim_on(pipe, combos, args.timesteps, args.guidance, args.seed_base)
         print(json.dumps({"scheduler": "ddim", "steps": len(args.timesteps), "guidance": args.guidance,
                           "clips": len(combos), "timesteps": args.timesteps,
-                          **({"seed_base": args.seed_base} if args.seed_base != EVAL_SEED_BASE else {}),
+                          "seed_base": args.seed_base,
                           **{key: round(value, 3) for key, value in
                              {**score(clips, combos), **first_prompts_adherence(clips, combos)}.items()},
                           "s_per_clip": round(seconds_per_clip, 2)}), flush=True)
@@ -261,7 +263,7 @@ def main() -> int:
     for steps in args.steps:
         clips, seconds_per_clip = sample_diffusers(pipe, combos, steps, args.guidance, args.seed_base)
         row = {"scheduler": args.scheduler, "steps": steps, "guidance": args.guidance, "clips": len(combos),
-               **({"seed_base": args.seed_base} if args.seed_base != EVAL_SEED_BASE else {}),
+               "seed_base": args.seed_base,
                **({"lora_weight": args.lora_weight} if args.lora else {}),
                **({"timesteps": args.timesteps} if args.timesteps else {}),
                **{key: round(value, 3) for key, value in
