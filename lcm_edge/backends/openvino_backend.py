@@ -180,6 +180,11 @@ class OpenVinoBackend(Backend):
         family = device_upper.split(".")[0].split(":")[0]
         if family not in DEVICES:
             raise BackendError(f"device: unknown OpenVINO device '{device}'. Fix: use one of {list(DEVICES)}")
+        if not isinstance(static_shapes, bool):
+            raise InvalidArgumentError("static_shapes", f"{static_shapes!r} is not a bool", "pass True or False")
+        if not static_shapes and family == "NPU":
+            raise InvalidArgumentError("static_shapes", "False, but OpenVINO's NPU plugin compiles static shapes "
+                                       "only", "drop static_shapes=False (static is the default)")
         available = self.core.available_devices
         if family != "AUTO" and not any(d.split(".")[0] == family for d in available):
             raise BackendError(f"device: OpenVINO device {device_upper} is not available on this machine; "
@@ -190,11 +195,6 @@ class OpenVinoBackend(Backend):
         if inference_precision not in INFERENCE_PRECISIONS:
             raise BackendError(f"inference_precision: unknown '{inference_precision}'. Fix: use one of "
                                f"{list(INFERENCE_PRECISIONS)}")
-        if not isinstance(static_shapes, bool):
-            raise InvalidArgumentError("static_shapes", f"{static_shapes!r} is not a bool", "pass True or False")
-        if not static_shapes and family == "NPU":
-            raise InvalidArgumentError("static_shapes", "False, but OpenVINO's NPU plugin compiles static shapes "
-                                       "only", "drop static_shapes=False (static is the default)")
         for argument, value in (("shape_cache_size", shape_cache_size), ("max_infer_requests", max_infer_requests)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise InvalidArgumentError(argument, f"{value!r} is not a positive int", "pass e.g. 1 or 2")
