@@ -174,3 +174,33 @@ def test_attention_argument_and_cli(tiny_components, tiny_bundle, tmp_path, caps
     capsys.readouterr()
     assert cli_main(["info", str(tiny_bundle)]) == 0
     assert "unet: unet/model.onnx + fused attention unet/model_fused.onnx" in capsys.readouterr().out
+
+
+def test_spilled_trace_consolidates_into_one_shared_weights_file(tiny_components, tmp_path, one_torch_thread):
+    """The >2 GiB path at tiny size: a fused trace spilled one file per tensor (as the exporter does for the
+    full-size UNet) is merged into one model.onnx_data, and the plain graph written beside it reads the same file."""
+    from lcm_edge.export.attention import FUSED_ATTENTION_DOMAIN, FUSED_ATTENTION_OPSET, write_unfused
+    from lcm_edge.export.onnx_io import EXTERNAL_DATA_NAME, consolidate, trace_onnx
+
+    spec = vae_decoder_spec(4)  # the smallest graph with attention: the tracing, not the model, is under test
+    module = VaeDecoderWrapper(tiny_components["vae"])
+    rng = np.random.default_rng(3)
+    with fused_attention(tiny_components["vae"]):
+        traced = trace_onnx(module, spec, sample_inputs(spec, ShapeCase(2, 3, 4, 6), vocab_size=49408, rng=rng),
+                            tmp_path / "trace", custom_opsets={FUSED_ATTENTION_DOMAIN: FUSED_ATTENTION_OPSET})
+    spilled = tmp_path / "spilled" / "model.onnx"
+    spilled.parent.mkdir()
+    onnx.save_model(onnx.load(str(traced)), str(spilled), save_as_external_data=True,
+                    all_tensors_to_one_file=False, size_threshold=1024)
+    assert len(list(spilled.parent.iterdir())) > 10  # one file per tensor, as torch spills them
+    out = tmp_path / "bundle" / "vae_decoder"
+    out.mkdir(parents=True)
+    assert consolidate(spilled, out / "model_fused.onnx", spec, external_data=True) == out / EXTERNAL_DATA_NAME
+    assert write_unfused(out / "model_fused.onnx", out / "model.onnx") == 1
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", EXTERNAL_DATA_NAME, "model_fused.onnx"]
+    feeds = sample_inputs(spec, ShapeCase(1, 2, 6, 4), vocab_size=49408, rng=rng)
+    with torch.no_grad():
+        expected = module(*[torch.from_numpy(feeds[n]) for n in spec.input_names]).numpy()
+    for graph in ("model_fused.onnx", "model.onnx"):
+        got = ort.InferenceSession(str(out / graph), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+        np.testing.assert_allclose(got, expected, atol=ONNX_FP32_TOLERANCE.atol, rtol=ONNX_FP32_TOLERANCE.rtol)
