@@ -18,12 +18,14 @@ import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from queue import SimpleQueue
+from typing import Callable
 
-from .backends import BACKENDS, create_backend
+from .backends import BACKENDS
 from .bundle import Bundle, load_bundle
 from .default import DEFAULT_PROMPT, default_bundle_path
 from .errors import BackendError, GenerationCancelled, InvalidArgumentError, LcmEdgeError, MissingExtraError
-from .pipeline import AnimateLCMPipeline, StepInfo, check_inputs
+from .pipeline import DECODERS, AnimateLCMPipeline, StepInfo, check_inputs, create_runtime
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
@@ -39,6 +41,7 @@ CSS = "#clip img { width: 100%; height: 100%; object-fit: contain; image-renderi
 FIELD_LABELS = {
     "prompt": "Prompt", "negative_prompt": "Negative prompt", "num_frames": "Frames", "height": "Height",
     "width": "Width", "num_inference_steps": "Steps", "guidance_scale": "Guidance", "seed": "Seed",
+    "preview": "Live preview", "decoder": "Decoder",
 }
 
 
@@ -70,9 +73,13 @@ class _Warm:
 
 
 class WarmPipelines:
-    """Compiled pipelines by (bundle folder, backend, device), created on first use and kept."""
+    """Compiled pipelines by (bundle folder, backend, device), created on first use and kept.
 
-    def __init__(self):
+    precision and low_memory are the server's (`lcm-edge serve --precision/--low-memory`), the same for all."""
+
+    def __init__(self, precision: str = "f32", low_memory: bool = False):
+        self.precision = precision
+        self.low_memory = low_memory
         self._lock = threading.Lock()
         self._bundles: dict[Path, Bundle] = {}
         self._pipelines: dict[tuple[Path, str, str], _Warm] = {}
@@ -89,7 +96,9 @@ class WarmPipelines:
         bundle = self.bundle(folder)
         with self._lock:  # two first users of one key compile it once
             if key not in self._pipelines:
-                self._pipelines[key] = _Warm(AnimateLCMPipeline(bundle, create_backend(backend, device)),
+                runtime = create_runtime(bundle, backend, device, precision=self.precision,
+                                         low_memory=self.low_memory)
+                self._pipelines[key] = _Warm(AnimateLCMPipeline(bundle, runtime, low_memory=self.low_memory),
                                              threading.Lock())
             return self._pipelines[key]
 
@@ -146,7 +155,7 @@ class ServeApp:
     """The UI's logic, independent of Gradio's widgets (so it reads and tests as plain Python)."""
 
     def __init__(self, bundles: list[Path] | None = None, allow_any_folder: bool = True,
-                 output_dir: Path | None = None):
+                 output_dir: Path | None = None, precision: str = "f32", low_memory: bool = False):
         self.default_bundle = default_bundle_path()
         # Choice label -> folder: the default model, plus any folders given on the command line.
         self.bundle_choices = {DEFAULT_BUNDLE_CHOICE: self.default_bundle}
@@ -154,9 +163,12 @@ class ServeApp:
             self.bundle_choices[str(folder)] = Path(folder).resolve()
         self.allow_any_folder = allow_any_folder
         self.devices = available_devices()
-        self.pipelines = WarmPipelines()
+        self.pipelines = WarmPipelines(precision, low_memory)
         self.cancels = CancelEvents()
-        self.output_dir = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="lcm-edge-serve-"))
+        # Clips are kept for the server's life (the page links them); a folder made here is removed on close.
+        self._owns_output_dir = output_dir is None
+        self.output_dir = Path(tempfile.mkdtemp(prefix="lcm-edge-serve-")) if output_dir is None else Path(output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
 
     def resolve_bundle(self, choice: str) -> Path:
         if choice in self.bundle_choices:
@@ -172,9 +184,15 @@ class ServeApp:
 
     def generate(self, session: str, prompt: str, negative_prompt: str, frames, height, width, steps,
                  guidance, seed, random_seed: bool, backend: str, device: str, bundle_choice: str,
-                 progress=None) -> dict:
-        """Run one generation; returns what the UI shows (a dict, never raises an LcmEdgeError)."""
+                 preview: bool = False, decoder: str = "full",
+                 on_event: Callable[[str, object], None] = lambda kind, payload: None) -> dict:
+        """Run one generation; returns what the UI shows (a dict, never raises an LcmEdgeError).
+
+        on_event("loading", description) before the pipeline is fetched or compiled, then on_event("step",
+        StepInfo) after every UNet step; with preview=True its `preview` holds the step's prediction through the
+        bundle's tiny decoder (a bundle without one is an error naming the field)."""
         cancel_event = self.cancels.current(session)
+        steps_done = []
         try:
             if backend not in self.devices or device not in self.devices[backend]:
                 raise BackendError(f"backend/device: {backend} {device} is not available on this server. "
@@ -188,15 +206,14 @@ class ServeApp:
                 # The field is disabled without guidance; what it still holds is not sent.
                 negative_prompt=(negative_prompt or None) if isinstance(guidance, float) and guidance > 1 else None,
                 seed=None if random_seed else _parse_seed(seed))
-            check_inputs(bundle, prompt, **arguments)  # before compiling anything
-            if progress is not None:
-                progress(0, desc=f"loading {bundle_choice} on {backend} {device}")
+            arguments.update(preview=preview, decoder=decoder)
+            check_inputs(bundle, prompt, **arguments, callback=on_event)  # before compiling anything
+            on_event("loading", f"loading {bundle_choice} on {backend} {device}")
             warm = self.pipelines.get(folder, backend, device)
 
             def on_step(info: StepInfo) -> None:
-                if progress is not None:
-                    progress((info.step + 1, info.num_steps), desc=f"UNet step {info.step + 1}/{info.num_steps}",
-                             unit="steps")
+                steps_done.append(info)
+                on_event("step", info)
 
             with warm.lock:
                 result = warm.pipeline(prompt, **arguments, callback=on_step, cancel_event=cancel_event)
@@ -209,13 +226,16 @@ class ServeApp:
                     "status": f"Done: {n} frames at {w}x{h}, seed {result.seed}, "
                               f"{warm.pipeline.backend.describe()}."}
         except GenerationCancelled as exc:
+            # The stage alone can mislead (a preview's decode reads "VAE decode"): say how far sampling got.
+            done = f", after UNet step {len(steps_done)}/{steps_done[-1].num_steps}" if steps_done else ""
             return {"clip": None, "files": None, "seed": None, "timings": "",
-                    "status": f"Cancelled during {exc.stage}."}
+                    "status": f"Cancelled during {exc.stage}{done}."}
         except LcmEdgeError as exc:
             return {"clip": None, "files": None, "seed": None, "timings": "", "status": f"Error: {user_message(exc)}"}
 
     def close(self) -> None:
-        shutil.rmtree(self.output_dir, ignore_errors=True)
+        if self._owns_output_dir:
+            shutil.rmtree(self.output_dir)
 
 
 def build_ui(app: ServeApp, concurrency: int = DEFAULT_CONCURRENCY):
@@ -255,9 +275,17 @@ def build_ui(app: ServeApp, concurrency: int = DEFAULT_CONCURRENCY):
                                      label="Bundle" + (" (or type a bundle folder on the server)"
                                                        if app.allow_any_folder else ""))
                 with gr.Row():
+                    has_tiny = DECODERS["tiny"] in app.pipelines.bundle(app.default_bundle).components
+                    live = gr.Checkbox(value=has_tiny, label="Live preview", elem_id="live_preview",
+                                       info="each step through the bundle's tiny decoder (a little slower)")
+                    decoder = gr.Dropdown(list(DECODERS), value="full", label="Decoder", elem_id="decoder",
+                                          info="for the final frames: full VAE, or the tiny one (faster)")
+                with gr.Row():
                     run = gr.Button("Generate", variant="primary", elem_id="generate")
                     stop = gr.Button("Cancel", variant="stop", elem_id="cancel")
             with gr.Column():
+                preview = gr.Image(label="Live preview", type="numpy", interactive=False, height=160, visible=False,
+                                   elem_id="preview")
                 clip = gr.Image(label="Clip", type="filepath", interactive=False, height=320, elem_id="clip")
                 status = gr.Markdown(elem_id="status")
                 seed_used = gr.Textbox(label="Seed used", interactive=False, elem_id="seed_used")
@@ -273,11 +301,39 @@ def build_ui(app: ServeApp, concurrency: int = DEFAULT_CONCURRENCY):
             return "Working..."
 
         def generate(prompt_, negative_, frames_, height_, width_, steps_, guidance_, seed_, random_, backend_,
-                     device_, bundle_, request: gr.Request, progress=gr.Progress()):
-            shown = app.generate(request.session_hash, prompt_, negative_, frames_, height_, width_, steps_,
-                                 guidance_, seed_, random_, backend_, device_, bundle_, progress)
-            seed_text = "" if shown["seed"] is None else str(shown["seed"])
-            return shown["clip"], shown["status"], seed_text, shown["timings"], shown["files"]
+                     device_, bundle_, live_, decoder_, request: gr.Request, progress=gr.Progress()):
+            # The generation runs on its own thread and reports through a queue, so this generator can stream
+            # progress and previews to the page between UNet steps.
+            events = SimpleQueue()
+            session = request.session_hash
+            arguments = (prompt_, negative_, frames_, height_, width_, steps_, guidance_, seed_, random_, backend_,
+                         device_, bundle_, live_, decoder_)
+            worker = threading.Thread(target=lambda: events.put(("done", app.generate(
+                session, *arguments, on_event=lambda kind, payload: events.put((kind, payload))))), daemon=True)
+            worker.start()
+            finished = False
+            try:
+                while True:
+                    kind, payload = events.get()
+                    if kind == "loading":
+                        progress(0, desc=payload)
+                    elif kind == "step":
+                        desc = f"UNet step {payload.step + 1}/{payload.num_steps}"
+                        progress((payload.step + 1, payload.num_steps), desc=desc, unit="steps")
+                        preview_update = gr.skip()
+                        if payload.preview is not None:  # the middle frame of the clip as it forms
+                            preview_update = gr.update(value=payload.preview[len(payload.preview) // 2], visible=True)
+                        # Also as the status line: a yield reaches the page at once, the progress bar when polled.
+                        yield (gr.skip(), f"Working: {desc}") + (gr.skip(),) * 3 + (preview_update,)
+                    else:
+                        finished = True
+                        seed_text = "" if payload["seed"] is None else str(payload["seed"])
+                        yield (payload["clip"], payload["status"], seed_text, payload["timings"], payload["files"],
+                               gr.skip())
+                        return
+            finally:
+                if not finished:  # the page went away (or Gradio stopped the event): stop the run too
+                    app.cancels.cancel(session)
 
         def cancel(request: gr.Request) -> None:
             app.cancels.cancel(request.session_hash)
@@ -286,7 +342,8 @@ def build_ui(app: ServeApp, concurrency: int = DEFAULT_CONCURRENCY):
         # this run, and one pressed earlier does not.
         run.click(arm, None, status, queue=False).then(
             generate, [prompt, negative, frames, height, width, steps, guidance, seed, random_seed, backend, device,
-                       bundle], [clip, status, seed_used, timings, files], concurrency_limit=concurrency,
+                       bundle, live, decoder], [clip, status, seed_used, timings, files, preview],
+            concurrency_limit=concurrency,
             concurrency_id="generate", show_progress_on=[clip])
         stop.click(cancel, None, None, queue=False)
         def forget(request: gr.Request) -> None:
@@ -298,9 +355,13 @@ def build_ui(app: ServeApp, concurrency: int = DEFAULT_CONCURRENCY):
 
 
 def launch(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, bundles: list[Path] | None = None,
-           concurrency: int = DEFAULT_CONCURRENCY) -> None:
+           concurrency: int = DEFAULT_CONCURRENCY, precision: str = "f32", low_memory: bool = False) -> None:
     """Serve until interrupted. Typing a bundle folder is allowed only when bound to loopback."""
-    app = ServeApp(bundles, allow_any_folder=host in ("127.0.0.1", "localhost", "::1"))
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise InvalidArgumentError("concurrency", f"{concurrency!r} is not a positive integer",
+                                   "use 1 (one generation at a time uses every core) or more for several devices")
+    app = ServeApp(bundles, allow_any_folder=host in ("127.0.0.1", "localhost", "::1"), precision=precision,
+                   low_memory=low_memory)
     try:
         demo = build_ui(app, concurrency)  # raises MissingExtraError without the [app] extra
         import gradio as gr

@@ -7,6 +7,7 @@ Set LCM_EDGE_SCREENSHOT_DIR to keep the screenshot (docs/images/serve.png is mad
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -37,6 +38,16 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _bundle_without_tiny_decoder(folder: Path) -> Path:
+    """The default model with its optional tiny decoder dropped from the manifest (as bundles exported
+    without one have it)."""
+    shutil.copytree(lcm_edge.default_bundle_path(), folder)
+    manifest = json.loads((folder / "bundle.json").read_text())
+    del manifest["components"]["vae_decoder_tiny"]
+    (folder / "bundle.json").write_text(json.dumps(manifest))
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -97,14 +108,21 @@ def _set(page, field: str, value) -> None:
 
 
 def _generate(page) -> str:
-    """Click Generate; the status line the run ends with (a new one: the previous run's does not count)."""
-    before = page.locator("#status").inner_text()
+    """Click Generate; the status line this run ends with. The page shows "Working..." when the run starts; an
+    observer notes the first final line after it (so a previous run's line, even an identical one, never counts)."""
+    page.locator("#status").evaluate("""(status) => {
+        window.__final = null;
+        let started = false;
+        const observer = new MutationObserver(() => {
+            const text = status.innerText.trim();
+            if (text.startsWith("Working")) started = true;
+            else if (started && /^(Done:|Error:|Cancelled)/.test(text)) { window.__final = text; observer.disconnect(); }
+        });
+        observer.observe(status, {subtree: true, childList: true, characterData: true});
+    }""")
     page.click("#generate")
-    page.wait_for_function(
-        """(before) => { const t = document.querySelector('#status').innerText.trim();
-                         return t !== before.trim() && /^(Done:|Error:|Cancelled)/.test(t); }""",
-        arg=before, timeout=GENERATION_TIMEOUT_MS)
-    return page.locator("#status").inner_text().strip()
+    page.wait_for_function("() => window.__final !== null", timeout=GENERATION_TIMEOUT_MS)
+    return page.evaluate("() => window.__final")
 
 
 def test_generate_shows_a_16_frame_clip(page, tmp_path):
@@ -115,6 +133,8 @@ def test_generate_shows_a_16_frame_clip(page, tmp_path):
     assert text.startswith("Done: 16 frames at 64x64, seed 7"), text
     assert page.locator("#seed_used textarea").input_value() == "7"
     assert "unet" in page.locator("#timings textarea").input_value()
+    # The default model has a tiny decoder: the live preview showed the clip forming.
+    assert page.locator("#preview img").is_visible() and page.locator("#preview img").get_attribute("src")
     # The clip the page shows, fetched as the browser fetched it, decodes to 16 frames.
     src = page.locator("#clip img").get_attribute("src")
     response = page.request.get(src)
@@ -141,16 +161,21 @@ def test_cancel_stops_a_running_generation(page):
         .scheduler_config.original_inference_steps
     for field, value in (("frames", 32), ("height", 96), ("width", 96), ("steps", steps)):
         _set(page, field, value)
-    # Cancel as soon as the progress bar shows a UNet step; the status says where the run stopped.
-    page.locator("#cancel").evaluate("""(button) => {
+    # Cancel as soon as the progress bar shows a UNet step of this run; the status says where the run stopped.
+    page.locator("#cancel").evaluate("""(button, steps) => {
+        const shown = new RegExp(`UNet step \\\\d+/${steps}`);
         const observer = new MutationObserver(() => {
-            if (/UNet step \\d+\\//.test(document.body.innerText)) { observer.disconnect(); button.click(); }
+            if (shown.test(document.body.innerText)) { observer.disconnect(); button.click(); }
         });
         observer.observe(document.body, {subtree: true, childList: true, characterData: true});
-    }""")
+    }""", steps)
     text = _generate(page)
-    match = re.match(rf"Cancelled during UNet step (\d+)/{steps}", text)
-    assert match and int(match.group(1)) < steps, text
+    # "during UNet step k/N" (before step k ran), or during a step's preview decode "after UNet step k/N".
+    match = re.match(rf"Cancelled during (UNet step (\d+)/{steps}|.*, after UNet step (\d+)/{steps})\.$", text)
+    assert match, text
+    done = int(match.group(2)) - 1 if match.group(2) else int(match.group(3))
+    assert done < steps, text
+    print(f"[serve] {text}")
     for field, value in (("frames", 16), ("height", 64), ("width", 64), ("steps", 4)):
         _set(page, field, value)
 
@@ -163,3 +188,48 @@ def test_bad_argument_shows_the_fix_not_a_traceback(page, server):
     assert "Traceback" not in page.content()
     _url, log = server
     assert "Traceback" not in log.read_text()
+
+
+def test_serve_app_without_a_browser(tmp_path):
+    """ServeApp's contract under the UI: previews per step, a cancel pressed before the run stops it at once,
+    one warm pipeline per (bundle, backend, device), bad input as the field's message."""
+    from lcm_edge.serve import DEFAULT_BUNDLE_CHOICE, ServeApp
+
+    plain = _bundle_without_tiny_decoder(tmp_path / "plain")
+    app = ServeApp([plain], output_dir=tmp_path / "clips")
+    try:
+        events = []
+        shown = app.generate("s", "a red circle moving right", "", 8, 64, 64, 2, 1.0, "3", False, "onnxruntime",
+                             "cpu", DEFAULT_BUNDLE_CHOICE, preview=True,
+                             on_event=lambda kind, payload: events.append((kind, payload)))
+        assert shown["status"].startswith("Done: 8 frames at 64x64, seed 3"), shown
+        steps = [payload for kind, payload in events if kind == "step"]
+        assert [s.step for s in steps] == [0, 1] and all(s.preview.shape == (8, 64, 64, 3) for s in steps)
+        ok, animation = cv2.imreadanimation(shown["clip"])
+        assert ok and len(animation.frames) == 8
+
+        app.cancels.arm("s")
+        app.cancels.cancel("s")  # pressed while the run waited in the queue
+        shown = app.generate("s", "a red circle moving right", "", 8, 64, 64, 2, 1.0, "", True, "onnxruntime", "cpu",
+                             DEFAULT_BUNDLE_CHOICE)
+        assert shown["status"] == "Cancelled during text encoding." and shown["clip"] is None
+
+        app.cancels.arm("s")
+        shown = app.generate("s", "a red circle moving right", "ignored without guidance", 4, 64, 64, 1, 1.0, "x", False,
+                             "onnxruntime", "cpu", DEFAULT_BUNDLE_CHOICE)
+        assert shown["status"] == "Error: Seed: 'x' is not an integer. Fix: use a non-negative integer seed, or None " \
+                                  "for a random one", shown
+        shown = app.generate("s", "a red circle moving right", "", 4, 60, 64, 1, 1.0, "", True, "onnxruntime", "cpu",
+                             DEFAULT_BUNDLE_CHOICE)
+        assert shown["status"].startswith("Error: Height: 60 is not a multiple of 16"), shown
+        shown = app.generate("s", "a red circle", "", 4, 64, 64, 1, 1.0, "", True, "onnxruntime", "cpu",
+                             str(tmp_path / "missing"))
+        assert shown["status"].startswith("Error: bundle: folder"), shown
+        shown = app.generate("s", "a red circle", "", 4, 64, 64, 1, 1.0, "", True, "onnxruntime", "cpu", str(plain),
+                             preview=True)
+        assert shown["status"].startswith("Error: Live preview: the bundle"), shown  # no tiny decoder there
+        shown = app.generate("s", "a red circle", "", 4, 64, 64, 1, 1.0, "", True, "onnxruntime", "cpu", str(plain))
+        assert shown["status"].startswith("Done: 4 frames"), shown
+        assert len(app.pipelines._pipelines) == 2  # the two bundles, each compiled once
+    finally:
+        app.close()
