@@ -36,6 +36,8 @@ ATTENTION_MODES = ("fused", "plain")
 FUSED_ATTENTION_DOMAIN = "com.microsoft"
 FUSED_ATTENTION_OP = "MultiHeadAttention"
 FUSED_ATTENTION_OPSET = 1
+# How count_ops names the op.
+FUSED_OP_KEY = f"{FUSED_ATTENTION_DOMAIN}::{FUSED_ATTENTION_OP}"
 
 
 def check_attention(attention: str) -> str:
@@ -145,7 +147,8 @@ def fused_attention(*models: torch.nn.Module) -> Iterator[int]:
             if other:
                 raise InvalidArgumentError("attention", f"{type(model).__name__} uses attention processors {other}, "
                                            "whose math the fused export does not reproduce",
-                                           "export with attention='plain', or reset them with set_default_attn_processor()")
+                                           "export with attention='plain', or reset them with "
+                                           "set_default_attn_processor()")
             saved.append((model, processors))
             model.set_attn_processor(FusedAttnProcessor())
         yield sum(len(p) for _, p in saved)
@@ -171,8 +174,6 @@ def count_ops(model: onnx.ModelProto) -> dict[str, int]:
     walk(model.graph)
     return counts
 
-
-FUSED_OP_KEY = f"{FUSED_ATTENTION_DOMAIN}::{FUSED_ATTENTION_OP}"
 
 
 def unfuse_attention(model: onnx.ModelProto) -> int:
