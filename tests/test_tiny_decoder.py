@@ -300,3 +300,17 @@ def test_shipped_tiny_decoder_keeps_the_prompt_adherence():
             sys.path.remove(str(folder))
     print(f"[tiny decoder adherence] full {result['full']['adherence']:.2f} tiny {result['tiny']['adherence']:.2f}")
     assert result["passed"], result
+
+
+def test_add_to_a_bundle_with_openvino_ir_gates_the_ir_too(tiny_bundle, tmp_path):
+    """A bundle with OpenVINO IR gets the tiny decoder's IR too, gated, and runs it on the openvino backend."""
+    config = decoder_config(block_out_channels=(8, 8), num_blocks=(1, 1))  # the tiny VAE upsamples 2x
+    report = add_tiny_decoder(tiny_bundle, TinyDecoderWeights(build_decoder(config), config), out=tmp_path / "b",
+                              min_psnr_db=None)
+    assert set(report.parity) == {f"{TINY_DECODER}/onnxruntime", f"{TINY_DECODER}/openvino"}
+    bundle = load_bundle(tmp_path / "b")
+    assert bundle.components[TINY_DECODER].openvino == f"{TINY_DECODER}/openvino_model.xml" and bundle.has_openvino()
+    pipe = lcm_edge.AnimateLCMPipeline.from_bundle(tmp_path / "b", backend="openvino")
+    latents = np.random.default_rng(0).standard_normal((1, 4, 2, 8, 8)).astype(np.float32)
+    ort = lcm_edge.AnimateLCMPipeline.from_bundle(tmp_path / "b", threads=1)
+    assert np.abs(pipe.decode(latents, decoder="tiny").astype(int) - ort.decode(latents, decoder="tiny")).max() <= 1
