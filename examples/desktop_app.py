@@ -6,7 +6,8 @@
 What it shows:
 - the pipeline is compiled and every generation runs on one worker thread (QThread), so the window never
   freezes; the worker talks to the window only through Qt signals (queued across threads);
-- progress per UNet step from the pipeline's `callback` (a StepInfo after each step);
+- progress per UNet step from the pipeline's `callback` (a StepInfo after each step), and with preview=True
+  (bundles with a tiny decoder, as the default model) the clip as it forms, shown while it samples;
 - Cancel sets a `threading.Event` passed as `cancel_event`; the pipeline checks it before each step and
   the decode and raises `GenerationCancelled`, so the run stops within one step;
 - the arguments are checked with `check_inputs` on the window's thread before a thread is started, and
@@ -23,18 +24,21 @@ from pathlib import Path
 from typing import Callable
 
 from PySide6.QtCore import QObject, Qt, QThread, Signal, Slot
-from PySide6.QtGui import QMovie
+from PySide6.QtGui import QImage, QMovie, QPixmap
 from PySide6.QtWidgets import (QApplication, QCheckBox, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QMainWindow,
                                QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget)
 
+import numpy as np
+
 import lcm_edge
-from lcm_edge.pipeline import check_inputs
+from lcm_edge.pipeline import DECODERS, check_inputs
 
 
 class Worker(QObject):
-    """Lives on the window's worker thread; runs one `work(progress, cancel_event)` at a time."""
+    """Lives on the window's worker thread; runs one `work(on_step, cancel_event)` at a time."""
 
     progress = Signal(int, int)  # steps done, steps in all
+    preview = Signal(object)  # uint8 (frames, height, width, 3): the clip as it forms (tiny decoder)
     done = Signal(object)  # work's return value
     failed = Signal(str)  # an LcmEdgeError's message
     cancelled = Signal(str)  # where the run stopped
@@ -42,13 +46,19 @@ class Worker(QObject):
     @Slot(object, object)
     def run(self, work: Callable, cancel_event: threading.Event) -> None:
         try:
-            value = work(lambda info: self.progress.emit(info.step + 1, info.num_steps), cancel_event)
+            value = work(self.step_callback, cancel_event)
         except lcm_edge.GenerationCancelled as exc:
             self.cancelled.emit(exc.stage)
         except lcm_edge.LcmEdgeError as exc:
             self.failed.emit(str(exc))
         else:
             self.done.emit(value)
+
+    def step_callback(self, info: lcm_edge.StepInfo) -> None:
+        # Runs on the worker thread: only signals cross to the window.
+        if info.preview is not None:
+            self.preview.emit(info.preview)
+        self.progress.emit(info.step + 1, info.num_steps)
 
 
 class MainWindow(QMainWindow):
@@ -68,22 +78,27 @@ class MainWindow(QMainWindow):
         self._worker.moveToThread(self._thread)
         self._run.connect(self._worker.run)  # queued: the call crosses to the worker thread
         self._worker.progress.connect(self._progress)
+        self._worker.preview.connect(self._show_preview)
         self._worker.done.connect(lambda value: self._on_done(value))
         self._worker.failed.connect(lambda message: self._finish(f"Error: {message}"))
-        self._worker.cancelled.connect(lambda stage: self._finish(f"Cancelled during {stage}."))
+        self._worker.cancelled.connect(lambda stage: self._finish(
+            f"Cancelled during {stage}, after UNet step {self.progress.value()}/{self.progress.maximum()}."))
         self._thread.start()
         self.last_clip: Path | None = None
+        self.previews_shown = 0
 
         self.prompt = QLineEdit(lcm_edge.default.DEFAULT_PROMPT)
         self.frames = QSpinBox()
         self.steps = QSpinBox()
         self.seed = QLineEdit("0")  # text: seeds go up to 2**63
         self.random_seed = QCheckBox("random")
+        self.live_preview = QCheckBox("live preview (the bundle's tiny decoder)")
         self.generate_button = QPushButton("Generate")
         self.cancel_button = QPushButton("Cancel")
         self.progress = QProgressBar()
         self.status = QLabel("Loading the model...")
         self.status.setWordWrap(True)
+        self.status.setMinimumHeight(self.status.fontMetrics().lineSpacing() * 4)  # path + timings, wrapped
         self.clip = QLabel()
         self.clip.setFixedSize(256, 256)
         self.clip.setAlignment(Qt.AlignmentFlag.AlignCenter)
@@ -97,6 +112,7 @@ class MainWindow(QMainWindow):
         seed_row.addWidget(self.seed)
         seed_row.addWidget(self.random_seed)
         form.addRow("Seed", seed_row)
+        form.addRow("", self.live_preview)
         buttons = QHBoxLayout()
         buttons.addWidget(self.generate_button)
         buttons.addWidget(self.cancel_button)
@@ -114,7 +130,7 @@ class MainWindow(QMainWindow):
         self.cancel_button.clicked.connect(self.cancel)
         # Compiling a large bundle takes a while: on the worker thread too.
         source = lcm_edge.default_bundle_path() if bundle is None else bundle
-        self._start(lambda _progress, _cancel: lcm_edge.AnimateLCMPipeline.from_bundle(source), self._loaded)
+        self._start(lambda _on_step, _cancel: lcm_edge.AnimateLCMPipeline.from_bundle(source), self._loaded)
 
     # ------------------------------------------------------------ threads
     def _start(self, work: Callable, on_done: Callable) -> None:
@@ -144,13 +160,16 @@ class MainWindow(QMainWindow):
         self.frames.setValue(model.default_frames)
         self.steps.setRange(1, scheduler.original_inference_steps)
         self.steps.setValue(4)
+        has_tiny = DECODERS["tiny"] in pipeline.bundle.components
+        self.live_preview.setEnabled(has_tiny)
+        self.live_preview.setChecked(has_tiny)
         self._finish(f"Ready: {pipeline.backend.describe()}")
 
     # ------------------------------------------------------------ actions
     def arguments(self) -> dict:
         seed = None if self.random_seed.isChecked() else self.seed.text().strip()
         return {"prompt": self.prompt.text(), "num_frames": self.frames.value(),
-                "num_inference_steps": self.steps.value(),
+                "num_inference_steps": self.steps.value(), "preview": self.live_preview.isChecked(),
                 "seed": int(seed) if seed is not None and seed.isdigit() else seed}
 
     @Slot()
@@ -160,15 +179,25 @@ class MainWindow(QMainWindow):
             return
         arguments = self.arguments()
         try:
-            check_inputs(self.pipeline.bundle, **arguments)  # cheap; before a thread is started
+            # Cheap, before the thread gets the run; the callback is the one the run will use.
+            check_inputs(self.pipeline.bundle, **arguments, callback=self._worker.step_callback)
         except lcm_edge.LcmEdgeError as exc:
             self.status.setText(f"Error: {exc}")
             return
         self.progress.setValue(0)
         self.status.setText("Working...")
         pipeline = self.pipeline
-        self._start(lambda progress, cancel: pipeline(**arguments, callback=progress, cancel_event=cancel),
+        self._start(lambda on_step, cancel: pipeline(**arguments, callback=on_step, cancel_event=cancel),
                     self._generated)
+
+    @Slot(object)
+    def _show_preview(self, frames) -> None:
+        frame = np.ascontiguousarray(frames[len(frames) // 2])  # the middle frame
+        height, width, _ = frame.shape
+        image = QImage(frame.data, width, height, 3 * width, QImage.Format.Format_RGB888).copy()
+        self.clip.clear()  # drops the previous clip's movie
+        self.clip.setPixmap(QPixmap.fromImage(image).scaled(self.clip.size(), Qt.AspectRatioMode.KeepAspectRatio))
+        self.previews_shown += 1
 
     @Slot()
     def cancel(self) -> None:

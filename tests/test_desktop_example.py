@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -45,6 +46,7 @@ def wait(condition, what, timeout=120):
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
+            window.close()  # stops the worker thread, so the process exits with this message, not an abort
             raise SystemExit(f"timed out waiting for {what}; status: {window.status.text()}")
         app.processEvents()
         time.sleep(0.01)
@@ -58,6 +60,7 @@ window.seed.setText("5")
 QTest.mouseClick(window.generate_button, Qt.MouseButton.LeftButton)
 wait(lambda: window.status.text().startswith(("Saved", "Error", "Cancelled")), "the clip")
 report["generated"] = window.status.text()
+report["previews_shown"] = window.previews_shown
 report["clip"] = str(window.last_clip)
 wait(lambda: window.clip.movie() is not None and window.clip.movie().frameCount() > 0, "the clip to play", 10)
 report["movie_frames"] = window.clip.movie().frameCount()
@@ -115,8 +118,9 @@ def test_desktop_example_generates_cancels_and_closes(display, tmp_path):
     assert report["generated"].startswith(f"Saved {tmp_path / 'clip-5.gif'} (seed 5)"), report
     ok, animation = cv2.imreadanimation(report["clip"])
     assert ok and len(animation.frames) == 16 and report["movie_frames"] == 16, report
-    stopped = report["cancelled"].removeprefix("Cancelled during UNet step ").rstrip(".").split("/")
-    assert report["cancelled"].startswith("Cancelled during UNet step") and int(stopped[0]) < report["steps"], report
+    stopped = re.match(r"Cancelled during .*, after UNet step (\d+)/(\d+)\.$", report["cancelled"])
+    assert stopped and int(stopped.group(1)) < int(stopped.group(2)) == report["steps"], report
+    assert report["previews_shown"] == 4, report  # the default model's tiny decoder: one preview per step
     assert report["generate_enabled_after_cancel"] and report["thread_stopped"], report
     assert "Traceback" not in run.stderr, run.stderr[-3000:]
     assert shot.stat().st_size > 5_000
