@@ -22,6 +22,7 @@ letters/numbers or lowercases (its regex engine knows Unicode 16, Rust's std Uni
 from __future__ import annotations
 
 import functools
+import heapq
 import json
 import re
 import unicodedata
@@ -387,22 +388,43 @@ class CLIPTokenizer:
             yield text[start:], None
 
     def _bpe(self, word: str) -> tuple[int, ...]:
-        """BPE ids of one pre-tokenized piece."""
+        """BPE ids of one pre-tokenized piece.
+
+        Like tokenizers: repeatedly merge the lowest-ranked adjacent pair, leftmost first. The pairs wait in a
+        heap over a linked list of symbols, so a piece of n bytes takes O(n log n): a long unbroken run (a
+        pasted blob, 3000 emoji) is one piece, and rescanning it for every merge took 29 s at 12 kB.
+        """
         symbols = [_BYTE_TO_CHAR[b] for b in word.encode("utf-8")]
         symbols[-1] += END_OF_WORD
         ranks = self._ranks
-        # Like tokenizers: repeatedly merge the lowest-ranked adjacent pair, leftmost first.
-        while len(symbols) > 1:
-            best_rank, best_pos = None, -1
-            for pos in range(len(symbols) - 1):
-                rank = ranks.get((symbols[pos], symbols[pos + 1]))
-                if rank is not None and (best_rank is None or rank < best_rank):
-                    best_rank, best_pos = rank, pos
-            if best_rank is None:
-                break
-            symbols[best_pos : best_pos + 2] = [symbols[best_pos] + symbols[best_pos + 1]]
+        count = len(symbols)
+        following = list(range(1, count + 1))  # following[i]: index of the symbol after i (count: none)
+        preceding = list(range(-1, count - 1))
+        heap = [(rank, i, symbols[i], symbols[i + 1]) for i in range(count - 1)
+                if (rank := ranks.get((symbols[i], symbols[i + 1]))) is not None]
+        heapq.heapify(heap)
+
+        def push(i: int) -> None:
+            j = following[i]
+            if i >= 0 and j < count:
+                rank = ranks.get((symbols[i], symbols[j]))
+                if rank is not None:
+                    heapq.heappush(heap, (rank, i, symbols[i], symbols[j]))
+
+        while heap:
+            _, i, left, right = heapq.heappop(heap)
+            j = following[i]
+            # An entry is stale once either symbol took part in another merge (or was merged away).
+            if symbols[i] != left or j >= count or symbols[j] != right:
+                continue
+            symbols[i], symbols[j] = left + right, ""
+            following[i] = following[j]
+            if following[j] < count:
+                preceding[following[j]] = i
+            push(preceding[i])
+            push(i)
         vocab, unk = self._vocab, self.unk_token_id
-        return tuple(vocab.get(s, unk) for s in symbols)
+        return tuple(vocab.get(s, unk) for s in symbols if s)
 
     def encode(self, prompt: str) -> TokenizedPrompt:
         """`tokenizer(prompt, padding="max_length", truncation=True)` as diffusers calls it."""
