@@ -36,7 +36,7 @@ DEFAULT_CONCURRENCY = 1
 MAX_QUEUE = 64
 
 # Small clips shown large, with their pixels kept sharp.
-CSS = "#clip img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }"
+CSS = "#clip img, #preview img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }"
 # The UI's names for the pipeline's arguments, so an error names the field the user sees.
 FIELD_LABELS = {
     "prompt": "Prompt", "negative_prompt": "Negative prompt", "num_frames": "Frames", "height": "Height",

@@ -190,6 +190,31 @@ def test_bad_argument_shows_the_fix_not_a_traceback(page, server):
     assert "Traceback" not in log.read_text()
 
 
+def test_two_users_at_once_are_queued(page, server):
+    """A second browser session generating while the first does: both get their clip (one waits in the queue)."""
+    url, log = server
+    context = page.context.browser.new_context()  # another user: own cookies and Gradio session
+    other = context.new_page()
+    try:
+        other.goto(url)
+        other.wait_for_selector("#generate", timeout=60_000)
+        _set(page, "frames", 8)
+        _set(other, "frames", 8)
+        for p in (page, other):
+            p.locator("#status").evaluate("(s) => { window.__done = null; new MutationObserver(() => { "
+                                          "if (/^(Done:|Error:|Cancelled)/.test(s.innerText.trim())) "
+                                          "window.__done = s.innerText.trim(); }).observe(s, {subtree: true, "
+                                          "childList: true, characterData: true}); }")
+        page.click("#generate")
+        other.click("#generate")
+        for p in (page, other):
+            p.wait_for_function("() => window.__done !== null", timeout=GENERATION_TIMEOUT_MS)
+            assert p.evaluate("() => window.__done").startswith("Done: 8 frames"), p.evaluate("() => window.__done")
+    finally:
+        context.close()
+    assert "Traceback" not in log.read_text()
+
+
 def test_serve_app_without_a_browser(tmp_path):
     """ServeApp's contract under the UI: previews per step, a cancel pressed before the run stops it at once,
     one warm pipeline per (bundle, backend, device), bad input as the field's message."""
