@@ -71,6 +71,14 @@ class ComponentInfo:
     # onnxruntime providers that run it (see backends.ort_backend.select_onnx_graph); `onnx` stays the plain
     # graph every runtime takes. None in bundles exported without it.
     onnx_fused: str | None = None
+    # Graphs quantized from the fp32 ones (lcm_edge.export.quantize), by graph: {"onnx": {"precision": "int8",
+    # "recipe": "hybrid"}, "openvino": {...}}; a graph not listed has `precision`. None in float bundles.
+    quantization: Mapping[str, Mapping[str, str]] | None = None
+
+    def graph_precision(self, graph: str) -> str:
+        """Precision of the "onnx" or "openvino" graph, e.g. "fp32" or "int8 hybrid"."""
+        q = (self.quantization or {}).get(graph)
+        return f"{q['precision']} {q['recipe']}" if q else self.precision
 
 
 @dataclass(frozen=True)
