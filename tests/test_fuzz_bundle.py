@@ -339,3 +339,74 @@ def test_stale_checksums_are_refused_before_any_parser(work):
             load_bundle(work)
     finally:
         bundle.restore()
+
+
+# ---------------------------------------------------------------- graphs that differ from the manifest
+
+def _rewrite_graph(root: Path, component: str, edit) -> None:
+    """Apply `edit` to a component's ONNX graph (still a valid graph) and update the manifest's entry."""
+    onnx = pytest.importorskip("onnx")
+    rel = f"{component}/model.onnx"
+    model = onnx.load(str(root / rel))
+    edit(model.graph)
+    onnx.checker.check_model(model)
+    data = model.SerializeToString()
+    (root / rel).write_bytes(data)
+    manifest = json.loads((root / "bundle.json").read_text())
+    manifest["files"][rel] = {"sha256": _sha(data), "size": len(data)}
+    (root / "bundle.json").write_text(json.dumps(manifest))
+
+
+def _rename_input(old: str, new: str):
+    def edit(graph):
+        for tensor in graph.input:
+            if tensor.name == old:
+                tensor.name = new
+        for node in graph.node:
+            node.input[:] = [new if name == old else name for name in node.input]
+    return edit
+
+
+def _rename_output(old: str, new: str):
+    def edit(graph):
+        for tensor in graph.output:
+            if tensor.name == old:
+                tensor.name = new
+        for node in graph.node:
+            node.output[:] = [new if name == old else name for name in node.output]
+    return edit
+
+
+def _fix_dim(tensor_name: str, axis: int, value: int):
+    def edit(graph):
+        tensor = next(t for t in list(graph.input) + list(graph.output) if t.name == tensor_name)
+        dim = tensor.type.tensor_type.shape.dim[axis]
+        dim.ClearField("dim_param")
+        dim.dim_value = value
+    return edit
+
+
+GRAPH_EDITS = {
+    "unet input renamed": ("unet", _rename_input("sample", "latents")),
+    "unet batch fixed to 1": ("unet", _fix_dim("sample", 0, 1)),
+    "text encoder length 76": ("text_encoder", _fix_dim("input_ids", 1, 76)),
+    "vae output renamed": ("vae_decoder", _rename_output("sample", "image")),
+}
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+@pytest.mark.parametrize("case", list(GRAPH_EDITS))
+def test_a_graph_that_differs_from_the_manifest_is_refused_at_load(tmp_path, case, backend):
+    """A valid graph with other input names or shapes than bundle.json declares: a BundleError when the
+    pipeline opens it, naming the graph file, instead of an error inside a generation."""
+    from lcm_edge import AnimateLCMPipeline
+
+    if backend == "openvino":
+        pytest.importorskip("openvino")
+    root = tmp_path / "bundle"
+    shutil.copytree(default_bundle_path(), root)
+    component, edit = GRAPH_EDITS[case]
+    _rewrite_graph(root, component, edit)
+    with pytest.raises(BundleError) as info:
+        AnimateLCMPipeline.from_bundle(root, backend=backend)
+    assert info.value.path.endswith(f"{component}/model.onnx"), info.value

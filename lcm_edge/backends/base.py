@@ -14,7 +14,7 @@ from typing import Mapping
 import numpy as np
 
 from ..bundle import ComponentInfo, TensorSpec
-from ..errors import GraphInputError
+from ..errors import BundleFormatError, GraphInputError
 
 
 class Session(ABC):
@@ -67,6 +67,32 @@ class Backend(ABC):
     @abstractmethod
     def describe(self) -> str:
         """One line for logs and benchmark tables, e.g. 'onnxruntime 1.32.0 CPUExecutionProvider'."""
+
+
+def check_graph_matches_manifest(component: ComponentInfo, session: Session) -> Session:
+    """The graph a backend opened takes and gives what bundle.json declares: same names, dtypes and ranks, and
+    every axis the manifest leaves free (a name such as "batch") free in the graph too. A hostile or mixed-up
+    graph is a BundleFormatError when the pipeline opens it, not an error inside a generation."""
+    problems = []
+    for kind, declared, actual in (("input", component.inputs, session.inputs),
+                                   ("output", component.outputs, session.outputs)):
+        graph = {spec.name: spec for spec in actual}
+        if sorted(graph) != sorted(spec.name for spec in declared):
+            problems.append(f"{kind}s {sorted(graph)}, bundle.json declares {sorted(s.name for s in declared)}")
+            continue
+        for spec in declared:
+            got = graph[spec.name]
+            fixed_apart = len(got.shape) != len(spec.shape) or any(
+                isinstance(g, int) and g >= 0 and (not isinstance(d, int) or g != d)
+                for g, d in zip(got.shape, spec.shape))
+            if got.dtype != spec.dtype or fixed_apart:
+                problems.append(f"{kind} '{spec.name}' is {got.dtype} {list(got.shape)}, bundle.json declares "
+                                f"{spec.dtype} {list(spec.shape)}")
+    if problems:
+        session.close()
+        raise BundleFormatError(session.path, f"graph of {component.name} differs from bundle.json: "
+                                + "; ".join(problems), "re-export the bundle; its graphs were replaced")
+    return session
 
 
 def check_feeds(graph: str, specs: tuple[TensorSpec, ...], feeds: Mapping[str, np.ndarray]) -> None:

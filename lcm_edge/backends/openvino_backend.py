@@ -25,7 +25,7 @@ import numpy as np
 from ..bundle import ComponentInfo, TensorSpec
 from ..errors import (BackendError, BundleIntegrityError, GraphInputError, InferenceError, InvalidArgumentError,
                       MissingExtraError)
-from .base import Backend, Session
+from .base import Backend, Session, check_graph_matches_manifest
 
 DEVICES = ("CPU", "GPU", "NPU", "AUTO")
 PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
@@ -245,7 +245,8 @@ class OpenVinoBackend(Backend):
                                        "re-export the bundle") from exc
 
     def open(self, bundle_root: Path, component: ComponentInfo) -> Session:
-        return OpenVinoSession(self, component, bundle_root / (component.openvino or component.onnx))
+        return check_graph_matches_manifest(
+            component, OpenVinoSession(self, component, bundle_root / (component.openvino or component.onnx)))
 
     def describe(self) -> str:
         shapes = "static shapes" if self.static_shapes else "dynamic shapes"

@@ -11,7 +11,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidGraph, Inva
 
 from ..bundle import ComponentInfo, TensorSpec
 from ..errors import BackendError, BundleIntegrityError, InferenceError
-from .base import Backend, Session
+from .base import Backend, Session, check_graph_matches_manifest
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -129,7 +129,7 @@ class OnnxRuntimeBackend(Backend):
         if self.provider not in active:
             raise BackendError(f"device: {self.provider} failed to initialise for {component.name} (active: "
                                f"{active}). Fix: check the GPU driver/CUDA/TensorRT install, or use device='cpu'")
-        return OrtSession(component.name, path, session)
+        return check_graph_matches_manifest(component, OrtSession(component.name, path, session))
 
     def describe(self) -> str:
         arena = "" if self.memory_arena else " arena off"
