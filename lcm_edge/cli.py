@@ -258,6 +258,10 @@ def cmd_info(args: argparse.Namespace) -> int:
               f"(code {trained['code_version']}, seed {trained['seed']})")
         if trained.get("note"):
             print(f"  note: {trained['note']}")
+    tiny = (bundle.provenance.get("tiny_decoder") or {}).get("fidelity")
+    if "vae_decoder_tiny" in bundle.components and tiny:
+        print(f"  tiny decoder: PSNR {tiny['psnr_db']:.1f} dB against the VAE decoder on {tiny['clips']} sampled clips, "
+              f"flicker {tiny['flicker_tiny']:.4f} (VAE decoder {tiny['flicker_full']:.4f}); generate --decoder tiny")
     backend = create_backend("onnxruntime", "cpu")
     for name, component in bundle.components.items():
         session = backend.open(bundle.root, component)
