@@ -6,8 +6,8 @@
 It writes WORK/bench.toml and runs `lcm-edge bench --scenarios WORK/bench.toml`: PyTorch eager (the
 reference the speed-ups are read against, on the same source files as the bundle), onnxruntime
 (fused attention graph), OpenVINO f32 and bf16 (bf16 only where the CPU has it: otherwise the row
-is skipped with the reason), and every extra bundle found beside the fp32 one (WORK/bundle-int8-*,
-compared with the fp32 bundle's onnxruntime row). At 256x256x8 a row samples a whole 4-step clip;
+is skipped with the reason), the tiny decoder, and every INT8 bundle found beside the fp32 one
+(WORK/bundle-int8-*, from `lcm-edge quantize`, compared with the fp32 bundle's onnxruntime row). At 256x256x8 a row samples a whole 4-step clip;
 at 512x512x16 one UNet step and one decoded frame (labelled per-frame VAE figures, with the clip's
 estimated total), one timed run after no warm-up. Time: about 35 min for both sizes on 2 cores;
 disk: the bundle (12 GB) and the inputs (7 GB) from the export, plus a few MB of results.
@@ -22,7 +22,12 @@ from pathlib import Path
 
 # (size, steps, frames decoded, extra rows) per size: 512x512x16 runs minutes per UNet pass on 2 cores.
 SIZES = {"256x256x8": (4, None), "512x512x16": (1, 1)}
-RUNTIMES = ("pytorch:cpu", "onnxruntime:cpu", "openvino:CPU", "openvino:CPU,inference_precision=bf16")
+# The fp32 bundle's rows: PyTorch eager, each backend as exported, then fewer bits (bf16) and fewer FLOPs (the
+# tiny decoder, where the bundle has one: full_size_export.py adds a random-weight TAESD-size decoder).
+RUNTIMES = ("pytorch:cpu", "onnxruntime:cpu", "onnxruntime:cpu,decoder=tiny", "openvino:CPU",
+            "openvino:CPU,precision=bf16", "openvino:CPU,precision=bf16,decoder=tiny")
+# An INT8 bundle's rows (lcm-edge quantize --backend both): each backend, and OpenVINO with everything.
+INT8_RUNTIMES = ("onnxruntime:cpu", "openvino:CPU", "openvino:CPU,precision=bf16,decoder=tiny")
 
 
 def scenario_file(work: Path, sizes: list[str], timeout_s: float) -> str:
@@ -41,7 +46,8 @@ def scenario_file(work: Path, sizes: list[str], timeout_s: float) -> str:
                   "runtime = [" + ", ".join(f'"{r}"' for r in RUNTIMES) + "]",
                   f'size = "{size}"', f"steps = {steps}", *decode_line, ""]
         for bundle in extra:
-            lines += ["[[scenario]]", f'bundle = "{bundle}"', 'runtime = ["onnxruntime:cpu", "openvino:CPU"]',
+            lines += ["[[scenario]]", f'bundle = "{bundle}"',
+                      "runtime = [" + ", ".join(f'"{r}"' for r in INT8_RUNTIMES) + "]",
                       f'size = "{size}"', f"steps = {steps}", *decode_line, ""]
     return "\n".join(lines)
 

@@ -96,6 +96,11 @@ def prepare(work: Path, seed: int) -> dict:
     torch.save(to_original_keys(adapter.state_dict()), inputs / "AnimateLCM_sd15_t2v.ckpt")
     del adapter
     write_sd15_tokenizer(inputs / "sd15" / "tokenizer")
+    # A TAESD-size tiny decoder (diffusers AutoencoderTiny defaults, 64 channels), random like the rest:
+    # added to each bundle after export, for the benchmark's decode rows (its speed, not its pictures).
+    from diffusers import AutoencoderTiny
+
+    AutoencoderTiny().save_pretrained(inputs / "taesd")
     return {"parameters": counts, "lora_layers": lora_layers,
             "files": {p.name: p.stat().st_size for p in inputs.iterdir() if p.is_file()}}
 
@@ -189,6 +194,14 @@ def main() -> int:
         print(f"export {precision}: {step}", flush=True)
         if step["exit_code"] != 0:
             print(f"export {precision} failed, see {step['log']}", file=sys.stderr)
+            break
+        # Random weights cannot pass the tiny decoder's fidelity gate against the full decoder; its parity
+        # gates (graph vs torch) still run.
+        step = run_child([sys.executable, "-m", "lcm_edge", "add-tiny-decoder", str(bundle), "--weights",
+                          str(work / "inputs" / "taesd"), "--skip-fidelity-check"], work / f"tiny-{precision}.log")
+        results[f"tiny-decoder-{precision}"] = step
+        if step["exit_code"] != 0:
+            print(f"adding the tiny decoder to {bundle} failed, see {step['log']}", file=sys.stderr)
             break
         results[f"export-{precision}"].update(summarize_bundle(bundle))
         if args.generate:
