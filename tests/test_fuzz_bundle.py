@@ -343,13 +343,14 @@ def test_stale_checksums_are_refused_before_any_parser(work):
 
 # ---------------------------------------------------------------- graphs that differ from the manifest
 
-def _rewrite_graph(root: Path, component: str, edit) -> None:
+def _rewrite_graph(root: Path, component: str, edit, check: bool = True) -> None:
     """Apply `edit` to a component's ONNX graph (still a valid graph) and update the manifest's entry."""
     onnx = pytest.importorskip("onnx")
     rel = f"{component}/model.onnx"
     model = onnx.load(str(root / rel))
     edit(model.graph)
-    onnx.checker.check_model(model)
+    if check:
+        onnx.checker.check_model(model)
     data = model.SerializeToString()
     (root / rel).write_bytes(data)
     manifest = json.loads((root / "bundle.json").read_text())
@@ -410,3 +411,31 @@ def test_a_graph_that_differs_from_the_manifest_is_refused_at_load(tmp_path, cas
     with pytest.raises(BundleError) as info:
         AnimateLCMPipeline.from_bundle(root, backend=backend)
     assert info.value.path.endswith(f"{component}/model.onnx"), info.value
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_a_graph_whose_external_data_lies_outside_the_bundle_is_refused(tmp_path, backend):
+    """ONNX external data is a path inside the graph file; one that leads out of the bundle folder is a
+    BundleError (both runtimes refuse to read it), never a read of that file."""
+    from lcm_edge import AnimateLCMPipeline
+
+    onnx = pytest.importorskip("onnx")
+    if backend == "openvino":
+        pytest.importorskip("openvino")
+    root = tmp_path / "bundle"
+    shutil.copytree(default_bundle_path(), root)
+
+    def to_outside(graph):
+        tensor = max(graph.initializer, key=lambda t: len(t.raw_data))
+        (tmp_path / "outside.bin").write_bytes(tensor.raw_data)
+        tensor.ClearField("raw_data")
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", "../../outside.bin"), ("offset", "0"),
+                           ("length", str((tmp_path / "outside.bin").stat().st_size))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+
+    _rewrite_graph(root, "vae_decoder", to_outside, check=False)  # onnx's checker refuses it too
+    with pytest.raises(BundleError) as info:
+        AnimateLCMPipeline.from_bundle(root, backend=backend)
+    assert info.value.path.endswith("vae_decoder/model.onnx"), info.value

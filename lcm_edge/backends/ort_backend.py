@@ -122,7 +122,8 @@ class OnnxRuntimeBackend(Backend):
             providers.append(("CPUExecutionProvider", {}))
         try:
             session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
-        except (InvalidProtobuf, InvalidGraph, NoSuchFile) as exc:
+        except (InvalidProtobuf, InvalidGraph, NoSuchFile, Fail) as exc:
+            # Fail: a graph onnxruntime refuses to load, e.g. external data that leads out of the bundle folder.
             raise BundleIntegrityError(path, f"onnxruntime cannot read the graph ({exc})",
                                        "re-export the bundle") from exc
         active = session.get_providers()
