@@ -15,7 +15,7 @@ from .bundle import Bundle, load_bundle
 from .default import default_bundle_path, load_default
 from .errors import (BackendError, BundleError, BundleFormatError, BundleIntegrityError, BundleNotFoundError,
                      GenerationCancelled, GraphInputError, InferenceError, InvalidArgumentError, LcmEdgeError,
-                     MissingExtraError, ParityError)
+                     MissingExtraError, OutputWriteError, ParityError)
 from .pipeline import AnimateLCMPipeline, GenerationResult, PromptTruncatedWarning, StepInfo, Timings
 from .scheduler import LCMScheduler, SchedulerConfig
 from .tokenizer import CLIPTokenizer
@@ -25,6 +25,6 @@ __all__ = [
     "AnimateLCMPipeline", "BACKENDS", "BackendError", "Bundle", "BundleError", "BundleFormatError",
     "BundleIntegrityError", "BundleNotFoundError", "CLIPTokenizer", "GenerationCancelled", "GenerationResult",
     "GraphInputError", "InferenceError", "InvalidArgumentError", "LCMScheduler", "LcmEdgeError", "MissingExtraError",
-    "ParityError", "PromptTruncatedWarning", "SchedulerConfig", "StepInfo", "Timings", "create_backend",
-    "default_bundle_path", "load_bundle", "load_default", "save_video", "__version__",
+    "OutputWriteError", "ParityError", "PromptTruncatedWarning", "SchedulerConfig", "StepInfo", "Timings",
+    "create_backend", "default_bundle_path", "load_bundle", "load_default", "save_video", "__version__",
 ]

@@ -19,7 +19,7 @@ import numpy as np
 
 from .backends import Backend, Session, create_backend
 from .backends.base import check_feeds
-from .bundle import Bundle, load_bundle
+from .bundle import MAX_SIDE, Bundle, load_bundle
 from .errors import GenerationCancelled, GraphInputError, InvalidArgumentError
 from .scheduler import LCMScheduler
 from .tokenizer import CLIPTokenizer
@@ -138,7 +138,7 @@ def check_inputs(bundle: Bundle, prompt, negative_prompt=None, num_frames=None, 
     _check_int("num_frames", num_frames, 1, model.max_frames,
                f"the motion module takes 1 to {model.max_frames} frames; lower num_frames")
     for name, value in (("height", height), ("width", width)):
-        _check_int(name, value, model.size_multiple, 16384, f"use a multiple of {model.size_multiple}")
+        _check_int(name, value, model.size_multiple, MAX_SIDE, f"use a multiple of {model.size_multiple}")
         if value % model.size_multiple:
             lower = value - value % model.size_multiple
             raise InvalidArgumentError(name, f"{value} is not a multiple of {model.size_multiple}, which this "
