@@ -21,6 +21,7 @@ import os
 import socket
 import sys
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
 from contextlib import closing as _closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,7 +162,13 @@ def _ray_results(jobs: list[Job], bundle: Path, backend: str, device: str | None
         if backend == "onnxruntime":
             options.setdefault("threads", 1)
         # Ray reserves as many of a node's cores as the actor's runtime uses.
-        actor = ray.remote(num_cpus=options.get("threads") or 1)(_RayClipWorker)
+        cpus_per_actor = options.get("threads") or 1
+        cluster_cpus = ray.cluster_resources().get("CPU", 0)
+        if workers * cpus_per_actor > cluster_cpus:
+            # Actors beyond the cluster's CPUs would wait for ones that only exit at the end: the batch would hang.
+            raise InvalidArgumentError("workers", f"{workers} actors x {cpus_per_actor} CPUs is more than the Ray "
+                                       f"cluster's {cluster_cpus:g} CPUs", "use fewer workers or threads, or add nodes")
+        actor = ray.remote(num_cpus=cpus_per_actor)(_RayClipWorker)
         # The bundle folder must be readable at the same path on every node (the default model ships inside
         # the package, so it always is).
         pool = ActorPool([actor.remote(str(bundle), backend, device, options) for _ in range(workers)])
@@ -213,8 +220,12 @@ def run_batch(prompts: Path, out: Path, *, bundle: Path, backend: str = "onnxrun
         if "threads" not in options and backend == "onnxruntime":
             options["threads"] = max(1, (os.cpu_count() or 1) // workers)  # workers share the cores
         results = _local_results(todo, loaded.root, backend, device, options, workers)
-    with open(out / RESULTS_FILE, "a", encoding="utf-8") as log, _closing(results):
+    with ExitStack() as stack:
+        stack.enter_context(_closing(results))
+        log = None  # opened at the first outcome: a batch that cannot start leaves no file behind
         for done, outcome in enumerate(results, start=1):
+            if log is None:
+                log = stack.enter_context(open(out / RESULTS_FILE, "a", encoding="utf-8"))
             job = outcome["job"]
             record = {"line": job.line, "prompt": job.arguments["prompt"]}
             if "error" in outcome:

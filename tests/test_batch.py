@@ -103,6 +103,8 @@ def test_batch_on_a_local_ray_cluster(tmp_path):
     # cluster of `ray start --head`.
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
+        assert main(["batch", str(prompts), "--out", str(out), "--ray", "auto", "--workers", "3"]) == 2  # > 2 CPUs
+        assert not out.exists() or not any(out.iterdir())
         assert main(["batch", str(prompts), "--out", str(out), "--ray", "auto", "--workers", "2"]) == 0
     finally:
         ray.shutdown()
