@@ -397,7 +397,8 @@ def ov_quantize_unet(src_onnx: Path, dst_xml: Path, recipe: str, calibration: UN
     import openvino as ov
 
     nncf = _nncf()
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+    from nncf.quantization.advanced_parameters import (AdvancedQuantizationParameters, AdvancedSmoothQuantParameters,
+                                                       OverflowFix)
 
     model = ov.Core().read_model(str(src_onnx))
     sensitive = [op.get_friendly_name() for op in model.get_ops()
@@ -412,7 +413,8 @@ def ov_quantize_unet(src_onnx: Path, dst_xml: Path, recipe: str, calibration: UN
         model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM, ignored_scope=nncf.IgnoredScope(
             types=["Convolution"], names=sensitive, validate=False))
         ignored = weighted_matmuls + activation_matmuls + sensitive
-        advanced = AdvancedQuantizationParameters(overflow_fix=overflow, smooth_quant_alpha=-1)
+        advanced = AdvancedQuantizationParameters(  # SmoothQuant off (alpha -1) for both op kinds
+            overflow_fix=overflow, smooth_quant_alphas=AdvancedSmoothQuantParameters(convolution=-1, matmul=-1))
     else:
         ignored = activation_matmuls + sensitive
         advanced = AdvancedQuantizationParameters(overflow_fix=overflow)

@@ -174,6 +174,17 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _check_quantization(value: Any, where: str) -> None:
+    """components.*.quantization: None, or {"onnx"|"openvino": {"precision": str, "recipe": str}}."""
+    if value is None:
+        return
+    if not isinstance(value, dict) or not all(
+            graph in ("onnx", "openvino") and isinstance(q, dict) and set(q) == {"precision", "recipe"}
+            and all(isinstance(v, str) for v in q.values()) for graph, q in value.items()):
+        raise BundleFormatError(where, f"quantization must map 'onnx'/'openvino' to {{precision, recipe}}, got "
+                                f"{_short(value)}", "re-quantize the bundle with `lcm-edge quantize`")
+
+
 def _tensor_specs(items: Any, where: str) -> tuple[TensorSpec, ...]:
     if not isinstance(items, list):
         raise BundleFormatError(where, "expected a list of tensors", "re-export the bundle")
@@ -315,6 +326,7 @@ def load_unpublished_bundle(path: str | os.PathLike, *, verify_checksums: bool =
         raw = dict(raw, inputs=_tensor_specs(raw.get("inputs"), cwhere),
                    outputs=_tensor_specs(raw.get("outputs"), cwhere))
         info = _strict(ComponentInfo, raw, cwhere)
+        _check_quantization(info.quantization, cwhere)
         for rel in (info.onnx, info.onnx_data, info.openvino, info.config, info.onnx_fused):
             if rel is not None and rel not in files:
                 raise BundleFormatError(cwhere, f"'{rel}' is not listed in the manifest's files",

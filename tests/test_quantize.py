@@ -218,3 +218,15 @@ def test_default_bundle_both_backends_with_adherence(tmp_path):
         assert adherence["clips"] == 6 and adherence["int8"] >= adherence["fp32"] - Q.ADHERENCE_INT8_MARGIN
     assert "adherence int8" in report.summary()
     shutil.rmtree(out)
+
+
+def test_malformed_quantization_record_is_a_format_error(ort_hybrid, tmp_path):
+    from lcm_edge.errors import BundleFormatError
+
+    copy = tmp_path / "copy"
+    shutil.copytree(ort_hybrid[0], copy)
+    manifest = json.loads((copy / "bundle.json").read_text())
+    manifest["components"]["unet"]["quantization"] = {"onnx": "int8"}
+    (copy / "bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleFormatError, match="quantization"):
+        load_bundle(copy)
