@@ -199,6 +199,9 @@ def run_batch(prompts: Path, out: Path, *, bundle: Path, backend: str = "onnxrun
     if extension not in VIDEO_EXTENSIONS:
         raise InvalidArgumentError("extension", f"unknown {extension!r}", f"use one of {list(VIDEO_EXTENSIONS)}")
     options = dict(options or {})
+    if "threads" in options and backend != "onnxruntime":
+        raise InvalidArgumentError("options", f"threads is an onnxruntime option, not {backend}'s",
+                                   "drop threads, or use backend='onnxruntime'")
     loaded = load_bundle(bundle)
     jobs, errors = read_jobs(prompts, loaded, extension)
     summary = BatchSummary(bad_lines=len(errors))

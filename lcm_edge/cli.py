@@ -296,6 +296,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from .batch import run_batch
     from .default import default_bundle_path
 
+    if args.threads is not None and args.backend != "onnxruntime":
+        raise LcmEdgeError("--threads: an onnxruntime option. Fix: drop --threads, or use --backend onnxruntime")
     options = {} if args.threads is None else {"threads": args.threads}
     summary = run_batch(args.prompts, args.out, bundle=args.bundle or default_bundle_path(), backend=args.backend,
                         device=args.device, options=options, workers=args.workers, ray_address=args.ray,

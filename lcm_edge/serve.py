@@ -15,6 +15,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,8 @@ DEFAULT_PORT = 7860
 DEFAULT_BUNDLE_CHOICE = "default model"
 # How many generations run at once; more only split the same cores.
 DEFAULT_CONCURRENCY = 1
+# Clips (here and in Gradio's cache) older than this are deleted, so a long-running server does not fill the disk.
+CLIP_RETENTION_S = 24 * 3600
 # Queued requests beyond this are refused with Gradio's "queue full" message instead of waiting for hours.
 MAX_QUEUE = 64
 
@@ -217,6 +220,7 @@ class ServeApp:
 
             with warm.lock:
                 result = warm.pipeline(prompt, **arguments, callback=on_step, cancel_event=cancel_event)
+            self._prune_old_clips()
             name = f"clip-{result.seed}-{uuid.uuid4().hex[:8]}"
             gif = result.save(self.output_dir / f"{name}.gif")
             mp4 = result.save(self.output_dir / f"{name}.mp4")
@@ -233,6 +237,12 @@ class ServeApp:
         except LcmEdgeError as exc:
             return {"clip": None, "files": None, "seed": None, "timings": "", "status": f"Error: {user_message(exc)}"}
 
+    def _prune_old_clips(self) -> None:
+        cutoff = time.time() - CLIP_RETENTION_S
+        for clip in self.output_dir.glob("clip-*"):
+            if clip.stat().st_mtime < cutoff:
+                clip.unlink(missing_ok=True)  # another request may have pruned it first
+
     def close(self) -> None:
         if self._owns_output_dir:
             shutil.rmtree(self.output_dir)
@@ -247,7 +257,7 @@ def build_ui(app: ServeApp, concurrency: int = DEFAULT_CONCURRENCY):
 
     model = app.pipelines.bundle(app.default_bundle).model
     backends = [name for name in BACKENDS if app.devices.get(name)]
-    with gr.Blocks(title="lcm-edge", analytics_enabled=False) as demo:
+    with gr.Blocks(title="lcm-edge", analytics_enabled=False, delete_cache=(3600, CLIP_RETENTION_S)) as demo:
         gr.Markdown("## lcm-edge: AnimateLCM text-to-video\nThe default model knows coloured shapes moving "
                     "left/right/up/down, e.g. *a red circle moving right*.")
         with gr.Row():
