@@ -501,7 +501,8 @@ def _read_json(path: Path, *, required: bool):
     except json.JSONDecodeError as err:
         raise BundleFormatError(str(path), f"is not valid JSON ({err})", "re-export the bundle") from err
     except RecursionError as err:  # nesting deeper than Python's parser recurses
-        raise BundleFormatError(str(path), "nests JSON deeper than a tokenizer file does", "re-export the bundle") from err
+        raise BundleFormatError(str(path), "nests JSON deeper than a tokenizer file does",
+                                "re-export the bundle") from err
 
 
 def _read_merges(path: Path) -> list[tuple[str, str]]:

@@ -19,8 +19,7 @@ import numpy as np
 import pytest
 
 from lcm_edge import atomic_output
-from lcm_edge.bundle import load_bundle
-from lcm_edge.errors import BundleError, InvalidArgumentError, OutputWriteError
+from lcm_edge.errors import InvalidArgumentError, OutputWriteError
 from lcm_edge.video import save_video
 
 TESTS = Path(__file__).resolve().parent
