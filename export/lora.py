@@ -14,6 +14,10 @@ Formats read (one file may mix them):
 Fusion: W += user_weight * (alpha / rank) * (up.flatten(1) @ down.flatten(1)).reshape(W.shape).
 The gate runs each touched model with the adapters applied at run time (forward hooks,
 y + s * up(down(x))), fuses, runs again, and requires equal outputs within LORA_FUSION_TOLERANCE.
+That gate shares this module's reading of each file (scale, target module); the reference check reads the
+file again with diffusers (lora_state_dict + load_lora_into_unet/_text_encoder, peft: what load_lora_weights
+does) and requires every weight delta its fuse_lora would add to equal ours within LORA_REFERENCE_TOLERANCE,
+so a misread alpha or a wrong target module fails loudly.
 """
 
 from __future__ import annotations
@@ -42,6 +46,14 @@ from .weights import WeightsMismatchError, read_weight_file
 # (benchmarks/full_size_export.py). A LoRA fused into the wrong module, transposed or with the
 # wrong scale is off by O(LoRA effect) instead: 0.08 (full-size UNet) to 0.6 (tiny CLIP).
 LORA_FUSION_TOLERANCE = Tolerance("lora-fused-vs-unfused", atol=1e-4, rtol=1e-3)
+# Our weight delta against diffusers/peft's get_delta_weight for the same module: the same float32 products,
+# summed in another order.
+LORA_REFERENCE_TOLERANCE = Tolerance("lora-delta-vs-diffusers", atol=1e-6, rtol=1e-4)
+# Formats diffusers' SD1.5 loader reads; motion LoRAs in the attention-processor layouts it does not.
+DIFFUSERS_READABLE = frozenset({"kohya", "peft"})
+# diffusers 0.42 with transformers 5 drops kohya text-encoder attention LoRAs (with only a load report), so
+# those modules of ours have no reference; every other module of ours must have one.
+_UNREFERENCED_OK = re.compile(r"(?:^|\.)encoder\.layers\.\d+\.self_attn\.(q|k|v|out)_proj$")
 
 COMPONENTS = ("unet", "text_encoder")
 FIX_LORA = ("pass an SD1.5 LoRA (kohya lora_unet_*/lora_te_*, or diffusers/peft lora_A/lora_B) or an "
@@ -340,10 +352,75 @@ class FusionReport:
     tolerance: Tolerance
     checks: list[FusionCheck]
     loras: list[dict]
+    reference: list[dict] = field(default_factory=list)  # check_against_diffusers, one entry per file
 
     def to_dict(self) -> dict:
         return {"tolerance": {"name": self.tolerance.name, "atol": self.tolerance.atol, "rtol": self.tolerance.rtol},
-                "checks": [vars(c) for c in self.checks], "loras": self.loras}
+                "checks": [vars(c) for c in self.checks], "loras": self.loras, "reference": self.reference}
+
+
+def check_against_diffusers(models: Mapping[str, nn.Module], lora: LoraFile, *,
+                            tolerance: Tolerance = LORA_REFERENCE_TOLERANCE) -> dict:
+    """diffusers' own reading of `lora.path` against ours, on the unfused `models` (left as they were).
+
+    diffusers loads the file into the models as peft adapters (as load_lora_weights does); for every module it
+    adapted, the delta its fuse_lora would add (peft's get_delta_weight: scaling alpha / rank included) must equal
+    ours (scale x up @ down) on the same module, and every module of ours must be one diffusers adapted
+    (_UNREFERENCED_OK aside). Raises ParityError otherwise; a file in a format diffusers does not read is
+    reported as skipped, and so is one whose module names diffusers' SD1.5 loader does not map (kohya files with
+    LDM names: this module resolves those against the checkpoint's own layout).
+    """
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin as Loader
+    from diffusers.utils.peft_utils import recurse_remove_peft_layers
+    from peft.tuners.lora import LoraLayer as PeftLoraLayer
+    from peft.utils.error import NoMatchingPeftModuleError
+
+    summary = {"file": str(lora.path.resolve()), "tolerance": tolerance.name}
+    unread = sorted(set(lora.formats) - DIFFUSERS_READABLE)
+    if unread:
+        return {**summary, "skipped": f"diffusers does not read the {unread} layout"}
+    name = "lcm_edge_reference"
+    state_dict, network_alphas, metadata = Loader.lora_state_dict(str(lora.path), return_lora_metadata=True)
+    failures, compared, worst = [], 0, 0.0
+    try:
+        with torch.no_grad():
+            try:
+                if "unet" in models:
+                    Loader.load_lora_into_unet(state_dict, network_alphas, unet=models["unet"], adapter_name=name,
+                                               metadata=metadata)
+                if "text_encoder" in models:
+                    Loader.load_lora_into_text_encoder(state_dict, network_alphas,
+                                                       text_encoder=models["text_encoder"], prefix="text_encoder",
+                                                       adapter_name=name, metadata=metadata)
+            except NoMatchingPeftModuleError as error:
+                return {**summary, "skipped": f"diffusers maps none of its names onto the model ({error})"}
+            for component, model in models.items():
+                theirs = {path: module for path, module in model.named_modules()
+                          if isinstance(module, PeftLoraLayer) and name in module.lora_A}
+                ours = {layer.module: layer for layer in lora.layers if layer.component == component}
+                failures += [f"{component}.{path}: diffusers adapts it, this reading does not"
+                             for path in sorted(set(theirs) - set(ours))]
+                failures += [f"{component}.{path}: this reading adapts it, diffusers does not"
+                             for path in sorted(set(ours) - set(theirs)) if not _UNREFERENCED_OK.match(path)]
+                for path in sorted(set(theirs) & set(ours)):
+                    reference = theirs[path].get_delta_weight(name).float()
+                    delta = ours[path].scale * ours[path].delta(reference.shape)
+                    max_abs, _, ok = compare(reference.numpy(), delta.numpy(), tolerance)
+                    compared, worst = compared + 1, max(worst, max_abs)
+                    if not ok:
+                        failures.append(f"{component}.{path}: delta max abs {max_abs:.3g} from diffusers' (alpha "
+                                        f"{ours[path].alpha}, rank {ours[path].rank})")
+    finally:
+        for model in models.values():
+            recurse_remove_peft_layers(model)
+            if hasattr(model, "peft_config"):
+                model.peft_config.pop(name, None)
+                if not model.peft_config:
+                    del model.peft_config
+                    model._hf_peft_config_loaded = False
+    if failures:
+        raise ParityError(f"LoRA {lora.path.name} read by lcm_edge vs diffusers", failures)
+    return {**summary, "modules_compared": compared, "max_abs": worst}
 
 
 def fuse_loras(models: Mapping[str, nn.Module], loras: Sequence[LoraFile],
@@ -357,6 +434,7 @@ def fuse_loras(models: Mapping[str, nn.Module], loras: Sequence[LoraFile],
     missing_probe = [c for c in touched if c not in probes]
     if missing_probe:
         raise InvalidArgumentError("probes", f"no probe for {missing_probe}", "pass one probe per touched model")
+    reference = [check_against_diffusers({c: models[c] for c in touched}, lora) for lora in loras]
     with torch.no_grad():
         base = {c: probes[c](models[c]) for c in touched}
         handles = _attach(models, loras)
@@ -380,4 +458,4 @@ def fuse_loras(models: Mapping[str, nn.Module], loras: Sequence[LoraFile],
                 f"{tolerance.name} (atol {tolerance.atol}, rtol {tolerance.rtol})" for c in checks if not c.passed]
     if failures:
         raise ParityError("LoRA fused vs adapters at run time", failures)
-    return FusionReport(tolerance, checks, [lora.summary() for lora in loras])
+    return FusionReport(tolerance, checks, [lora.summary() for lora in loras], reference)

@@ -241,8 +241,12 @@ def test_gate_catches_a_wrong_fusion(models, tmp_path, monkeypatch):
 
     save_file(kohya_lora(models["unet2d"], models["text_encoder"], rank=8, alpha=1.0, seed=0),
               str(tmp_path / "l.safetensors"))
+    from lcm_edge.export import lora as lora_module
+
     original = LoraLayer.delta
     monkeypatch.setattr(LoraLayer, "delta", lambda self, shape: original(self, shape) * 8)
+    # diffusers' reading would catch this first (it also compares deltas): this test is about the gate.
+    monkeypatch.setattr(lora_module, "check_against_diffusers", lambda models, lora: {})
     with pytest.raises(ParityError) as err:
         _fuse(models, [LoraRequest(tmp_path / "l.safetensors", 0.8)])
     assert len(err.value.failures) == 2
@@ -284,3 +288,25 @@ def test_lora_for_another_base_is_refused(models, tmp_path):
 def test_lora_argument_parsing(text, path, weight):
     request = LoraRequest.parse(text)
     assert str(request.path) == path and request.weight == weight
+
+
+@pytest.mark.parametrize("misread", ["alpha", "module"])
+def test_a_misread_alpha_or_target_module_is_caught_by_diffusers_reading(models, tmp_path, misread):
+    """The fused-vs-run-time gate shares this module's reading of the file, so it passes a misread alpha or a
+    wrong target module; diffusers' own reading of the same file (check_against_diffusers) does not."""
+    from safetensors.torch import save_file
+
+    from lcm_edge.export.lora import check_against_diffusers
+
+    path = tmp_path / "lora.safetensors"
+    save_file(kohya_lora(models["unet2d"], models["text_encoder"], rank=4, alpha=2.0, seed=5), str(path))
+    targets = {"unet": models["unet"], "text_encoder": models["text_encoder"]}
+    lora = load_lora(path, targets)
+    assert check_against_diffusers(targets, lora)["modules_compared"] >= len(UNET_TARGETS)  # as read: agrees
+    layer = next(layer for layer in lora.layers if layer.module.endswith("attn1.to_q"))
+    if misread == "alpha":
+        layer.scale, layer.alpha = 1.0, float(layer.rank)  # alpha ignored (scale 1) instead of 2 / 4
+    else:
+        layer.module = layer.module.replace("attn1.to_q", "attn1.to_k")  # same shape, another module
+    with pytest.raises(ParityError, match="diffusers"):
+        fuse_loras(targets, [lora], gate_probes(targets["unet"], targets["text_encoder"]))
