@@ -1,7 +1,7 @@
 """Peak RSS of one generation per resolution, with and without low_memory, on any bundle.
 
     python benchmarks/memory_budget.py [--bundle DIR] [--backend onnxruntime openvino]
-        [--sizes 16x64x64 16x128x128 16x256x256] [--steps 4] [--json out.json]
+        [--sizes 16x64x64 16x96x96 16x128x128] [--steps 4] [--json out.json]
 
 Sizes are FRAMESxHEIGHTxWIDTH. Each (backend, size, mode) runs in its own subprocess: load the bundle,
 generate one clip (seed 0), exit; its peak RSS is the child's ru_maxrss from os.wait4, so nothing measured
@@ -52,7 +52,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", default=None, help="default: the shipped bundle")
     parser.add_argument("--backend", nargs="+", default=["onnxruntime", "openvino"])
-    parser.add_argument("--sizes", nargs="+", default=["16x64x64", "16x128x128", "16x256x256"])
+    parser.add_argument("--sizes", nargs="+", default=["16x64x64", "16x96x96", "16x128x128"])
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--child", nargs=4, default=None, help=argparse.SUPPRESS)

@@ -1,6 +1,7 @@
 """Soak: threads sharing one pipeline for many generations, per backend (issue 27 §1).
 
     python benchmarks/soak.py [--bundle DIR] [--backend onnxruntime openvino] [--threads 4] [--rounds 25]
+        [--frames F] [--height H] [--width W]
     python benchmarks/soak.py --compare-requests [--calls 3]
 
 Each backend runs in its own subprocess. Reference clips come first from serial calls; then in each round
@@ -33,13 +34,13 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def soak(bundle: str, backend: str, threads: int, rounds: int) -> dict:
+def soak(bundle: str, backend: str, threads: int, rounds: int, size: dict) -> dict:
     import numpy as np
 
     import lcm_edge
 
     pipe = lcm_edge.AnimateLCMPipeline.from_bundle(bundle, backend=backend)
-    job = lambda i: pipe(PROMPTS[i % len(PROMPTS)], seed=i % REFERENCES).frames  # noqa: E731
+    job = lambda i: pipe(PROMPTS[i % len(PROMPTS)], seed=i % REFERENCES, **size).frames  # noqa: E731
     reference = [job(i) for i in range(REFERENCES)]
     errors, identical, rss, count = collections.Counter(), 0, [], 0
     start = time.perf_counter()
@@ -61,16 +62,16 @@ def soak(bundle: str, backend: str, threads: int, rounds: int) -> dict:
             "seconds": time.perf_counter() - start}
 
 
-def compare_requests(bundle: str, threads: int, calls: int) -> list[dict]:
+def compare_requests(bundle: str, threads: int, calls: int, size: dict) -> list[dict]:
     import lcm_edge
 
     rows = []
     for requests in (1, threads):
         pipe = lcm_edge.AnimateLCMPipeline.from_bundle(bundle, backend="openvino", max_infer_requests=requests)
-        pipe(PROMPTS[0], seed=0)  # compile outside the timing
+        pipe(PROMPTS[0], seed=0, **size)  # compile outside the timing
         start = time.perf_counter()
         with ThreadPoolExecutor(max_workers=threads) as pool:
-            list(pool.map(lambda i: pipe(PROMPTS[i % len(PROMPTS)], seed=i), range(threads * calls)))
+            list(pool.map(lambda i: pipe(PROMPTS[i % len(PROMPTS)], seed=i, **size), range(threads * calls)))
         rows.append({"max_infer_requests": requests, "seconds": time.perf_counter() - start, "rss_mib": rss_mib()})
     return rows
 
@@ -80,6 +81,9 @@ def run_child(args, *extra: str) -> dict | list:
                "--calls", str(args.calls), *extra]
     if args.bundle:
         command += ["--bundle", args.bundle]
+    for flag in ("frames", "height", "width"):
+        if getattr(args, flag) is not None:
+            command += [f"--{flag}", str(getattr(args, flag))]
     out = subprocess.run(command, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(out.stderr)
@@ -94,16 +98,20 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=25, help="generations per thread")
     parser.add_argument("--calls", type=int, default=3, help="calls per thread with --compare-requests")
     parser.add_argument("--compare-requests", action="store_true")
+    parser.add_argument("--frames", type=int, default=None, help="default: the bundle's")
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         from lcm_edge.default import default_bundle_path
 
         bundle = args.bundle or str(default_bundle_path())
+        size = {"num_frames": args.frames, "height": args.height, "width": args.width}
         if args.child == "compare":
-            print(json.dumps(compare_requests(bundle, args.threads, args.calls)))
+            print(json.dumps(compare_requests(bundle, args.threads, args.calls, size)))
         else:
-            print(json.dumps(soak(bundle, args.child, args.threads, args.rounds)))
+            print(json.dumps(soak(bundle, args.child, args.threads, args.rounds, size)))
         return 0
     if args.compare_requests:
         for row in run_child(args, "--child", "compare"):

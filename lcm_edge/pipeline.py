@@ -241,7 +241,7 @@ class Component:
 
 
 def create_runtime(bundle: Bundle, backend: str = "onnxruntime", device: str | None = None, *,
-                   precision: str = "f32", low_memory: bool = False, **backend_options) -> Backend:
+                   precision: str | None = None, low_memory: bool = False, **backend_options) -> Backend:
     """The backend for `bundle`; precision="auto" picks the fastest precision the device computes in that
     passed lcm_edge.precision's fidelity gate for this bundle on this machine, else f32 (describe() says)."""
     if not isinstance(low_memory, bool):
@@ -306,11 +306,11 @@ class AnimateLCMPipeline:
 
     @classmethod
     def from_bundle(cls, path: str | os.PathLike, *, backend: str = "onnxruntime", device: str | None = None,
-                    verify_checksums: bool = True, precision: str = "f32", low_memory: bool = False,
+                    verify_checksums: bool = True, precision: str | None = None, low_memory: bool = False,
                     **backend_options) -> "AnimateLCMPipeline":
         """Verify the bundle, then compile its graphs on `backend` / `device`.
 
-        precision: "f32" (default), "bf16"/"f16" (OpenVINO, where the device computes in it) or "auto".
+        precision: "f32" (the default), "bf16"/"f16" (OpenVINO, where the device computes in it) or "auto".
         low_memory: see the class docstring.
         backend_options go to the backend: onnxruntime takes threads, optimization, memory_arena,
         provider_options; openvino takes cache_dir, performance_hint, static_shapes, shape_cache_size,

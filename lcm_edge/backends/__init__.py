@@ -39,6 +39,11 @@ def create_backend(name: str = "onnxruntime", device: str | None = None, *, prec
         from .openvino_backend import OpenVinoBackend
 
         if precision is not None:
+            if "inference_precision" in options:
+                from ..errors import InvalidArgumentError
+
+                raise InvalidArgumentError("precision", "given together with inference_precision, its OpenVINO name",
+                                           "pass one of them")
             options["inference_precision"] = precision
         return OpenVinoBackend(device or "CPU", **options)
     from ..errors import BackendError
