@@ -7,6 +7,7 @@ Set LCM_EDGE_SCREENSHOT_DIR to keep the screenshot (docs/images/serve.png is mad
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -188,6 +189,32 @@ def test_bad_argument_shows_the_fix_not_a_traceback(page, server):
     assert "Traceback" not in page.content()
     _url, log = server
     assert "Traceback" not in log.read_text()
+
+
+def _choose(page, field: str, value: str) -> None:
+    page.locator(f"#{field} input").click()
+    page.get_by_role("option", name=value, exact=True).click()
+
+
+def test_guidance_enables_the_negative_prompt_and_backends_are_what_is_installed(page):
+    negative = page.locator("#negative textarea")
+    assert negative.is_disabled()  # guidance 1: AnimateLCM's CFG-free sampling has no negative prompt
+    _set(page, "guidance", 1.5)
+    negative.wait_for(state="visible")
+    page.wait_for_function("() => !document.querySelector('#negative textarea').disabled")
+    negative.fill("a red circle")
+    for field, value in (("frames", 8), ("steps", 2)):
+        _set(page, field, value)
+    page.locator("#backend input").click()
+    offered = {o.inner_text().replace("✓", "").strip() for o in page.get_by_role("option").all()}  # ✓ marks the chosen
+    expected = {"onnxruntime"} | ({"openvino"} if importlib.util.find_spec("openvino") else set())
+    assert offered == expected, offered  # what this machine has installed, nothing else
+    backend = "openvino" if "openvino" in offered else "onnxruntime"
+    page.get_by_role("option", name=backend, exact=True).click()
+    text = _generate(page)
+    assert text.startswith("Done: 8 frames") and backend in text.lower(), text
+    _set(page, "guidance", 1)
+    _choose(page, "backend", "onnxruntime")
 
 
 def test_two_users_at_once_are_queued(page, server):
