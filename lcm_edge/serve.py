@@ -225,10 +225,13 @@ class ServeApp:
             gif = result.save(self.output_dir / f"{name}.gif")
             mp4 = result.save(self.output_dir / f"{name}.mp4")
             n, h, w, _ = result.frames.shape
+            # The library warns (PromptTruncatedWarning); the page says it from the result, per request.
+            dropped = f" The prompt was too long; the text encoder did not see: '{result.truncated_text}'." \
+                if result.truncated_text else ""
             return {"clip": str(gif), "files": [str(mp4), str(gif)], "seed": result.seed,
                     "timings": result.timings.summary(),
                     "status": f"Done: {n} frames at {w}x{h}, seed {result.seed}, "
-                              f"{warm.pipeline.backend.describe()}."}
+                              f"{warm.pipeline.backend.describe()}.{dropped}"}
         except GenerationCancelled as exc:
             # The stage alone can mislead (a preview's decode reads "VAE decode"): say how far sampling got.
             done = f", after UNet step {len(steps_done)}/{steps_done[-1].num_steps}" if steps_done else ""
@@ -240,8 +243,11 @@ class ServeApp:
     def _prune_old_clips(self) -> None:
         cutoff = time.time() - CLIP_RETENTION_S
         for clip in self.output_dir.glob("clip-*"):
-            if clip.stat().st_mtime < cutoff:
-                clip.unlink(missing_ok=True)  # another request may have pruned it first
+            try:
+                if clip.stat().st_mtime < cutoff:
+                    clip.unlink()
+            except FileNotFoundError:
+                continue  # a concurrent request pruned it between the listing and here
 
     def close(self) -> None:
         if self._owns_output_dir:

@@ -242,6 +242,7 @@ def test_two_users_at_once_are_queued(page, server):
     assert "Traceback" not in log.read_text()
 
 
+@pytest.mark.filterwarnings("ignore::lcm_edge.PromptTruncatedWarning")  # the long prompt's, read from the result
 def test_serve_app_without_a_browser(tmp_path):
     """ServeApp's contract under the UI: previews per step, a cancel pressed before the run stops it at once,
     one warm pipeline per (bundle, backend, device), bad input as the field's message."""
@@ -259,6 +260,11 @@ def test_serve_app_without_a_browser(tmp_path):
         assert [s.step for s in steps] == [0, 1] and all(s.preview.shape == (8, 64, 64, 3) for s in steps)
         ok, animation = cv2.imreadanimation(shown["clip"])
         assert ok and len(animation.frames) == 8
+
+        long_prompt = "a red circle moving right " + "and then a blue square moving up " * 4
+        shown = app.generate("s", long_prompt, "", 4, 64, 64, 1, 1.0, "", True, "onnxruntime", "cpu",
+                             DEFAULT_BUNDLE_CHOICE)
+        assert "The prompt was too long; the text encoder did not see: '" in shown["status"], shown
 
         app.cancels.arm("s")
         app.cancels.cancel("s")  # pressed while the run waited in the queue
