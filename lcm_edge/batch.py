@@ -115,7 +115,7 @@ def _generate(pipeline, job: Job) -> dict:
     except LcmEdgeError as exc:
         return {"job": job, "error": str(exc)}
     return {"job": job, "frames": result.frames, "fps": result.fps, "seed": result.seed,
-            "timesteps": list(result.timesteps),
+            "timesteps": list(result.timesteps), "truncated_text": result.truncated_text,
             "timings": {"text_encoder_s": result.timings.text_encoder_s, "unet_steps_s": result.timings.unet_steps_s,
                         "vae_decode_s": result.timings.vae_decode_s, "total_s": result.timings.total_s},
             "backend": pipeline.backend.describe(), "worker": f"{socket.gethostname()}:{os.getpid()}"}
@@ -242,6 +242,8 @@ def run_batch(prompts: Path, out: Path, *, bundle: Path, backend: str = "onnxrun
                 record.update(file=job.file, seed=outcome["seed"], frames=frames, height=height, width=width,
                               timesteps=outcome["timesteps"], timings=outcome["timings"], backend=outcome["backend"],
                               worker=outcome["worker"])
+                if outcome["truncated_text"]:  # the prompt was longer than the text encoder takes
+                    record["truncated_text"] = outcome["truncated_text"]
                 report(f"[{done}/{len(todo)}] line {job.line}: {job.file} (seed {outcome['seed']}, "
                        f"{outcome['timings']['total_s']:.2f} s)")
             log.write(json.dumps(record) + "\n")

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import cv2
+import pytest
 
 from lcm_edge.batch import RESULTS_FILE
 from lcm_edge.cli import main
@@ -17,7 +18,10 @@ from lcm_edge.cli import main
 GOOD = [{"prompt": "a red circle moving right", "seed": 1, "frames": 8, "steps": 2},
         {"prompt": "a blue square moving up", "seed": 2, "frames": 4, "steps": 1, "guidance": 1.5,
          "negative_prompt": "a red circle"},
-        {"prompt": "a green triangle moving left", "frames": 4, "steps": 1, "height": 32, "width": 32}]
+        # longer than the default model's text encoder takes: the record says what was dropped
+        {"prompt": "a green triangle moving left" + " and a blue square moving up" * 3, "frames": 4, "steps": 1,
+         "height": 32, "width": 32}]
+pytestmark = pytest.mark.filterwarnings("ignore::lcm_edge.PromptTruncatedWarning")
 
 
 def _write(path: Path, lines: list) -> Path:
@@ -66,6 +70,7 @@ def test_batch_reports_bad_lines_skips_them_and_resumes(tmp_path, capsys):
     assert "line 6: unknown keys ['colour']" in err
     first = _check_clips(out, {1: GOOD[0], 3: GOOD[1], 5: GOOD[2]})
     assert all(r["worker"].endswith(f":{os.getpid()}") for r in first)  # one worker: this process
+    assert [bool(r.get("truncated_text")) for r in first] == [False, False, True]
 
     # A rerun makes nothing: every clip is there.
     assert main(["batch", str(prompts), "--out", str(out)]) == 1
