@@ -230,3 +230,18 @@ def test_malformed_quantization_record_is_a_format_error(ort_hybrid, tmp_path):
     (copy / "bundle.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleFormatError, match="quantization"):
         load_bundle(copy)
+
+
+def test_export_int8_checks_its_arguments_before_exporting(tmp_path, capsys):
+    """`export --int8` reads the prompts file and the output folder before minutes of export (the base does not
+    even exist here: the INT8 arguments are refused first)."""
+    from lcm_edge.cli import main
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    base = ["export", "--base", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "b"), "--int8"]
+    assert main(base + ["--calibration-prompts", str(empty)]) == 2
+    assert "--calibration-prompts:" in capsys.readouterr().err
+    (tmp_path / "b").mkdir()
+    assert main(base + ["full"]) == 2
+    assert "--out:" in capsys.readouterr().err
