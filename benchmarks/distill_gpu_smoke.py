@@ -51,8 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import CLIPTextConfig, CLIPTextModel
     from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel
 
-    from lcm_edge.distill.config import config_from_dict
-    from lcm_edge.distill.models import BaseModels, char_tokenizer, load_motion_adapter, tiny_components
+    from lcm_edge.distill.config import config_from_dict, two_stage_configs
+    from lcm_edge.distill.models import BaseModels, load_motion_adapter
+    from tiny_sd import char_tokenizer, tiny_components
     from lcm_edge.distill.synthetic import synthetic_clips, write_image_dataset, write_video_dataset
     from lcm_edge.distill.train import train
     from lcm_edge.export.sd15_configs import (ANIMATELCM_ADAPTER_CONFIG, ANIMATELCM_SCHEDULER_CONFIG,
@@ -98,18 +99,18 @@ def main(argv: list[str] | None = None) -> int:
 
     schedule = {k: ANIMATELCM_SCHEDULER_CONFIG[k] for k in ("beta_schedule", "beta_start", "beta_end",
                                                              "prediction_type", "num_train_timesteps")}
-    common = {
-        "schedule": schedule,
-        "model": {"pretrained": str(work / "unused-in-memory-base")},
-        "lora": {"rank": 4 if args.dry_run_cpu else 64, "alpha": 64.0},
-        "consistency": {"w_min": 5.0, "w_max": 15.0},
-    }
     train_common = {"max_train_steps": args.steps, "batch_size": 1,
                     "mixed_precision": "no" if args.dry_run_cpu else args.precision,
                     "gradient_checkpointing": True, "checkpointing_steps": args.steps, "report_to": "tensorboard",
                     "log_every": 1, "vae_batch_size": 4}
     video_data = {"kind": "videos", "root": str(work / "videos"), "resolution": args.resolution,
                   "num_frames": args.frames, "frame_stride": 1, "center_crop": False}
+    pretrained = work / "unused-in-memory-base"
+    stage1, stage2 = two_stage_configs(
+        work, pretrained=pretrained, motion_adapter=work / "teacher_motion", schedule=schedule,
+        image_data={"kind": "images", "root": str(work / "images"), "resolution": args.resolution},
+        video_data=video_data, train=train_common, lora={"rank": 4 if args.dry_run_cpu else 64, "alpha": 64.0},
+        consistency={"w_min": 5.0, "w_max": 15.0})
 
     results = {"gpu": gpu, "torch": torch.__version__, "precision": args.precision, "frames": args.frames,
                "resolution": args.resolution, "steps": args.steps, "stages": {}}
@@ -143,25 +144,21 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
         return cfg
 
-    cfg1 = run("image", {"stage": "image", **common,
-                         "data": {"kind": "images", "root": str(work / "images"), "resolution": args.resolution},
-                         "train": {**train_common, "output_dir": str(work / "image")}}, make_base())
+    cfg1 = run("image", stage1, make_base())
     lora = Path(cfg1.train.output_dir) / "lora"
     motion_src = work / "teacher_motion"
     torch.manual_seed(1)
     teacher_motion = (tiny_components(work / "tokenizer").motion_adapter if args.dry_run_cpu
                       else MotionAdapter.from_config(ANIMATELCM_ADAPTER_CONFIG))
     teacher_motion.save_pretrained(motion_src)  # a random "AnimateDiff" teacher module
-    run("video", {"stage": "video", **common,
-                  "model": {"pretrained": common["model"]["pretrained"], "motion_adapter": str(motion_src),
-                            "lora": str(lora)},
-                  "data": video_data, "train": {**train_common, "output_dir": str(work / "video")}},
-        make_base(str(motion_src)))
-    run("adapter_i2v", {"stage": "adapter", **common, "adapter": {"kind": "image_to_video"},
-                        "model": {"pretrained": common["model"]["pretrained"],
-                                  "motion_adapter": str(work / "video" / "motion_adapter"), "lora": str(lora)},
-                        "data": video_data, "train": {**train_common, "output_dir": str(work / "adapter")}},
-        make_base(str(work / "video" / "motion_adapter")))
+    cfg2 = run("video", stage2, make_base(str(motion_src)))
+    student_motion = Path(cfg2.train.output_dir) / "motion_adapter"
+    run("adapter_i2v", {**stage2, "stage": "adapter", "adapter": {"kind": "image_to_video"},
+                        "lora": stage1["lora"],
+                        "model": {"pretrained": str(pretrained), "motion_adapter": str(student_motion),
+                                  "lora": str(lora)},
+                        "train": {**train_common, "output_dir": str(work / "adapter")}},
+        make_base(str(student_motion)))
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

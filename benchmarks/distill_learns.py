@@ -104,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from lcm_edge.distill import consistency as C
-    from lcm_edge.distill.config import ScheduleConfig, config_from_dict
-    from lcm_edge.distill.models import encode_prompts, tiny_components
+    from lcm_edge.distill.config import ScheduleConfig, config_from_dict, two_stage_configs
+    from lcm_edge.distill.models import encode_prompts
+    from tiny_sd import tiny_components
     from lcm_edge.distill.synthetic import latents_to_rgb, pixel_latents, synthetic_clips, write_pixel_latents
     from lcm_edge.distill.train import train
 
@@ -149,28 +150,24 @@ def main(argv: list[str] | None = None) -> int:
     teacher_s = time.perf_counter() - started
 
     # 3-4. Stage 1 and stage 2 through the real training entry point.
-    common = {"schedule": {**SCHEDULE, "num_ddim_timesteps": sc.num_ddim_timesteps},
-              "lora": {"rank": sc.lora_rank, "alpha": float(sc.lora_rank)},
-              "consistency": {"w_min": sc.guidance_w, "w_max": sc.guidance_w, "ema_decay": sc.ema_decay}}
-    cfg1 = config_from_dict({
-        "stage": "image", **common, "model": {"pretrained": str(work / "teacher")},
-        "data": {"kind": "latents", "root": str(work / "image_latents")},
-        "train": {"output_dir": str(work / "stage1"), "max_train_steps": sc.stage1_steps, "batch_size": sc.stage1_batch,
-                  "learning_rate": sc.stage1_lr, "lr_scheduler": sc.lr_scheduler, "lr_warmup_steps": 20,
-                  "checkpointing_steps": 10_000, "report_to": "none",
-                  "log_every": 50, "seed": sc.seed}})
+    train_common = {"lr_scheduler": sc.lr_scheduler, "lr_warmup_steps": 20, "checkpointing_steps": 10_000,
+                    "report_to": "none", "log_every": 50, "seed": sc.seed}
+    stage1, stage2 = two_stage_configs(
+        work, pretrained=work / "teacher", motion_adapter=work / "teacher" / "motion_adapter",
+        schedule={**SCHEDULE, "num_ddim_timesteps": sc.num_ddim_timesteps},
+        image_data={"kind": "latents", "root": str(work / "image_latents")},
+        video_data={"kind": "latents", "root": str(work / "video_latents"), "num_frames": sc.frames},
+        train=train_common, lora={"rank": sc.lora_rank, "alpha": float(sc.lora_rank)},
+        consistency={"w_min": sc.guidance_w, "w_max": sc.guidance_w, "ema_decay": sc.ema_decay},
+        image={"train": {"max_train_steps": sc.stage1_steps, "batch_size": sc.stage1_batch,
+                         "learning_rate": sc.stage1_lr}},
+        video={"model": {"student_motion_init": sc.student_motion_init},
+               "train": {"max_train_steps": sc.stage2_steps, "batch_size": sc.stage2_batch,
+                         "learning_rate": sc.stage2_lr}})
     t0 = time.perf_counter()
-    r1 = train(cfg1)
+    train(config_from_dict(stage1))
     stage1_s = time.perf_counter() - t0
-    cfg2 = config_from_dict({
-        "stage": "video", **common,
-        "model": {"pretrained": str(work / "teacher"), "motion_adapter": str(work / "teacher" / "motion_adapter"),
-                  "lora": str(r1.artifacts["lora"]), "student_motion_init": sc.student_motion_init},
-        "data": {"kind": "latents", "root": str(work / "video_latents"), "num_frames": sc.frames},
-        "train": {"output_dir": str(work / "stage2"), "max_train_steps": sc.stage2_steps, "batch_size": sc.stage2_batch,
-                  "learning_rate": sc.stage2_lr, "lr_scheduler": sc.lr_scheduler, "lr_warmup_steps": 20,
-                  "checkpointing_steps": 10_000, "report_to": "none",
-                  "log_every": 50, "seed": sc.seed}})
+    cfg2 = config_from_dict(stage2)
     t0 = time.perf_counter()
     r2 = train(cfg2)
     stage2_s = time.perf_counter() - t0

@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from lcm_edge.scheduler import BETA_SCHEDULES, PREDICTION_TYPES
+
 from .errors import ConfigError
 
 STAGES = ("image", "video", "adapter")
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 DATA_KINDS = ("images", "videos", "latents")
 TARGETS = ("online", "ema")
 LOSS_TYPES = ("huber", "l2")
@@ -478,6 +478,34 @@ def load_config(path: str | Path, *, stage: str | None = None) -> DistillConfig:
                               f"run `distill {raw['stage']}` or change stage in {path}")
         raw = {**raw, "stage": stage}
     return config_from_dict(raw)
+
+
+def two_stage_configs(run_dir: str | Path, *, pretrained: str | Path, motion_adapter: str | Path,
+                      schedule: Mapping[str, Any], image_data: Mapping[str, Any], video_data: Mapping[str, Any],
+                      train: Mapping[str, Any] | None = None, consistency: Mapping[str, Any] | None = None,
+                      lora: Mapping[str, Any] | None = None, image: Mapping[str, Mapping[str, Any]] | None = None,
+                      video: Mapping[str, Mapping[str, Any]] | None = None) -> tuple[dict, dict]:
+    """The decoupled recipe's two configs, as a user writes them (config_from_dict / load_config read them).
+
+    Stage 1 ("image") trains the consistency LoRA on `pretrained` into RUN_DIR/stage1; stage 2 ("video")
+    distils the video teacher (`pretrained` + `motion_adapter`) into RUN_DIR/stage2 with stage 1's LoRA
+    (RUN_DIR/stage1/lora) merged. `schedule`, `train` and `consistency` are both stages'; `lora` is stage 1's
+    LoRA shape. `image` and `video` add to or override one stage's sections, key by key within a section
+    (e.g. video={"schedule": {"num_ddim_timesteps": 10}}).
+    """
+    run_dir = Path(run_dir)
+    stage1 = {"stage": "image", "schedule": dict(schedule), "model": {"pretrained": str(pretrained)},
+              "data": dict(image_data), "train": {**(train or {}), "output_dir": str(run_dir / "stage1")},
+              **({"lora": dict(lora)} if lora else {}), "consistency": dict(consistency or {})}
+    stage2 = {"stage": "video", "schedule": dict(schedule),
+              "model": {"pretrained": str(pretrained), "motion_adapter": str(motion_adapter),
+                        "lora": str(run_dir / "stage1" / "lora")},
+              "data": dict(video_data), "train": {**(train or {}), "output_dir": str(run_dir / "stage2")},
+              "consistency": dict(consistency or {})}
+    for config, overrides in ((stage1, image), (stage2, video)):
+        for section, values in (overrides or {}).items():
+            config[section] = {**config.get(section, {}), **values}
+    return stage1, stage2
 
 
 def _toml_module():

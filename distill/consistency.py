@@ -1,9 +1,10 @@
-"""The consistency math of latent consistency distillation, in torch: the one source of truth for training.
+"""The consistency math of latent consistency distillation in torch, where training needs it on batches.
 
 Luo et al., "Latent Consistency Models" (arXiv 2310.04378) and Wang et al., "AnimateLCM" (arXiv 2402.00769).
-Every function is small and pure; the training loop (train.py) composes them. The runtime samples the
-student with lcm_edge/scheduler.py (numpy); tests/test_distill_consistency.py binds the two: the same
-alphas_cumprod, boundary scalings, x_0, denoised sample, re-noised sample and timestep schedules.
+Every function is small and pure; the training loop (train.py) composes them. The noise schedule itself
+(alphas_cumprod, LCM's sampling timesteps) comes from the runtime's scheduler (lcm_edge/scheduler.py, numpy),
+which samples the student; tests/test_distill_consistency.py binds the batched torch steps to it: the same
+boundary scalings, x_0, denoised sample and re-noised sample.
 
 Notation: alpha_t = sqrt(alphas_cumprod[t]) (signal scale), sigma_t = sqrt(1 - alphas_cumprod[t]) (noise
 scale), x_t = alpha_t * x_0 + sigma_t * eps. The DDIM solver grid is t_n = k * n - 1 for n = 1..N with
@@ -12,8 +13,6 @@ t_n := grid[i] - k.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -27,37 +26,28 @@ SIGMA_DATA = 0.5  # consistency models' data standard deviation in the boundary 
 # 1. Noise schedule
 
 
+def _numpy_scheduler(beta_schedule: str, beta_start: float, beta_end: float, num_train_timesteps: int,
+                     rescale_betas_zero_snr: bool, original_inference_steps: int):
+    """The runtime's scheduler (lcm_edge.scheduler, numpy): the one copy of the schedule math, so the student is
+    trained on exactly the alphas_cumprod and timesteps it is sampled with. Nothing here needs autograd."""
+    from lcm_edge.scheduler import BETA_SCHEDULES, LCMScheduler, SchedulerConfig
+
+    if beta_schedule not in BETA_SCHEDULES:
+        raise InvalidArgumentError("beta_schedule", f"{beta_schedule!r} is not supported",
+                                   f"use one of {list(BETA_SCHEDULES)}")
+    return LCMScheduler(SchedulerConfig.from_dict({
+        "num_train_timesteps": num_train_timesteps, "beta_start": beta_start, "beta_end": beta_end,
+        "beta_schedule": beta_schedule, "original_inference_steps": original_inference_steps,
+        "prediction_type": "epsilon", "timestep_scaling": 10.0, "rescale_betas_zero_snr": rescale_betas_zero_snr,
+    }, source="distill schedule"))
+
+
 def make_alphas_cumprod(beta_schedule: str, beta_start: float, beta_end: float, num_train_timesteps: int,
                         rescale_betas_zero_snr: bool = False) -> torch.Tensor:
-    """alphas_cumprod (float32, CPU) exactly as diffusers' DDPMScheduler/LCMScheduler builds it."""
-    T = num_train_timesteps
-    if beta_schedule == "linear":
-        betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float32)
-    elif beta_schedule == "scaled_linear":
-        # Latent diffusion's schedule: linear in sqrt(beta).
-        betas = torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float32) ** 2
-    elif beta_schedule == "squaredcos_cap_v2":
-        def alpha_bar(t: float) -> float:
-            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-
-        betas = torch.tensor([min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), 0.999) for i in range(T)],
-                             dtype=torch.float32)
-    else:
-        raise InvalidArgumentError("beta_schedule", f"{beta_schedule!r} is not supported",
-                                   "use 'linear', 'scaled_linear' or 'squaredcos_cap_v2'")
-    if rescale_betas_zero_snr:
-        betas = _rescale_zero_terminal_snr(betas)
-    return torch.cumprod(1.0 - betas, dim=0)
-
-
-def _rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
-    """Lin et al. 2023 (arXiv 2305.08891) Algorithm 1: shift the schedule so the last step has zero signal."""
-    alphas_bar_sqrt = torch.cumprod(1.0 - betas, dim=0).sqrt()
-    a0, aT = alphas_bar_sqrt[0].clone(), alphas_bar_sqrt[-1].clone()
-    alphas_bar_sqrt = (alphas_bar_sqrt - aT) * (a0 / (a0 - aT))
-    alphas_bar = alphas_bar_sqrt**2
-    alphas = torch.cat([alphas_bar[0:1], alphas_bar[1:] / alphas_bar[:-1]])
-    return 1 - alphas
+    """alphas_cumprod (float32, CPU) as the runtime's scheduler (and diffusers' LCMScheduler) builds it."""
+    scheduler = _numpy_scheduler(beta_schedule, beta_start, beta_end, num_train_timesteps, rescale_betas_zero_snr,
+                                 num_train_timesteps)
+    return torch.from_numpy(scheduler.alphas_cumprod.copy())
 
 
 def append_dims(x: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -121,12 +111,9 @@ def draw_solver_steps(grid: torch.Tensor, batch: int, g: torch.Generator) -> tor
 
 def lcm_inference_timesteps(num_inference_steps: int, num_train_timesteps: int,
                             original_inference_steps: int) -> torch.Tensor:
-    """The timesteps LCM multistep sampling visits (diffusers' LCMScheduler.set_timesteps), descending."""
-    origin = solver_timesteps(num_train_timesteps, original_inference_steps).flip(0)
-    # np.floor(np.linspace(0, N, n, endpoint=False)) as numpy computes it: float64 i * (N / n), floored.
-    step = original_inference_steps / num_inference_steps
-    idx = torch.floor(torch.arange(num_inference_steps, dtype=torch.float64) * step).to(torch.int64)
-    return origin[idx]
+    """The timesteps LCM multistep sampling visits (the runtime's LCMScheduler.set_timesteps), descending."""
+    scheduler = _numpy_scheduler("linear", 0.00085, 0.012, num_train_timesteps, False, original_inference_steps)
+    return torch.from_numpy(scheduler.set_timesteps(num_inference_steps).copy())
 
 
 # ----------------------------------------------------------------------------------------------

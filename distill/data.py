@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -293,22 +294,50 @@ def precompute_latents(cfg: DataConfig, vae, out_dir: str | Path, *, batch_size:
                        device: str | torch.device = "cpu") -> Path:
     """Encode a MediaDataset once with the VAE (mean of the posterior, times scaling_factor) into a
     `latents` folder. Crops/frames are drawn once, from `seed`; training then skips the VAE."""
-    from safetensors.torch import save_file
-
     dataset = MediaDataset(cfg)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+
+    def encoded():
+        for i in range(len(dataset)):
+            item = dataset[(i, int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))]
+            pixels = item["pixels"]
+            frames = pixels[None] if pixels.ndim == 3 else pixels
+            chunks = [vae.encode(frames[k:k + batch_size].to(device, vae.dtype)).latent_dist.mean
+                      for k in range(0, frames.shape[0], batch_size)]
+            latents = torch.cat(chunks).float() * vae.config.scaling_factor  # (F, 4, h, w)
+            latents = latents[0] if pixels.ndim == 3 else latents.permute(1, 0, 2, 3)
+            yield f"{i:06d}.safetensors", latents.cpu(), dataset.records[i].caption
+
+    return write_latents(out_dir, encoded())
+
+
+LATENTS_INDEX = "latents.jsonl"
+
+
+def write_latents(folder: str | Path, samples: Iterable[tuple[str, object, str]]) -> Path:
+    """A data.kind "latents" folder: one safetensors file ({"latents": ...}) per sample and LATENTS_INDEX naming
+    each file with its caption. `samples`: (file name, (C, h, w) or (C, F, h, w) latents as a numpy array or CPU
+    tensor, caption). The index is written last, through a temporary file: a folder whose writing stopped has
+    no index, so it is never read as a finished one."""
+    from safetensors.numpy import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     lines = []
-    for i in range(len(dataset)):
-        item = dataset[(i, int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))]
-        pixels = item["pixels"]
-        frames = pixels[None] if pixels.ndim == 3 else pixels
-        chunks = [vae.encode(frames[k:k + batch_size].to(device, vae.dtype)).latent_dist.mean
-                  for k in range(0, frames.shape[0], batch_size)]
-        latents = torch.cat(chunks).float() * vae.config.scaling_factor  # (F, 4, h, w)
-        latents = latents[0] if pixels.ndim == 3 else latents.permute(1, 0, 2, 3)
-        name = f"{i:06d}.safetensors"
-        save_file({"latents": latents.cpu().contiguous()}, str(out / name))
-        lines.append(json.dumps({"file": name, "caption": dataset.records[i].caption}))
-    (out / "latents.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return out
+    for name, latents, caption in samples:
+        array = latents.detach().cpu().numpy() if isinstance(latents, torch.Tensor) else np.asarray(latents)
+        save_file({"latents": np.ascontiguousarray(array)}, str(folder / name))
+        lines.append(json.dumps({"file": name, "caption": caption}))
+    tmp = folder / (LATENTS_INDEX + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(tmp, folder / LATENTS_INDEX)
+    return folder
+
+
+def read_latents(folder: str | Path) -> tuple[torch.Tensor, list[str]]:
+    """What write_latents wrote, every sample stacked (all of one shape), and their captions."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    records = [json.loads(line) for line in (folder / LATENTS_INDEX).read_text(encoding="utf-8").splitlines()]
+    return (torch.stack([load_file(str(folder / r["file"]))["latents"] for r in records]),
+            [r["caption"] for r in records])

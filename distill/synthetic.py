@@ -62,58 +62,11 @@ def caption_for(colour: str, shape: str, direction: str) -> str:
     return f"a {colour} {shape} moving {direction}"
 
 
-# An eye sits this fraction of the radius from the shape's incentre towards its front, and may be up to
-# MAX_EYE of the radius across: the triangle's incircle (radius 0.61, centre 0.19 below the frame centre,
-# see INCENTRE_DROP) holds it whichever way it looks (at 0.3 it touches the base when it looks down).
-EYE_OFFSET = 0.3
-MAX_EYE = 0.25
-INCENTRE_DROP = {"circle": 0.0, "square": 0.0, "triangle": 0.19}
-
-
 def draw_shape(image: np.ndarray, shape: str, centre: tuple[float, float], radius: float,
-               colour: tuple[int, int, int], direction: str | None = None, back_opacity: float = 1.0,
-               eye: float = 0.0) -> None:
-    """Draw in place, anti-aliased by 4x supersampling of the coverage mask.
-
-    back_opacity < 1 draws the half of the shape behind its motion (`direction`) that much fainter; eye > 0
-    leaves a background-coloured dot of `eye` x radius near its front. Either says, in one frame, which way
-    the shape goes (see make_clip).
-    """
+               colour: tuple[int, int, int]) -> None:
+    """Draw in place, anti-aliased by 4x supersampling of the coverage mask."""
     coverage = shape_coverage(shape, centre, radius, image.shape[0], image.shape[1])
-    if eye > 0:
-        dx, dy = DIRECTIONS[direction]
-        spot = (centre[0] + dx * EYE_OFFSET * radius, centre[1] + (INCENTRE_DROP[shape] + dy * EYE_OFFSET) * radius)
-        coverage = coverage * (1.0 - shape_coverage("circle", spot, eye * radius, image.shape[0], image.shape[1]))
-    if back_opacity < 1.0:
-        dx, dy = DIRECTIONS[direction]
-        ys, xs = np.mgrid[0:image.shape[0], 0:image.shape[1]] + 0.5
-        front = (xs - centre[0]) * dx + (ys - centre[1]) * dy >= 0
-        coverage = coverage * np.where(front, 1.0, back_opacity)[..., None]
     image[:] = (image * (1 - coverage) + np.asarray(colour, np.float32) * coverage).round().astype(np.uint8)
-
-
-# A motion trail: copies of the shape behind it (offset in radii, opacity relative to the nearest copy).
-TRAIL = ((0.5, 1.0), (1.0, 0.65), (1.5, 0.35))
-# The most opaque trail whose pixels stay under the detector's foreground distance (60) from BACKGROUND for
-# every colour (white is the farthest, 338): the detector reads such clips exactly as it reads plain ones.
-FAINT_TRAIL = 0.17
-
-
-def draw_trail(image: np.ndarray, shape: str, centre: tuple[float, float], radius: float,
-               colour: tuple[int, int, int], direction: str, opacity: float) -> None:
-    """Draw the trail behind a shape moving in `direction` (before the shape itself is drawn over it);
-    `opacity` is the nearest copy's.
-
-    Copies do not add up: each pixel takes the most opaque copy covering it, so the trail never reaches
-    the shape's own contrast. In one frame, it says which way the shape goes.
-    """
-    dx, dy = DIRECTIONS[direction]
-    alpha = np.zeros((image.shape[0], image.shape[1], 1), np.float32)
-    for offset, relative in TRAIL:
-        ghost = (centre[0] - dx * offset * radius, centre[1] - dy * offset * radius)
-        coverage = shape_coverage(shape, ghost, radius, image.shape[0], image.shape[1])
-        alpha = np.maximum(alpha, opacity * relative * coverage)
-    image[:] = (image * (1 - alpha) + np.asarray(colour, np.float32) * alpha).round().astype(np.uint8)
 
 
 def shape_coverage(shape: str, centre: tuple[float, float], radius: float, h: int, w: int) -> np.ndarray:
@@ -140,20 +93,12 @@ DEFAULT_TRAVEL = (0.3, 0.45)
 
 
 def make_clip(colour: str, shape: str, direction: str, *, size: int, num_frames: int,
-              rng: np.random.Generator, trail: float = 0.0, back_opacity: float = 1.0, eye: float = 0.0,
-              travel: tuple[float, float] = DEFAULT_TRAVEL) -> ShapeClip:
+              rng: np.random.Generator, travel: tuple[float, float] = DEFAULT_TRAVEL) -> ShapeClip:
     """One clip: the shape enters nowhere and leaves nowhere; it stays inside the frame throughout.
 
-    trail > 0 draws a motion trail behind the shape (TRAIL; `trail` = its nearest copy's opacity, e.g.
-    FAINT_TRAIL), which may leave the frame. back_opacity < 1 shades the shape's back half, eye > 0 gives it
-    an eye at its front (draw_shape). `travel`: the range of the path's length, first to last frame, as a
-    fraction of the frame side (drawn uniformly).
+    `travel`: the range of the path's length, first to last frame, as a fraction of the frame side (drawn
+    uniformly). A path longer than the shape shows in a noisy clip as soon as the shape does.
     """
-    if not 0.0 < back_opacity <= 1.0:
-        raise InvalidArgumentError("back_opacity", f"{back_opacity} is outside (0, 1]", "use 1 for plain shapes")
-    if not 0.0 <= eye <= MAX_EYE:
-        raise InvalidArgumentError("eye", f"{eye} is outside [0, {MAX_EYE}]",
-                                   "use 0 for no eye, or at most MAX_EYE (larger ones break the triangle's outline)")
     low, high = travel
     longest = 1.0 - 2 * RADIUS[1] - 2 / size  # the path and the largest shape, with a pixel's margin, fit the frame
     if not 0.0 < low <= high <= longest:
@@ -179,23 +124,19 @@ def make_clip(colour: str, shape: str, direction: str, *, size: int, num_frames:
     for i, centre in enumerate(clip.centres()):
         frame = np.empty((size, size, 3), np.uint8)
         frame[:] = BACKGROUND
-        if trail > 0:
-            draw_trail(frame, shape, centre, radius, COLOURS[colour], direction, trail)
-        draw_shape(frame, shape, centre, radius, COLOURS[colour], direction, back_opacity, eye)
+        draw_shape(frame, shape, centre, radius, COLOURS[colour])
         clip.frames[i] = frame
     return clip
 
 
 def synthetic_clips(count: int, *, seed: int = 0, size: int = 32, num_frames: int = 8,
-                    trail: float = 0.0, back_opacity: float = 1.0, eye: float = 0.0,
                     travel: tuple[float, float] = DEFAULT_TRAVEL) -> list[ShapeClip]:
-    """`count` clips cycling through every (colour, shape, direction) in a seeded order (trail, back_opacity,
-    eye, travel: see make_clip)."""
+    """`count` clips cycling through every (colour, shape, direction) in a seeded order (travel: see make_clip)."""
     combos = [(c, s, d) for c in COLOURS for s in SHAPES for d in DIRECTIONS]
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(combos))
-    return [make_clip(*combos[order[i % len(combos)]], size=size, num_frames=num_frames, rng=rng, trail=trail,
-                      back_opacity=back_opacity, eye=eye, travel=travel) for i in range(count)]
+    return [make_clip(*combos[order[i % len(combos)]], size=size, num_frames=num_frames, rng=rng,
+                      travel=travel) for i in range(count)]
 
 
 def write_video_dataset(folder: str | Path, clips: list[ShapeClip], *, fps: int = 8) -> Path:
@@ -257,24 +198,20 @@ def latents_to_rgb(latents: np.ndarray) -> np.ndarray:
 
 def write_pixel_latents(folder: str | Path, clips: list[ShapeClip], latent_size: int, *,
                         images: bool = False) -> Path:
-    """A latents folder (latents.jsonl + safetensors) of pixel_latents, for data.kind "latents".
+    """A latents folder (data.write_latents) of pixel_latents, for data.kind "latents", with attributes.jsonl.
 
     images=True stores every frame as its own (4, s, s) image sample (stage "image" data).
     """
-    from safetensors.numpy import save_file
+    from .data import write_latents
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    lines, rows = [], []
+    samples, rows = [], []
     for i, clip in enumerate(clips):
         lat = pixel_latents(clip.frames, latent_size)
-        samples = [lat[:, f] for f in range(lat.shape[1])] if images else [lat]
-        for j, sample in enumerate(samples):
+        for j, sample in enumerate([lat[:, f] for f in range(lat.shape[1])] if images else [lat]):
             name = f"latent_{i:05d}_{j:03d}.safetensors" if images else f"latent_{i:05d}.safetensors"
-            save_file({"latents": np.ascontiguousarray(sample)}, str(folder / name))
-            lines.append(json.dumps({"file": name, "caption": clip.caption}))
+            samples.append((name, sample, clip.caption))
             rows.append((name, clip))
-    (folder / "latents.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    folder = write_latents(folder, samples)
     _write_attributes(folder, rows)
     return folder
 

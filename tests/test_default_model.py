@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from lcm_edge.distill.default_model.bpe import train_bpe, write_tokenizer
-from lcm_edge.distill.default_model.chain import HELD_OUT, training_combinations
+from lcm_edge.distill.default_model.clips import HELD_OUT, training_combinations
 from lcm_edge.distill.default_model.detector import detect
-from lcm_edge.distill.synthetic import COLOURS, DIRECTIONS, FAINT_TRAIL, SHAPES, caption_for, synthetic_clips
+from lcm_edge.distill.synthetic import COLOURS, DIRECTIONS, SHAPES, caption_for, synthetic_clips
 from lcm_edge.tokenizer import CLIPTokenizer as RuntimeTokenizer
 
 # The chain's --threads sets torch's process-wide thread count; this restores it after the module.
@@ -40,9 +40,8 @@ def test_held_out_combinations_are_real_and_excluded():
     assert all(h not in combos and h[0] in COLOURS and h[1] in SHAPES and h[2] in DIRECTIONS for h in HELD_OUT)
 
 
-@pytest.mark.parametrize("trail", [0.0, FAINT_TRAIL])
-def test_detector_reads_ground_truth_clips(trail):
-    clips = synthetic_clips(60, seed=3, size=64, num_frames=16, trail=trail)
+def test_detector_reads_ground_truth_clips():
+    clips = synthetic_clips(60, seed=3, size=64, num_frames=16)
     wrong = [(c.caption, detect(c.frames)) for c in clips
              if not all(detect(c.frames).matches(c.colour, c.shape, c.direction).values())]
     assert wrong == []
@@ -68,8 +67,9 @@ def test_chain_smoke_scale_builds_a_bundle_that_generates(tmp_path):
     loaded = load_bundle(bundle)
     record = loaded.provenance["source"]["default_model"]
     assert record["seed"] == 0 and record["scale"]["stage2_steps"] == 2 and "stage2_s" in record["timings_s"]
-    assert all(f"teacher_{step}_s" in record["timings_s"] for step in ("continue", "pure_noise", "anchor"))
-    assert all(check in record["teacher_check"] for check in ("video_continued", "video_pure_noise", "video_anchored"))
+    assert all(f"teacher_{step}_s" in record["timings_s"] for step in ("image", "motion", "pure_noise", "anchor"))
+    assert all(check in record["teacher_check"] for check in ("vae", "image", "video", "video_pure_noise",
+                                                              "video_anchored"))
     # The builder's folders stay out of the shipped provenance (paths read WORKDIR/..., OUT).
     assert str(tmp_path) not in json.dumps(loaded.provenance)
     assert record["command"].endswith("chain WORKDIR --bundle OUT --scale smoke --threads 1")
@@ -81,43 +81,6 @@ def test_chain_smoke_scale_builds_a_bundle_that_generates(tmp_path):
     assert result.frames.shape == (16, 64, 64, 3) and result.timesteps == DEFAULT_TIMESTEPS[4]
     # Resuming a finished chain re-exports from the markers without training again.
     assert main([str(tmp_path / "work"), "--bundle", str(bundle), "--scale", "smoke", "--threads", "1"]) == 0
-
-
-def test_a_workdir_without_step_5c_resumed_at_a_scale_with_it_runs_5c_then_distils_anew(tmp_path, monkeypatch):
-    """A workdir without 5c resumed at a scale with it: 5c runs, and the student is distilled again from the new teacher
-    (not resumed from the old student's checkpoints)."""
-    from dataclasses import replace
-
-    from lcm_edge.distill.default_model import chain
-
-    monkeypatch.setitem(chain.SCALES, "smoke-no-5c", replace(chain.SCALES["smoke"], continue_steps=0))
-    work, bundle = tmp_path / "work", tmp_path / "bundle"
-    assert chain.main([str(work), "--bundle", str(bundle), "--scale", "smoke-no-5c", "--threads", "1"]) == 0
-    assert not (work / "teacher_continue.json").exists()
-    first_student = (work / "stage2" / "model" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
-    first_distill = (work / "distill.json").read_text()
-
-    assert chain.main([str(work), "--bundle", str(bundle), "--scale", "smoke", "--threads", "1",
-                       "--note", "resumed at smoke"]) == 0
-    assert json.loads((work / "teacher_continue.json").read_text())["teacher_continue_s"] > 0
-    assert (work / "distill.json").read_text() != first_distill
-    assert (work / "stage2" / "model" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() != first_student
-    record = json.loads((bundle / "bundle.json").read_text())["provenance"]["source"]["default_model"]
-    assert record["note"] == "resumed at smoke" and record["scale"]["continue_steps"] == 1
-    assert record["command"].endswith("--scale smoke --threads 1 --note NOTE")
-
-
-def test_a_continue_device_this_torch_cannot_use_is_refused_up_front(tmp_path, capsys):
-    import torch
-
-    from lcm_edge.distill.default_model.chain import main
-
-    for device, says in (("tpu9", "use cpu or cuda"), *([("cuda", "sees no CUDA device")]
-                                                        if not torch.cuda.is_available() else [])):
-        with pytest.raises(SystemExit):
-            main([str(tmp_path / "work"), "--bundle", str(tmp_path / "b"), "--continue-device", device])
-        assert says in capsys.readouterr().err
-    assert not (tmp_path / "work").exists()  # refused before anything was written
 
 
 def test_a_schedule_shorter_than_its_run_is_refused():
@@ -160,95 +123,74 @@ def test_architecture_schedule_reaches_the_teacher_sampler_and_the_distill_confi
         assert config["schedule"]["rescale_betas_zero_snr"] is True
 
 
-def test_stage1_target_reaches_the_stage1_config(tmp_path, monkeypatch):
-    """chain.STAGE1_TARGET picks stage 1's consistency target; "ema" gives a config the distill loader accepts."""
-    from lcm_edge.distill.config import load_config
+class _FakeStage:
+    """A stage that records its runs, ticks `steps` times on a fake clock and may fail once."""
+
+    cached = True
+
+    def __init__(self, name, log, *, resumes_from=None, steps=1, fail_once=False):
+        self.name, self.log, self.resumes_from, self.steps, self.fail_once = name, log, resumes_from, steps, fail_once
+
+    def run(self, workdir, tick):
+        self.log.append(self.name)
+        if self.resumes_from:
+            (workdir / self.resumes_from).mkdir(exist_ok=True)
+        for _ in range(self.steps):
+            _FakeStage.now += 10.0
+            tick()
+            if self.fail_once:
+                self.fail_once = False
+                raise KeyboardInterrupt
+        return {"ran": True}
+
+
+def test_the_runner_skips_finished_stages_and_reruns_everything_after_one_that_ran(tmp_path, monkeypatch):
     from lcm_edge.distill.default_model import chain
-    from lcm_edge.distill.default_model.pretrain import ToyArchitecture
 
-    for target in ("online", "ema"):
-        monkeypatch.setattr(chain, "STAGE1_TARGET", target)
-        stage1, _ = chain.distill_configs(tmp_path, chain.SCALES["smoke"], ToyArchitecture(), 0)
-        path = tmp_path / f"stage1_{target}.json"
-        path.write_text(json.dumps(stage1))
-        loaded = load_config(path)
-        assert loaded.consistency.target == target and loaded.consistency.ema_decay == 0.95
-
-
-def test_stage2_merges_the_chains_share_of_the_stage1_lora(tmp_path, monkeypatch):
-    """chain.STAGE2_LORA_WEIGHT reaches stage 2's model.lora_weight, which the distill loader reads."""
-    from lcm_edge.distill.config import load_config
-    from lcm_edge.distill.default_model import chain
-    from lcm_edge.distill.default_model.pretrain import ToyArchitecture
-
-    assert chain.STAGE2_LORA_WEIGHT == 0.5  # the shipped v5's
-    for weight in (0.5, 0.25):
-        monkeypatch.setattr(chain, "STAGE2_LORA_WEIGHT", weight)
-        _, stage2 = chain.distill_configs(tmp_path, chain.SCALES["smoke"], ToyArchitecture(), 0)
-        path = tmp_path / f"stage2_{weight}.json"
-        path.write_text(json.dumps(stage2))
-        assert load_config(path).model.lora_weight == weight
+    _FakeStage.now = 0.0
+    monkeypatch.setattr(chain.time, "perf_counter", lambda: _FakeStage.now)
+    log = []
+    stages = [_FakeStage("a", log), _FakeStage("b", log, resumes_from="b_out", steps=3, fail_once=True),
+              _FakeStage("c", log, resumes_from="c_out")]
+    with pytest.raises(KeyboardInterrupt):  # stopped inside b after one optimizer step
+        chain.run_recipe(stages, tmp_path)
+    assert not (tmp_path / "done" / "b.json").exists()
+    assert json.loads((tmp_path / "b_out" / "chain_seconds.json").read_text())["seconds"] == 10.0
+    results = chain.run_recipe(stages, tmp_path)
+    assert log == ["a", "b", "b", "c"]  # a's marker kept it; b resumed
+    assert results["b"]["b_s"] == 40.0  # the stopped run's 10 s + the resume's 30 s
+    (tmp_path / "c_out" / "checkpoint").mkdir()
+    # Everything finished: nothing runs again.
+    chain.run_recipe(stages, tmp_path)
+    assert log == ["a", "b", "b", "c"]
+    # a reruns (its marker gone): b and c follow, from scratch (c's checkpoints removed, its time counted anew).
+    (tmp_path / "done" / "a.json").unlink()
+    results = chain.run_recipe(stages, tmp_path)
+    assert log[4:] == ["a", "b", "c"] and not (tmp_path / "c_out" / "checkpoint").exists()
+    assert results["b"]["b_s"] == 30.0 and results["c"]["c_s"] == 10.0
 
 
-def test_a_resumed_distill_stage_keeps_the_time_of_its_first_run(tmp_path, monkeypatch):
-    """The chain's stage timings add a resumed stage's earlier runs: continuing after a finished stage records its
-    training time, not the seconds the resume took."""
-    import time
-    from pathlib import Path
-
+def test_the_distill_stages_run_the_chains_configs_and_tick_every_step(tmp_path, monkeypatch):
     from lcm_edge.distill import train as train_module
     from lcm_edge.distill.default_model import chain
     from lcm_edge.distill.default_model.pretrain import ToyArchitecture
 
-    monkeypatch.setattr(chain, "_read_latents", lambda folder: (None, None))
-    monkeypatch.setattr(chain, "_write_image_latents", lambda *args: None)
-    runs = []
+    seen, ticks = [], []
 
-    def fake_train(cfg, callback=None):  # the first run trains, a later one finds its last checkpoint
-        Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
-        time.sleep(0.2 if cfg.train.output_dir not in runs else 0.0)
-        runs.append(cfg.train.output_dir)
-
-    monkeypatch.setattr(train_module, "train", fake_train)
-    args = (tmp_path, chain.SCALES["smoke"], ToyArchitecture(), 0, lambda message: None)
-    first = chain.distill_student(*args)
-    again = chain.distill_student(*args)
-    assert len(runs) == 4 and all(first[key] >= 0.2 for key in ("stage1_s", "stage2_s"))
-    assert all(first[key] <= again[key] < first[key] + 0.1 for key in ("stage1_s", "stage2_s"))
-    fresh = chain.distill_student(*args, fresh=True)  # stages removed (this fake's rerun is instant): timed anew
-    assert all(fresh[key] < 0.1 for key in ("stage1_s", "stage2_s"))
-
-
-def test_a_distill_stage_stopped_mid_run_keeps_the_seconds_it_trained(tmp_path, monkeypatch):
-    """chain_seconds.json is updated after every optimizer step, so a chain stopped inside a stage and continued
-    records the stopped run's seconds as well as the resume's."""
-    import time
-    from pathlib import Path
-
-    from lcm_edge.distill import train as train_module
-    from lcm_edge.distill.default_model import chain
-    from lcm_edge.distill.default_model.pretrain import ToyArchitecture
-
-    monkeypatch.setattr(chain, "_read_latents", lambda folder: (None, None))
-    monkeypatch.setattr(chain, "_write_image_latents", lambda *args: None)
-    stopped = []
-
-    def fake_train(cfg, callback=None):  # stage 1's first run is stopped after one step; everything else finishes
-        Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
-        time.sleep(0.2)
+    def fake_train(cfg, callback=None):
+        seen.append(cfg)
         callback(1, 0.0)
-        if cfg.stage == "image" and not stopped:
-            stopped.append(cfg.train.output_dir)
-            raise KeyboardInterrupt
+        callback(2, 0.0)
 
     monkeypatch.setattr(train_module, "train", fake_train)
-    args = (tmp_path, chain.SCALES["smoke"], ToyArchitecture(), 0, lambda message: None)
-    with pytest.raises(KeyboardInterrupt):
-        chain.distill_student(*args)
-    kept = json.loads((tmp_path / "stage1" / "chain_seconds.json").read_text())["seconds"]
-    assert 0.2 <= kept < 0.3 and not list((tmp_path / "stage1").glob("*.tmp"))
-    resumed = chain.distill_student(*args)
-    assert 0.4 <= resumed["stage1_s"] < 0.6 and 0.2 <= resumed["stage2_s"] < 0.3
+    monkeypatch.setattr(chain, "_write_image_latents", lambda *args: None)
+    stages = chain.recipe(tmp_path, chain.SCALES["smoke"], ToyArchitecture(), 0, lambda message: None)
+    for stage in [s for s in stages if s.name in ("stage1", "stage2")]:
+        stage.run(tmp_path, lambda: ticks.append(1))
+    assert [cfg.stage for cfg in seen] == ["image", "video"] and len(ticks) == 4
+    assert seen[1].model.lora == str(tmp_path / "stage1" / "lora") == seen[0].train.output_dir + "/lora"
+    assert seen[1].model.lora_weight == chain.STAGE2_LORA_WEIGHT
+    assert seen[0].consistency.target == chain.STAGE1_TARGET
 
 
 def test_stage2_samples_on_the_chains_solver_grid(tmp_path):
@@ -259,22 +201,20 @@ def test_stage2_samples_on_the_chains_solver_grid(tmp_path):
     from lcm_edge.distill.default_model import chain
     from lcm_edge.distill.default_model.pretrain import ToyArchitecture
 
-    assert (chain.STAGE2_DDIM_TIMESTEPS, chain.STAGE2_FINE_BELOW) == (10, 800)  # the shipped v7's and v8's
     stage1, stage2 = chain.distill_configs(tmp_path, chain.SCALES["smoke"], ToyArchitecture(), 0)
     configs = []
     for name, config in (("stage1", stage1), ("stage2", stage2)):
         (tmp_path / f"{name}.json").write_text(json.dumps(config))
         configs.append(load_config(tmp_path / f"{name}.json"))
     loaded = [config.schedule for config in configs]
-    # Strong guidance on stage 2's steps from t = 500 up, the plain range below and in stage 1 (v8).
+    # Strong guidance on stage 2's high timesteps only; stage 1 keeps the plain range and trains on data only.
     high = configs[1].consistency
-    assert (high.high_w_from, high.high_w_min, high.high_w_max) == (500, 4.0, 7.0)
-    assert (high.w_min, high.w_max) == (configs[0].consistency.w_min, configs[0].consistency.w_max) == (1.5, 3.0)
-    assert configs[0].consistency.high_w_from == 0
-    # Half of stage 2's solver steps start from the target's one-step prediction; stage 1 trains on data only.
-    assert (high.sampler_inputs, configs[0].consistency.sampler_inputs) == (0.5, 0.0)
-    assert (loaded[0].num_ddim_timesteps, loaded[1].num_ddim_timesteps) == (50, 10)
-    assert loaded[1].lcm_scheduler_config()["original_inference_steps"] == 10
+    assert (high.high_w_from, high.high_w_min, high.high_w_max) == (chain.STAGE2_HIGH_W_FROM, *chain.STAGE2_HIGH_W)
+    assert (high.w_min, high.w_max) == (configs[0].consistency.w_min, configs[0].consistency.w_max) == chain.GUIDANCE_W
+    assert configs[0].consistency.high_w_from == 0 and configs[0].consistency.sampler_inputs == 0.0
+    assert high.sampler_inputs == chain.STAGE2_SAMPLER_INPUTS
+    assert (loaded[0].num_ddim_timesteps, loaded[1].num_ddim_timesteps) == (50, chain.STAGE2_DDIM_TIMESTEPS)
+    assert loaded[1].lcm_scheduler_config()["original_inference_steps"] == chain.STAGE2_DDIM_TIMESTEPS
     grid1, grid2 = (set(schedule.solver_grid().tolist()) for schedule in loaded)
     assert grid1 == set(solver_timesteps(1000, 50).tolist())
     # Every stage-2 solver timestep is one stage 1 trained its LoRA on, and every sampler timestep a stage-2 one.
@@ -286,41 +226,10 @@ def test_stage2_samples_on_the_chains_solver_grid(tmp_path):
     assert grid2 - fine == {t for t in solver_timesteps(1000, 10).tolist() if t >= chain.STAGE2_FINE_BELOW}
 
 
-def _benchmark(name: str):
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    folder = Path(__file__).resolve().parents[1] / "benchmarks"
-    sys.path.insert(0, str(folder))  # the eval's helpers import each other by name
-    try:
-        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(folder))
-    return module
-
-
-def test_cue_readers_read_ground_truth_cues():
-    """benchmarks/default_model_trail_side.py's readers, which the sweep README's side rates come from."""
-    readers = _benchmark("default_model_trail_side")
-
-    def rate(read, **cue):
-        clips = synthetic_clips(12, seed=9, size=64, num_frames=8, **cue)
-        return np.mean([read(frame) == clip.direction for clip in clips for frame in clip.frames])
-
-    assert rate(readers.trail_side, trail=0.5) == 1.0
-    assert rate(readers.trail_side, back_opacity=0.45) == 1.0
-    assert rate(readers.eye_side, eye=0.25) >= 0.99
-    plain = synthetic_clips(6, seed=9, size=64, num_frames=8)
-    assert all(readers.eye_side(frame) is None for clip in plain for frame in clip.frames)
-
-
 def test_eval_seeds_repeat_the_prompts_and_intervals_narrow():
     """benchmarks/default_model_eval.py --seeds: the one-seed set comes first (same clips as before), every
     combination once per seed; the table's Wilson interval matches a textbook value and narrows with clips."""
-    evaluation = _benchmark("default_model_eval")
+    import default_model_eval as evaluation  # benchmarks/ is on the tests' path
     one, three = evaluation.prompt_set(60), evaluation.prompt_set(60, 3)
     assert len(set(one)) == 60 and three[:60] == one and three == one * 3
     lo, hi = evaluation.wilson_interval(0.5, 100)
@@ -348,9 +257,9 @@ def test_stable_targets_share_a_caption_unless_it_was_dropped():
 
 
 def test_teacher_steps_train_with_stable_targets_and_an_anchored_pure_noise_batch(tmp_path, monkeypatch):
-    """The chain's teacher steps 4, 5, 5d and 5e as shipped (STABLE_TARGETS, three UNet levels, v-prediction on
-    zero terminal SNR) at smoke scale: every frame's and clip's same-caption reference reaches the loss, 5d trains
-    on t >= 990 alone, and 5e puts its high_noise_share of each batch there, the rest anywhere."""
+    """The chain's teacher stages as shipped (stable targets, three UNet levels, v-prediction on zero terminal SNR)
+    at smoke scale: every frame's and clip's same-caption reference reaches the loss, the pure-noise stage trains
+    on t >= 990 alone, and the anchor stage puts its high_noise_share of each batch there, the rest anywhere."""
     from dataclasses import replace
 
     import torch
@@ -370,10 +279,11 @@ def test_teacher_steps_train_with_stable_targets_and_an_anchored_pure_noise_batc
     arch = ToyArchitecture()
     scale = replace(chain.SCALES["smoke"], pure_noise_steps=2, pure_noise_schedule_steps=4, batch_pure_noise=2,
                     anchor_steps=2, anchor_schedule_steps=4, batch_anchor=3)
-    chain.pretrain_image_teacher(tmp_path, scale, arch, 0, lambda message: None)
-    chain.train_video_teacher(tmp_path, scale, arch, 0, lambda message: None, stage="motion")
-    timings = chain.train_video_teacher(tmp_path, scale, arch, 0, lambda message: None, stage="pure_noise")
-    timings.update(chain.train_video_teacher(tmp_path, scale, arch, 0, lambda message: None, stage="anchor"))
+    stages = {stage.name: stage for stage in chain.recipe(tmp_path, scale, arch, 0, lambda message: None)}
+    timings = {}
+    for name in ("data", "tokenizer", "vae", "teacher_image", "teacher_motion", "teacher_pure_noise",
+                 "teacher_anchor"):
+        timings.update(stages[name].run(tmp_path, lambda: 1.0))
     image_calls, video_calls = calls[:scale.image_steps], calls[scale.image_steps:]
     assert len(video_calls) == scale.motion_steps + scale.pure_noise_steps + scale.anchor_steps
     assert timings["teacher_pure_noise_s"] > 0 and timings["teacher_anchor_s"] > 0
@@ -384,7 +294,7 @@ def test_teacher_steps_train_with_stable_targets_and_an_anchored_pure_noise_batc
     pure_noise_a = torch.stack([call[2] for call in video_calls[-scale.anchor_steps - scale.pure_noise_steps:
                                                                 -scale.anchor_steps]])  # (steps, batch)
     assert bool((pure_noise_a <= floor).all())
-    high = round(chain.VIDEO_STAGES["anchor"]["high_noise_share"] * scale.batch_anchor)
+    high = round(stages["teacher_anchor"].high_noise_share * scale.batch_anchor)
     anchor_a = torch.stack([call[2] for call in video_calls[-scale.anchor_steps:]])
     assert bool((anchor_a[:, :high] <= floor).all())
     assert bool((anchor_a[:, high:] > floor).any())  # 2 draws from every t: both >= 990 has odds 1e-4

@@ -1,5 +1,6 @@
 """Parity: the torch consistency math of training (distill/consistency.py) against the runtime's numpy
-LCM scheduler (lcm_edge/scheduler.py), plus the losses and the EMA update."""
+LCM scheduler (lcm_edge/scheduler.py) and, for the schedule they share, diffusers; plus the losses and the EMA
+update."""
 
 from __future__ import annotations
 
@@ -26,27 +27,35 @@ def numpy_scheduler(beta_schedule, beta_start, beta_end, zero_snr=False, predict
     return LCMScheduler(SchedulerConfig.from_dict(schedule.lcm_scheduler_config()))
 
 
+def diffusers_scheduler(beta_schedule, beta_start, beta_end, zero_snr=False, ots=50):
+    from diffusers import LCMScheduler as DiffusersLCM
+
+    return DiffusersLCM(beta_schedule=beta_schedule, beta_start=beta_start, beta_end=beta_end,
+                        rescale_betas_zero_snr=zero_snr, original_inference_steps=ots)
+
+
 @pytest.mark.parametrize("beta_schedule,beta_start,beta_end,zero_snr", SCHEDULES)
-def test_alphas_cumprod_match_numpy_scheduler(beta_schedule, beta_start, beta_end, zero_snr):
-    np_sched = numpy_scheduler(beta_schedule, beta_start, beta_end, zero_snr)
-    torch_acp = C.make_alphas_cumprod(beta_schedule, beta_start, beta_end, 1000, zero_snr).numpy()
-    assert torch_acp.dtype == np.float32
+def test_training_alphas_cumprod_are_diffusers(beta_schedule, beta_start, beta_end, zero_snr):
+    ours = C.make_alphas_cumprod(beta_schedule, beta_start, beta_end, 1000, zero_snr)
+    theirs = diffusers_scheduler(beta_schedule, beta_start, beta_end, zero_snr).alphas_cumprod.numpy()
+    assert ours.dtype == torch.float32
     if zero_snr:
-        # The numpy sqrt is correctly rounded, torch's CPU sqrt is not always; the zero-SNR rescale's
-        # cancellation turns that one ulp into ~1e-6 relative (lcm_edge/scheduler.py, _sqrt).
-        np.testing.assert_allclose(torch_acp, np_sched.alphas_cumprod, rtol=2e-5, atol=1e-9)
+        # Ours takes a correctly rounded sqrt, torch's CPU sqrt is not always; the zero-SNR rescale's cancellation
+        # turns that one ulp into ~1e-6 relative (lcm_edge/scheduler.py, _sqrt).
+        np.testing.assert_allclose(ours.numpy(), theirs, rtol=2e-5, atol=1e-9)
     else:
-        np.testing.assert_array_equal(torch_acp, np_sched.alphas_cumprod)
+        np.testing.assert_array_equal(ours.numpy(), theirs)
 
 
 @pytest.mark.parametrize("ots", [50, 100, 25, 10])
-def test_solver_grid_and_inference_timesteps_match_numpy_scheduler(ots):
-    np_sched = numpy_scheduler("linear", 0.00085, 0.012, ots=ots)
+def test_solver_grid_and_inference_timesteps_are_diffusers(ots):
+    theirs = diffusers_scheduler("linear", 0.00085, 0.012, ots=ots)
     # The solver grid is the sampler's lcm_origin_timesteps: all of them when n = ots.
-    grid = C.solver_timesteps(1000, ots).numpy()
-    np.testing.assert_array_equal(grid[::-1], np_sched.set_timesteps(ots))
+    theirs.set_timesteps(ots)
+    np.testing.assert_array_equal(C.solver_timesteps(1000, ots).numpy()[::-1], theirs.timesteps.numpy())
     for n in range(1, ots + 1):
-        np.testing.assert_array_equal(C.lcm_inference_timesteps(n, 1000, ots).numpy(), np_sched.set_timesteps(n),
+        theirs.set_timesteps(n)
+        np.testing.assert_array_equal(C.lcm_inference_timesteps(n, 1000, ots).numpy(), theirs.timesteps.numpy(),
                                       err_msg=f"n={n}, ots={ots}")
     # Pinned from docs/animatelcm.md.
     if ots == 50:

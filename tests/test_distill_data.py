@@ -12,9 +12,8 @@ from lcm_edge.distill.config import DataConfig, config_from_dict, load_config
 from lcm_edge.distill.data import (LatentDataset, MediaDataset, StepSampler, precompute_latents, read_records,
                                    read_video_frames, resize_and_crop)
 from lcm_edge.distill.errors import ConfigError, DatasetError
-from lcm_edge.distill.synthetic import (COLOURS, DIRECTIONS, FAINT_TRAIL, INCENTRE_DROP, latents_to_rgb, pixel_latents,
-                                        synthetic_clips, write_image_dataset, write_pixel_latents,
-                                        write_video_dataset)
+from lcm_edge.distill.synthetic import (DIRECTIONS, latents_to_rgb, pixel_latents, synthetic_clips, write_image_dataset,
+                                        write_pixel_latents, write_video_dataset)
 from lcm_edge.errors import InvalidArgumentError
 
 
@@ -43,63 +42,6 @@ def test_synthetic_clips_are_deterministic_and_keep_ground_truth(clips):
         assert np.dot(moved, (dx, dy)) > 2.0, clip.caption
         centres = clip.attributes()["centres"]
         assert len(centres) == 9 and all(0 < c < 24 for xy in centres for c in xy)
-
-
-def test_motion_trail_lies_behind_the_shape_and_leaves_it_unchanged():
-    plain = synthetic_clips(8, seed=5, size=48, num_frames=6)
-    trail = synthetic_clips(8, seed=5, size=48, num_frames=6, trail=FAINT_TRAIL)
-    for a, b in zip(plain, trail):
-        assert a.centres() == b.centres()  # the same clip, only drawn with a trail
-        inside = (a.frames == COLOURS[a.colour]).all(-1)  # pixels fully inside the shape (edges blend)
-        assert inside.any() and np.array_equal(a.frames[inside], b.frames[inside])  # the shape itself is untouched
-        added = (np.abs(b.frames.astype(int) - a.frames.astype(int)).sum(-1) > 0) & (a.frames == 40).all(-1)
-        f, ys, xs = np.nonzero(added)
-        cx, cy = np.asarray(a.centres())[f].T
-        dx, dy = DIRECTIONS[a.direction]
-        behind = -((xs - cx) * dx + (ys - cy) * dy)  # distance behind the centre along the motion
-        assert added.any() and np.mean(behind > 0) > 0.9 and behind.mean() > 0.5 * a.radius, a.caption
-        # Faint: every trail pixel stays under the detector's foreground distance (60) from the background.
-        assert np.linalg.norm(b.frames[added].astype(float) - 40, axis=-1).max() < 60
-
-
-def _cue_pixels(plain, cued, drop: float = 0.0):
-    """Where `cued` differs from the same clip drawn `plain`: each pixel's frame, how far it lies ahead of the
-    shape's centre (moved down `drop` radii) along the motion, and whether it is closer to the background."""
-    assert plain.centres() == cued.centres()
-    changed = (plain.frames != cued.frames).any(-1)
-    frames, ys, xs = np.nonzero(changed)
-    cx, cy = np.asarray(plain.centres())[frames].T
-    dx, dy = DIRECTIONS[plain.direction]
-    ahead = (xs + 0.5 - cx) * dx + (ys + 0.5 - cy - drop * plain.radius) * dy
-    contrast = lambda clip: np.abs(clip.frames[changed].astype(float) - 40).sum(-1)  # noqa: E731
-    return frames, ahead, contrast(cued) < contrast(plain)
-
-
-def test_shaded_back_lies_behind_the_centre_and_the_front_stays_plain():
-    plain = synthetic_clips(8, seed=5, size=48, num_frames=6)
-    shaded = synthetic_clips(8, seed=5, size=48, num_frames=6, back_opacity=0.45)
-    for a, b in zip(plain, shaded):
-        frames, ahead, dimmed = _cue_pixels(a, b)
-        assert frames.size and (ahead < 0).all(), a.caption
-        # Shaded pixels sit between the background and the plain shape's colour.
-        assert dimmed.all()
-    with pytest.raises(InvalidArgumentError, match="back_opacity"):
-        synthetic_clips(1, seed=0, back_opacity=0.0)
-
-
-def test_eye_is_a_hole_in_front_of_the_centre_that_the_detector_reads_through():
-    from lcm_edge.distill.default_model.detector import detect
-
-    plain = synthetic_clips(24, seed=6, size=64, num_frames=6)
-    eyed = synthetic_clips(24, seed=6, size=64, num_frames=6, eye=0.25)
-    for a, b in zip(plain, eyed):
-        frames, ahead, dimmed = _cue_pixels(a, b, INCENTRE_DROP[a.shape])
-        # Every frame has an eye, wholly inside the shape (only dimmed pixels), ahead of the shape's incentre.
-        assert sorted(set(frames)) == list(range(6)) and ahead.mean() > 0.2 * a.radius, a.caption
-        assert dimmed.all(), a.caption
-        assert all(detect(b.frames).matches(b.colour, b.shape, b.direction).values()), b.caption
-    with pytest.raises(InvalidArgumentError, match="eye"):
-        synthetic_clips(1, seed=0, eye=0.5)
 
 
 def test_travel_sets_the_path_length_and_keeps_the_shape_in_frame():
@@ -292,6 +234,35 @@ def test_example_configs_parse(name, stage):
     path = Path(__file__).resolve().parents[1] / "distill" / "examples" / name
     cfg = load_config(path, stage=stage)
     assert cfg.stage == stage and cfg.train.mixed_precision == "bf16"
+
+
+def test_the_two_stage_examples_are_the_config_builders_output():
+    """distill/examples/stage1_image.toml and stage2_video.toml are what config.two_stage_configs writes for SD1.5
+    + AnimateDiff (the files keep their comments for users; this keeps them one recipe)."""
+    import tomllib
+    from pathlib import Path
+
+    from lcm_edge.distill.config import two_stage_configs
+
+    folder = Path(__file__).resolve().parents[1] / "distill" / "examples"
+    train = {"batch_size": 1, "learning_rate": 1e-4, "mixed_precision": "bf16", "gradient_checkpointing": True,
+             "checkpointing_steps": 500, "checkpoints_total_limit": 3, "resume": "auto"}
+    stage1, stage2 = two_stage_configs(
+        "runs", pretrained="/models/stable-diffusion-v1-5", motion_adapter="/models/animatediff-motion-adapter-v1-5-2",
+        schedule={"beta_schedule": "linear", "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "epsilon",
+                  "num_ddim_timesteps": 50},
+        image_data={"kind": "images", "root": "/data/laion-aesthetic-subset", "resolution": 512, "center_crop": False},
+        video_data={"kind": "videos", "root": "/data/webvid", "resolution": 512, "num_frames": 16, "frame_stride": 4,
+                    "center_crop": False},
+        train=train, consistency={"w_min": 5.0, "w_max": 15.0}, lora={"rank": 64, "alpha": 64.0},
+        image={"train": {"max_train_steps": 4000, "batch_size": 8},
+               "consistency": {"target": "online", "loss_type": "huber", "huber_c": 0.001}},
+        video={"model": {"student_motion_init": "zero"},
+               "train": {"max_train_steps": 10000, "gradient_accumulation_steps": 4, "vae_batch_size": 8},
+               "consistency": {"target": "ema", "ema_decay": 0.95}})
+    for name, built in (("stage1_image.toml", stage1), ("stage2_video.toml", stage2)):
+        assert tomllib.loads((folder / name).read_text()) == built, name
+        config_from_dict(built)  # and the loader takes it
 
 
 def test_cli_module_imports_without_torch():

@@ -16,10 +16,10 @@ import torch
 from lcm_edge.distill import consistency as C
 from lcm_edge.distill.config import ScheduleConfig, config_from_dict
 from lcm_edge.distill.errors import CheckpointError, ConfigError
-from lcm_edge.distill.models import (Denoiser, EMATarget, load_base, tiny_components, save_base,
-                                     zero_motion_outputs_)
+from lcm_edge.distill.models import Denoiser, EMATarget, load_base, save_base, zero_motion_outputs_
 from lcm_edge.distill.synthetic import synthetic_clips, write_image_dataset, write_video_dataset
 from lcm_edge.distill.train import build_stage, train
+from tiny_sd import tiny_components  # benchmarks/: the distill benchmarks' tiny model
 
 SCHEDULE = {"beta_schedule": "linear", "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "epsilon",
             "num_ddim_timesteps": 50}

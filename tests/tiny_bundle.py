@@ -1,6 +1,6 @@
 """Export the tiny random-weight AnimateLCM-architecture model used by the tests to a bundle.
 
-    python benchmarks/tiny_bundle.py OUT_DIR [--openvino]
+    python tests/tiny_bundle.py OUT_DIR [--openvino]
 
 Needs the [export] extra. The weights are random, so the clip it makes is coloured noise:
 it exists to exercise and time the whole export -> runtime path on any machine.
@@ -13,8 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: the fixtures beside it
 
 from clip_vocab import write_sd15_tokenizer  # noqa: E402
 from tiny_models import make_tiny_components  # noqa: E402
@@ -33,7 +32,7 @@ def main() -> int:
         report = export_bundle(args.out, unet=c["unet"], vae=c["vae"], text_encoder=c["text_encoder"],
                                tokenizer=c["tokenizer"], scheduler_config=dict(c["scheduler"].config),
                                openvino=args.openvino, overwrite=args.overwrite,
-                               provenance={"model": "tiny random-weight test model (benchmarks/tiny_bundle.py)"})
+                               provenance={"model": "tiny random-weight test model (tests/tiny_bundle.py)"})
     print(report.summary())
     return 0
 

@@ -1,6 +1,6 @@
 """What each caption word is worth to a perfect denoiser, per timestep, under two noise schedules.
 
-    python benchmarks/default_model_ideal_gain.py TEACHER_DIR [--reference 600] [--test 64] [--threads 1]
+    python benchmarks/research/default_model_ideal_gain.py TEACHER_DIR [--reference 600] [--test 64] [--threads 1]
 
 The Bayes-optimal x_0 estimate from a noisy clip x_t is the posterior mean over the data. For one word
 (direction, shape or colour; the other two fixed at red / circle / right), compare it over clips of the true
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from lcm_edge.distill.consistency import make_alphas_cumprod
-from lcm_edge.distill.default_model.chain import clip_frames
+from lcm_edge.distill.default_model.clips import clip_frames
 from lcm_edge.distill.default_model.pretrain import ToyArchitecture
 from lcm_edge.distill.synthetic import COLOURS, DIRECTIONS, SHAPES, make_clip
 
@@ -51,7 +51,7 @@ def encoded_clips(vae, count: int, colour: str, shape: str, direction: str, arch
         clips = [make_clip(colour, shape, direction, size=arch.resolution, num_frames=arch.num_frames, rng=rng)
                  for _ in range(min(64, count - start))]
         with torch.no_grad():
-            frames = clip_frames(clips)
+            frames = clip_frames(np.stack([c.frames for c in clips]))
             means = vae.encode(frames.flatten(0, 1)).latent_dist.mean * vae.config.scaling_factor
         latents = means.unflatten(0, frames.shape[:2]).permute(0, 2, 1, 3, 4)
         out.append(latents.flatten(1).double().numpy())

@@ -1,6 +1,6 @@
 """What keeps the default model's UNet from making the direction word's track out of pure noise?
 
-    python benchmarks/default_model_position_probe.py WORKDIR [--mean-targets] [--fresh-text-encoder]
+    python benchmarks/research/default_model_position_probe.py WORKDIR [--mean-targets] [--fresh-text-encoder]
         [--coords] [--frame-index] [--blank-input] [--mid-block] [--unet-channels 32,64,64] [--stf-targets]
         [--min-timestep 990] [--resume] [--steps 300] [--every 50] [--batch 8] [--device cpu|cuda] [--threads 1]
 
@@ -36,7 +36,9 @@ from pathlib import Path
 import torch
 
 from lcm_edge.distill import consistency as C
-from lcm_edge.distill.default_model.chain import OPPOSITE, _read_latents, caption_ids
+from lcm_edge.distill.data import read_latents
+from lcm_edge.distill.default_model.checks import OPPOSITE
+from lcm_edge.distill.default_model.clips import caption_ids
 from lcm_edge.distill.default_model.pretrain import (ToyArchitecture, alphas_cumprod, build_motion_adapter,
                                                      build_text_encoder, build_unet)
 from lcm_edge.distill.pretrain import diffusion_loss, same_caption_reference
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--unet-channels {args.unet_channels!r}: give integers separated by commas, e.g. 32,64,64")
         arch = dataclasses.replace(arch, unet_channels=channels)
     acp = alphas_cumprod(arch).to(device)
-    latents, captions = _read_latents(args.workdir / "latents")
+    latents, captions = read_latents(args.workdir / "latents")
     tokenizer = CLIPTokenizer.from_pretrained(args.workdir / "teacher" / "tokenizer")
     torch.manual_seed(args.seed)
     text_encoder = build_text_encoder(arch, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id) \

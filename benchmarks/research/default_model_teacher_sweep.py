@@ -1,6 +1,6 @@
 """How the default model's teachers improve with training compute, read by the detector.
 
-    python benchmarks/default_model_teacher_sweep.py VARIANT [--device cuda] [--budget-s 480] [--out DIR]
+    python benchmarks/research/default_model_teacher_sweep.py VARIANT [--device cuda] [--budget-s 480] [--out DIR]
 
 Runs the chain's teacher steps (data, tokenizer, VAE, image teacher, motion teacher) with one
 variant's step counts and settings, and every `check_every` steps samples the teacher (DDIM 25,
@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lcm_edge.distill.default_model.chain import (caption_ids, clip_frames, direction_gain, encode_clips, load_teacher,
-                                                  make_training_clips, sample_check_prompts, save_teacher,
+from lcm_edge.distill.default_model.checks import direction_gain, load_teacher, sample_check_prompts, save_teacher
+from lcm_edge.distill.default_model.clips import (caption_ids, clip_frames, encode_clips, make_training_clips,
                                                   train_tokenizer)
 from lcm_edge.distill.default_model.pretrain import (ToyArchitecture, build_motion_adapter, build_text_encoder,
                                                      build_unet, build_vae, train_image_teacher, train_motion_teacher,
@@ -58,14 +58,13 @@ VARIANTS = {
         ("continue-all", CONTINUE), ("continue-all-te", {**CONTINUE, "te": True}),
         ("continue-all-te-hi", {**CONTINUE, "te": True, "min_t": 300}),
         ("continue-all-te-x0w20", {**CONTINUE, "te": True, "x0w": 20.0}),
-        # with --zero-snr: where the word is needed (benchmarks/default_model_ideal_gain.py), read often
+        # with --zero-snr: where the word is needed (benchmarks/research/default_model_ideal_gain.py), read often
         ("continue-all-te-often", {**CONTINUE, "te": True, "check_motion": 300}))},
     # With --zero-snr: pure noise in (t >= 990), the caption's mean clip out. Can this model place a track
     # from the word alone at all? (direction_gain read at t = 999 only: the steps below are not trained)
     "continue-top-te": {**CONTINUE, "te": True, "min_t": 990, "motion": 400, "motion_batch": 8, "motion_lr": 1e-3,
                         "check_motion": 100, "gain_t": (999,)},
-    # Image teacher alone (batch 64 as in the chain), read every 500 steps: with --trail, does the word steer
-    # the trail (direction_gain on images)?
+    # Image teacher alone (batch 64 as in the chain), read every 500 steps.
     "image-only": dict(vae=2500, image=1500, image_batch=64, motion=0, motion_batch=2, motion_lr=1e-3,
                        spatial="cross_attention", check_image=500, check_motion=0),
     "image-only-long": dict(vae=2500, image=4000, image_batch=64, motion=0, motion_batch=2, motion_lr=1e-3,
@@ -77,13 +76,13 @@ VARIANTS = {
 
 def _fresh(args, arch: ToyArchitecture, v: dict, device: torch.device, log):
     """Data, tokenizer, a trained VAE and untrained image UNet + text encoder (the chain's steps 1-3)."""
-    clips = make_training_clips(args.clips, arch, args.seed, trail=args.trail)
+    clips = make_training_clips(args.clips, arch, args.seed)
     captions = [c.caption for c in clips]
     tokenizer = train_tokenizer(Path(f"/tmp/sweep_{args.variant}") / "tokenizer", captions, arch)
     ids = caption_ids(tokenizer, captions, arch).to(device)
     empty_ids = caption_ids(tokenizer, [""], arch)[0].to(device)
 
-    frames = clip_frames(clips).to(device)
+    frames = clip_frames(np.stack([c.frames for c in clips])).to(device)
     vae = build_vae(arch).to(device)
     train_vae(vae, frames.flatten(0, 1), steps=v["vae"], batch_size=16, lr=2e-3, seed=args.seed, log=log, crop=32)
     video_latents = encode_clips(vae, frames)
@@ -111,9 +110,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--zero-snr", action="store_true",
                         help="train (and read) with v-prediction on the zero-terminal-SNR schedule")
-    parser.add_argument("--trail", type=float, default=0.0,
-                        help="draw the clips with a motion trail of this opacity (synthetic.TRAIL); with --resume "
-                             "the chain's clips are redrawn and re-encoded")
     args = parser.parse_args(argv)
     v = VARIANTS[args.variant]
     if (args.resume is not None) != v.get("resume", False):
@@ -135,10 +131,6 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = parts["tokenizer"]
         adapter = parts["adapter"].to(device)
         video_latents = parts["video_latents"].to(device)
-        if args.trail:
-            with torch.no_grad():
-                frames = clip_frames(make_training_clips(len(parts["captions"]), arch, args.seed, trail=args.trail))
-                video_latents = encode_clips(vae, frames.to(device))
         captions = parts["captions"]
         ids = caption_ids(tokenizer, captions, arch).to(device)
         empty_ids = caption_ids(tokenizer, [""], arch)[0].to(device)

@@ -59,7 +59,7 @@ class ToyArchitecture:
     # the teacher learns to start from pure noise, where the caption alone decides which way the clip goes
     # (under the linear betas the noisy clip still shows the track at t = 999). With stable targets and steps
     # 5d-5e (chain.STABLE_TARGETS) this made the direction word used
-    # (benchmarks/results/default_model_teacher_sweep/README.md).
+    # (benchmarks/research/default_model_teacher_sweep/README.md).
     prediction_type: str = "v_prediction"
     rescale_betas_zero_snr: bool = True
 
