@@ -69,6 +69,7 @@ def test_static_shapes_compile_per_size_keep_an_lru_and_release_evicted(bundle, 
     assert pipe.unet.compiled_shapes() == []
 
 
+@pytest.mark.slow  # the dynamic UNet compiles for 10-20 s on 2 loaded cores
 def test_static_and_dynamic_shapes_give_the_same_frames(bundle, ov_cache):
     static = AnimateLCMPipeline(bundle, create_backend("openvino", cache_dir=ov_cache))
     dynamic = AnimateLCMPipeline(bundle, create_backend("openvino", static_shapes=False))
