@@ -34,8 +34,9 @@ INFERENCE_PRECISIONS = ("f32", "f16", "bf16")
 PRECISION_CAPABILITY = {"f32": "FP32", "f16": "FP16", "bf16": "BF16"}
 SHAPE_CACHE_SIZE = 2  # compiled shapes kept per graph: a UNet at full size is 3.4 GB of weights per copy
 LOW_MEMORY_SHAPE_CACHE_SIZE = 1
-# Requests per compiled shape that threads may run at once. 1 (a lock) measured as fast as a pool of 4
-# with 4 threads on the default bundle (benchmarks/soak.py --compare-requests), with one set of activations.
+# Requests per compiled shape that threads may run at once. 1 (callers queue: a lock) took 64.7 s against 78.2 s
+# for a pool of 4, at 4 threads x 3 calls on the default bundle on 2 cores (benchmarks/soak.py --compare-requests):
+# with LATENCY one inference already uses every core, and each request holds its own activations.
 MAX_INFER_REQUESTS = 1
 
 
