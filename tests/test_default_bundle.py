@@ -12,7 +12,7 @@ import pytest
 import lcm_edge
 from lcm_edge.cli import main as cli_main
 from lcm_edge.default import DEFAULT_PROMPT, default_bundle_path
-from lcm_edge.distill.default_model.chain import HELD_OUT
+from lcm_edge.distill.default_model.clips import HELD_OUT
 from lcm_edge.distill.default_model.detector import detect
 from lcm_edge.distill.synthetic import COLOURS, DIRECTIONS, SHAPES, caption_for
 
