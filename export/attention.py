@@ -205,21 +205,28 @@ def unfuse_attention(model: onnx.ModelProto) -> int:
         num_heads = int(attrs["num_heads"])
         scale = float(attrs["scale"])
         p = f"{node.name or node.output[0]}/unfused"
-        split = f"{p}/split_heads"
-        merge = f"{p}/merge_heads"
+        heads = f"{p}/heads_and_rest"
+        rest = f"{p}/rest"
         root = f"{p}/sqrt_scale"
         graph.initializer.extend([
-            numpy_helper.from_array(np.array([0, 0, num_heads, -1], dtype=np.int64), split),
-            numpy_helper.from_array(np.array([0, 0, -1], dtype=np.int64), merge),
+            numpy_helper.from_array(np.array([num_heads, -1], dtype=np.int64), heads),
+            numpy_helper.from_array(np.array([-1], dtype=np.int64), rest),
             numpy_helper.from_array(np.array(math.sqrt(scale), dtype=dtype), root),
         ])
         make = helper.make_node
+        # Target shapes come from the inputs' (batch, length), as in torch's own export of this attention: the
+        # graph OpenVINO's ScaledDotProductAttention fusion was checked on at full size.
         nodes += [
-            make("Reshape", [query, split], [f"{p}/q4"], name=f"{p}/q_reshape"),
+            make("Shape", [query], [f"{p}/q_batch_len"], start=0, end=2, name=f"{p}/q_shape"),
+            make("Shape", [key], [f"{p}/kv_batch_len"], start=0, end=2, name=f"{p}/kv_shape"),
+            make("Concat", [f"{p}/q_batch_len", heads], [f"{p}/q_split"], axis=0, name=f"{p}/q_split"),
+            make("Concat", [f"{p}/kv_batch_len", heads], [f"{p}/kv_split"], axis=0, name=f"{p}/kv_split"),
+            make("Concat", [f"{p}/q_batch_len", rest], [f"{p}/merge"], axis=0, name=f"{p}/merge"),
+            make("Reshape", [query, f"{p}/q_split"], [f"{p}/q4"], name=f"{p}/q_reshape"),
             make("Transpose", [f"{p}/q4"], [f"{p}/q"], perm=[0, 2, 1, 3], name=f"{p}/q_transpose"),
-            make("Reshape", [key, split], [f"{p}/k4"], name=f"{p}/k_reshape"),
+            make("Reshape", [key, f"{p}/kv_split"], [f"{p}/k4"], name=f"{p}/k_reshape"),
             make("Transpose", [f"{p}/k4"], [f"{p}/kt"], perm=[0, 2, 3, 1], name=f"{p}/k_transpose"),
-            make("Reshape", [value, split], [f"{p}/v4"], name=f"{p}/v_reshape"),
+            make("Reshape", [value, f"{p}/kv_split"], [f"{p}/v4"], name=f"{p}/v_reshape"),
             make("Transpose", [f"{p}/v4"], [f"{p}/v"], perm=[0, 2, 1, 3], name=f"{p}/v_transpose"),
             make("Mul", [f"{p}/q", root], [f"{p}/q_scaled"], name=f"{p}/q_scale"),
             make("Mul", [f"{p}/kt", root], [f"{p}/kt_scaled"], name=f"{p}/k_scale"),
@@ -227,7 +234,7 @@ def unfuse_attention(model: onnx.ModelProto) -> int:
             make("Softmax", [f"{p}/scores"], [f"{p}/probs"], axis=-1, name=f"{p}/softmax"),
             make("MatMul", [f"{p}/probs", f"{p}/v"], [f"{p}/context"], name=f"{p}/context"),
             make("Transpose", [f"{p}/context"], [f"{p}/context_t"], perm=[0, 2, 1, 3], name=f"{p}/out_transpose"),
-            make("Reshape", [f"{p}/context_t", merge], [node.output[0]], name=f"{p}/out_reshape"),
+            make("Reshape", [f"{p}/context_t", f"{p}/merge"], [node.output[0]], name=f"{p}/out_reshape"),
         ]
         replaced += 1
     del graph.node[:]
