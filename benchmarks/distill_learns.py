@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                "train": {"max_train_steps": sc.stage2_steps, "batch_size": sc.stage2_batch,
                          "learning_rate": sc.stage2_lr}})
     t0 = time.perf_counter()
-    train(config_from_dict(stage1))
+    r1 = train(config_from_dict(stage1))
     stage1_s = time.perf_counter() - t0
     cfg2 = config_from_dict(stage2)
     t0 = time.perf_counter()
