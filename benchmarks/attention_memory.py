@@ -5,6 +5,7 @@ TensorRT and OpenVINO still get), each in its own process so each peak RSS is it
     .venv/bin/python benchmarks/attention_memory.py [--shape 16x8x4096x40] [--kv-len N] [--threads N] [--repeat 3]
         [--torch]
     .venv/bin/python benchmarks/attention_memory.py --bundle DIR --size 512x512x16 [--threads N] [--repeat 1]
+    --variants fused torch: run only these (the plain pattern at full size needs > 16 GiB)
 
 --shape BATCHxHEADSxTOKENSxHEAD_DIM: the UNet's largest spatial self-attention at 512x512x16 is 16x8x4096x40
 (16 frames, 8 heads, 64x64 latent tokens, head dim 320/8); the default is a small shape that runs in seconds.
@@ -135,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: the runtime's default)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--torch", action="store_true", help="also time PyTorch's scaled_dot_product_attention")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS + ("torch",), default=None,
+                        help="run only these (default: fused plain, and torch with --torch)")
     parser.add_argument("--bundle", type=Path, default=None,
                         help="compare one UNet pass of this bundle's fused and plain graphs instead")
     parser.add_argument("--size", default="256x256x8", help="with --bundle: WIDTHxHEIGHTxFRAMES (default 256x256x8)")
@@ -161,7 +164,10 @@ def main(argv: list[str] | None = None) -> int:
               f"the plain pattern's score tensor: {score_gib:.2f} GiB fp32")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for variant in VARIANTS + (("torch",) if args.torch else ()):
+        variants = args.variants or VARIANTS + (("torch",) if args.torch else ())
+        if args.bundle is not None and "torch" in variants:
+            raise SystemExit("--variants: torch is not a bundle variant (lcm-edge bench has PyTorch rows)")
+        for variant in variants:
             cmd = [sys.executable, __file__, "--child", variant, "--shape", args.shape, "--kv-len", str(kv_len),
                    "--threads", str(args.threads), "--repeat", str(args.repeat), "--out", tmp]
             if args.bundle is not None:
