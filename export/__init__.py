@@ -20,6 +20,8 @@ from .lora import LORA_FUSION_TOLERANCE, FusionReport, LoraFile, LoraRequest, fu
 from .motion_module import load_motion_module
 from .parity import ParityReport, check_parity
 from .precision import ONNX_FP16_TOLERANCE, OPENVINO_FP16_TOLERANCE
+from .quantize import (InsufficientMemoryError, QuantizationGateError, QuantizeReport, int8_traits,
+                       quantize_bundle)
 from .sources import load_components
 from .specs import ONNX_FP32_TOLERANCE, Tolerance
 from .weights import WeightsMismatchError
@@ -29,4 +31,5 @@ __all__ = [
     "ONNX_FP16_TOLERANCE", "ONNX_FP32_TOLERANCE", "OPENVINO_FP16_TOLERANCE", "ParityReport", "Tolerance",
     "WeightsMismatchError", "check_parity", "export_bundle", "fuse_loras", "load_components", "load_diffusers_folder",
     "load_ldm_checkpoint", "load_lora", "load_motion_module", "write_tokenizer_files",
+    "InsufficientMemoryError", "QuantizationGateError", "QuantizeReport", "int8_traits", "quantize_bundle",
 ]
