@@ -24,7 +24,9 @@ from lcm_edge import AnimateLCMPipeline  # noqa: E402
 from lcm_edge.default import default_bundle_path  # noqa: E402
 from lcm_edge.distill.default_model.detector import detect  # noqa: E402
 from lcm_edge.distill.synthetic import caption_for  # noqa: E402
-from lcm_edge.precision import MIN_FRAME_PSNR_DB, cpu_flags, frame_psnr_db  # noqa: E402
+from lcm_edge.cpu import cpu_flags  # noqa: E402
+from lcm_edge.fidelity import frame_psnr_db  # noqa: E402
+from lcm_edge.precision import MIN_FRAME_PSNR_DB  # noqa: E402
 
 
 def main() -> int:

@@ -49,6 +49,7 @@ from lcm_edge.atomic_output import Partial, recover
 from lcm_edge.bundle import (MANIFEST_NAME, Bundle, ComponentInfo, ModelInfo, load_bundle, load_unpublished_bundle,
                              write_manifest)
 from lcm_edge.errors import InvalidArgumentError, LcmEdgeError
+from lcm_edge.fidelity import psnr_db
 
 from .onnx_io import export_onnx
 from .openvino_ir import convert_to_openvino
@@ -352,12 +353,6 @@ def unit_frames(session, latents: np.ndarray, vae_scaling_factor: float, chunk: 
     return np.clip(np.concatenate(images).astype(np.float32) / 2 + 0.5, 0.0, 1.0)
 
 
-def psnr_db(reference: np.ndarray, actual: np.ndarray) -> float:
-    """PSNR over [0, 1] pixels (peak 1)."""
-    mse = float(np.mean((reference.astype(np.float64) - actual.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))
-
-
 def flicker(frames: np.ndarray) -> float:
     """Mean |frame t+1 - frame t| of one clip's (f, ...) [0, 1] frames."""
     return float(np.mean(np.abs(np.diff(frames.astype(np.float64), axis=0)))) if len(frames) > 1 else 0.0
@@ -372,7 +367,7 @@ def fidelity(full, tiny, clips: Sequence[np.ndarray], vae_scaling_factor: float)
         got.append(b)
         flicker_full.append(flicker(a))
         flicker_tiny.append(flicker(b))
-    return {"psnr_db": psnr_db(np.concatenate(ref), np.concatenate(got)), "clips": len(clips),
+    return {"psnr_db": psnr_db(np.concatenate(ref), np.concatenate(got), peak=1.0), "clips": len(clips),
             "frames": int(sum(len(a) for a in ref)), "flicker_full": float(np.mean(flicker_full)),
             "flicker_tiny": float(np.mean(flicker_tiny)),
             "flicker_excess": float(np.mean(flicker_tiny) - np.mean(flicker_full))}

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .cpu import cpu_flags
 from .errors import InvalidArgumentError, ParityError
+from .fidelity import frame_psnr_db
 
 # Frames at the candidate precision against f32, same latents and noise: the worst frame's PSNR (uint8, peak
 # 255) must reach this. 40 dB is an RMS error of 2.5 grey levels. Measured on the default bundle (OpenVINO CPU,
@@ -31,27 +33,6 @@ GATE_SEEDS = (30000, 30001)  # never used to train or tune the default model
 # Fastest first, per device family: CPUs with both run bf16 (wider exponent, no overflow), GPUs f16.
 PREFERENCE = {"GPU": ("f16", "bf16"), "NPU": ("f16", "bf16")}
 CPU_PREFERENCE = ("bf16", "f16")
-
-
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags from /proc/cpuinfo (Linux); empty elsewhere. Reported beside the gate figures;
-    which precisions a device computes in comes from the runtime's own query (OpenVINO OPTIMIZATION_CAPABILITIES)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith("flags") and ":" in line:
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
-
-
-def frame_psnr_db(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
-    """PSNR (dB, peak 255) of each frame of two uint8 (frames, H, W, 3) clips; inf where identical."""
-    diff = reference.astype(np.float64) - candidate.astype(np.float64)
-    mse = (diff ** 2).reshape(diff.shape[0], -1).mean(axis=1)
-    with np.errstate(divide="ignore"):
-        return 10.0 * np.log10(255.0 ** 2 / mse)
 
 
 def user_cache_dir() -> Path:

@@ -57,24 +57,37 @@ def _progress(scenario: Scenario, message: str) -> None:
     print(f"    {message}", file=sys.stderr, flush=True)
 
 
+def split_options(options: dict) -> tuple[dict, dict]:
+    """A runtime's options -> (AnimateLCMPipeline.from_bundle / backend kwargs, __call__ kwargs such as decoder)."""
+    import inspect
+
+    from ..pipeline import AnimateLCMPipeline
+
+    call_names = set(inspect.signature(AnimateLCMPipeline.__call__).parameters) - {"self", "prompt"}
+    call = {k: v for k, v in options.items() if k in call_names}
+    return {k: v for k, v in options.items() if k not in call}, call
+
+
 def _lcm_edge_runner(s: Scenario):
     from ..pipeline import AnimateLCMPipeline
 
+    load_options, call_options = split_options(dict(s.runtime.options))
     t0 = time.perf_counter()
     pipe = AnimateLCMPipeline.from_bundle(s.bundle, backend=s.runtime.backend, device=s.runtime.device,
-                                          verify_checksums=False, **dict(s.runtime.options))
+                                          verify_checksums=False, **load_options)
     load_s = time.perf_counter() - t0
     partial = s.decoded_frames < s.frames
 
     def run() -> tuple[dict, np.ndarray]:
         kwargs = dict(num_frames=s.frames, height=s.height, width=s.width, num_inference_steps=s.steps,
-                      guidance_scale=s.guidance, seed=s.seed)
+                      guidance_scale=s.guidance, seed=s.seed, **call_options)
         result = pipe(s.prompt, **kwargs, output_type="latents" if partial else "frames")
         timings = result.timings
         frames, vae_s, total_s = result.frames, timings.vae_decode_s, timings.total_s
         if partial:  # decode only the first frames: labelled per-frame VAE figures
             t = time.perf_counter()
-            frames = pipe.decode(np.ascontiguousarray(result.latents[:, :, :s.decoded_frames]))
+            frames = pipe.decode(np.ascontiguousarray(result.latents[:, :, :s.decoded_frames]),
+                                 decoder=call_options.get("decoder", "full"))
             vae_s = time.perf_counter() - t
             total_s += vae_s
         return {"text_encoder_s": timings.text_encoder_s, "unet_steps_s": list(timings.unet_steps_s),

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cpu import cpu_flags, cpu_model
+
 # The flags that decide which kernels a runtime can use (fp32 FMA width, int8 dot products, bf16).
 INTERESTING_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
                      "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16", "asimd", "sve")
@@ -25,18 +27,8 @@ PEAK_MATMUL_N = 4096
 
 
 def cpu_info() -> dict:
-    """CPU model and the INTERESTING_FLAGS it has (Linux /proc/cpuinfo; elsewhere platform's model only)."""
-    model, flags = platform.processor() or platform.machine(), set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text(errors="replace").splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key == "model name" and value.strip():
-                model = value.strip()
-            elif key in ("flags", "Features"):
-                flags.update(value.split())
-    return {"model": model, "flags": sorted(f for f in INTERESTING_FLAGS if f in flags)}
+    """CPU model and the INTERESTING_FLAGS it has."""
+    return {"model": cpu_model(), "flags": sorted(f for f in INTERESTING_FLAGS if f in cpu_flags())}
 
 
 def total_ram_gib() -> float | None:

@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import InvalidArgumentError, MissingExtraError
+from ..fidelity import psnr_db
 from .machine import describe_machine, load_average, total_ram_gib
 from .scenarios import LCM_EDGE_BACKENDS, Runtime, Scenario, resolve_against_bundles
 
@@ -106,9 +107,11 @@ def _check_backend_options(runtime: Runtime) -> None:
 
     from ..backends import create_backend
     from ..pipeline import AnimateLCMPipeline
+    from .child import split_options
 
+    load_options, _ = split_options(dict(runtime.options))
     pipeline_options = set(inspect.signature(AnimateLCMPipeline.from_bundle).parameters)
-    backend_options = {k: v for k, v in runtime.options if k not in pipeline_options}
+    backend_options = {k: v for k, v in load_options.items() if k not in pipeline_options}
     try:
         create_backend(runtime.backend, runtime.device, **backend_options)
     except TypeError as exc:
@@ -251,10 +254,10 @@ def frame_fidelity(frames: np.ndarray, reference: np.ndarray) -> dict:
     """PSNR (dB, over uint8 frames) and max abs level difference; PSNR None when identical."""
     if frames.shape != reference.shape:
         return {"psnr_db": None, "max_abs": None, "note": f"shape {frames.shape} vs {reference.shape}"}
-    diff = frames.astype(np.float64) - reference.astype(np.float64)
-    mse = float(np.mean(diff**2))
-    return {"psnr_db": None if mse == 0 else 10 * math.log10(255.0**2 / mse), "max_abs": int(np.abs(diff).max()),
-            "identical": mse == 0}
+    psnr = psnr_db(reference, frames)
+    return {"psnr_db": None if math.isinf(psnr) else psnr,
+            "max_abs": int(np.abs(frames.astype(np.int16) - reference.astype(np.int16)).max()),
+            "identical": math.isinf(psnr)}
 
 
 def _summarize(s: Scenario, raw: dict, formulas: dict | None, peak_gflops: float | None) -> dict:

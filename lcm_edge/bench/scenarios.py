@@ -256,6 +256,7 @@ def resolve_against_bundles(scenarios: Iterable[Scenario]) -> list[Scenario]:
     from ..bundle import load_bundle
     from ..default import default_bundle_path
     from ..pipeline import check_inputs
+    from .child import split_options
 
     manifests = {}
     resolved = []
@@ -267,12 +268,14 @@ def resolve_against_bundles(scenarios: Iterable[Scenario]) -> list[Scenario]:
         m = bundle.model
         s = replace(s, bundle=bundle_path, frames=s.frames or m.default_frames, height=s.height or m.default_height,
                     width=s.width or m.default_width)
+        _, call_options = split_options(dict(s.runtime.options)) if not s.runtime.is_torch else ({}, {})
         try:
             check_inputs(bundle, s.prompt, num_frames=s.frames, height=s.height, width=s.width,
-                         num_inference_steps=s.steps, guidance_scale=s.guidance, seed=s.seed)
+                         num_inference_steps=s.steps, guidance_scale=s.guidance, seed=s.seed, **call_options)
         except InvalidArgumentError as exc:
-            argument = {"num_frames": "size", "height": "size", "width": "size",
-                        "num_inference_steps": "steps", "guidance_scale": "guidance"}.get(exc.argument, exc.argument)
+            argument = {"num_frames": "size", "height": "size", "width": "size", "num_inference_steps": "steps",
+                        "guidance_scale": "guidance"}.get(exc.argument, exc.argument)
+            argument = "runtime" if exc.argument in call_options else argument
             raise InvalidArgumentError(argument, f"scenario '{s.id}' does not fit bundle '{bundle_path}': "
                                        f"{exc.problem}", exc.fix) from exc
         resolved.append(s)
