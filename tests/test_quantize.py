@@ -193,17 +193,21 @@ def test_cli_quantize_names_the_flag(tiny_bundle, tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+# OpenVINO full W8A8 on the tiny model: OpenVINO 2026.4's CPU plugin fails to compile it (its low-precision
+# ReshapeTransformation on the tiny UNet's 8 heads of width 1); the default model (real head widths) compiles.
 @pytest.mark.slow
-@pytest.mark.parametrize("backend, recipe", [("openvino", "hybrid"), ("openvino", "full"), ("onnxruntime", "full")])
-def test_other_recipes_on_tiny(tiny_bundle, tmp_path, backend, recipe):
+@pytest.mark.parametrize("model, backend, recipe", [("tiny", "openvino", "hybrid"), ("default", "openvino", "full"),
+                                                    ("tiny", "onnxruntime", "full")])
+def test_other_recipes(tiny_bundle, tmp_path, model, backend, recipe):
     out = tmp_path / "q"
-    Q.quantize_bundle(tiny_bundle, out, backend=backend, recipe=recipe, **SMALL)
+    source = tiny_bundle if model == "tiny" else default_bundle_path()
+    Q.quantize_bundle(source, out, backend=backend, recipe=recipe, adherence_prompts=0, **SMALL)
     bundle = load_bundle(out)
     graph = "onnx" if backend == "onnxruntime" else "openvino"
     assert bundle.components["unet"].graph_precision(graph) == f"int8 {recipe}"
     pipe = lcm_edge.AnimateLCMPipeline.from_bundle(out, backend=backend)
     assert pipe.unet.path.name == ("model.onnx" if backend == "onnxruntime" else "openvino_model.xml")
-    assert pipe("a red circle", num_frames=2, seed=0).frames.shape == (2, 32, 32, 3)
+    assert pipe("a red circle", num_frames=2, height=32, width=32, seed=0).frames.shape == (2, 32, 32, 3)
 
 
 @pytest.mark.slow
