@@ -42,10 +42,12 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 import lcm_edge
-from lcm_edge.backends import create_backend
 from lcm_edge.atomic_output import Partial
+from lcm_edge.backends import create_backend
 from lcm_edge.bundle import Bundle, ComponentInfo, load_bundle, load_unpublished_bundle, write_manifest
+from lcm_edge.cpu import cpu_flags
 from lcm_edge.errors import InvalidArgumentError, MissingExtraError, ParityError
+from lcm_edge.fidelity import psnr_db
 
 from .bundle_writer import _prepare_destination
 from .calibration import (CALIBRATION_SEED_BASE, DEFAULT_PROMPTS_FILE, HELD_OUT_SEED_BASE, CalibrationPlan,
@@ -127,17 +129,8 @@ class CpuInt8Traits:
 
 
 def read_cpu_flags(path: str | os.PathLike = "/proc/cpuinfo") -> frozenset[str]:
-    """The CPU's feature flags (Linux /proc/cpuinfo); empty where the file does not exist."""
-    try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return frozenset()
-    flags: set[str] = set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            flags.update(value.split())
-    return frozenset(flags)
+    """The CPU's feature flags (lcm_edge.cpu); empty where /proc/cpuinfo does not exist."""
+    return cpu_flags(path)
 
 
 def int8_traits(flags: Iterable[str]) -> CpuInt8Traits:
@@ -216,9 +209,8 @@ def cosine_and_rel_error(expected: np.ndarray, actual: np.ndarray) -> tuple[floa
 
 
 def frames_psnr(expected: np.ndarray, actual: np.ndarray) -> float:
-    """PSNR (dB) of uint8 frames; identical frames read PSNR_CAP_DB."""
-    mse = float(np.mean((expected.astype(np.float64) - actual.astype(np.float64)) ** 2))
-    return PSNR_CAP_DB if mse == 0 else min(PSNR_CAP_DB, 10 * math.log10(255.0 ** 2 / mse))
+    """PSNR (dB) of uint8 frames (lcm_edge.fidelity), capped at PSNR_CAP_DB so identical frames stay finite in JSON."""
+    return min(PSNR_CAP_DB, psnr_db(expected, actual))
 
 
 def _gate_figures(gate: StepGate, label: str, pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> tuple[dict, list[str]]:
