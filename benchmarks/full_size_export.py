@@ -13,7 +13,7 @@ Steps, each in its own process so peak RSS (os.wait4) is per step and the parent
    and write WORK/inputs: personalized.safetensors (LDM layout, fp16 like most personalized
    checkpoints), AnimateLCM_sd15_t2v.ckpt (original layout, no position encodings, fp32),
    AnimateLCM_sd15_t2v_lora.safetensors (kohya, rank 64, alpha 8, every AnimateLCM target),
-   sd15/tokenizer (the real CLIP vocabulary, from tests/data).
+   sd15/tokenizer (the real CLIP vocabulary, from benchmarks/data).
 2. export, once per precision: `python -m lcm_edge export ...`, timed.
 3. optionally generate: 2 frames, 64x64, 2 steps on onnxruntime (and OpenVINO), timed.
 Results: WORK/results.json and a table on stdout. Exported weights stay under WORK (never commit them).
@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# AnimateLCM spatial LoRA targets (shared/animatelcm-facts.md).
+# AnimateLCM spatial LoRA targets (docs/animatelcm.md).
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
                 "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
 
@@ -48,7 +48,7 @@ def prepare(work: Path, seed: int) -> dict:
     from diffusers import MotionAdapter
     from safetensors.torch import save_file
 
-    sys.path.insert(0, str(REPO / "tests"))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from clip_vocab import write_sd15_tokenizer
 
     from lcm_edge.export.checkpoints import build_sd_models, to_ldm_state_dict

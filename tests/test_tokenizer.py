@@ -1,6 +1,6 @@
 """Parity of lcm_edge's pure-Python CLIP tokenizer with transformers' CLIPTokenizer.
 
-The vocabulary is SD1.5's real one, derived offline from OpenAI's merge list (tests/clip_vocab.py).
+The vocabulary is SD1.5's real one, derived offline from OpenAI's merge list (benchmarks/clip_vocab.py).
 """
 
 from __future__ import annotations

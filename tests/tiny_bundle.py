@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: the fixtures beside it
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the CLIP vocabulary builder
 
 from clip_vocab import write_sd15_tokenizer  # noqa: E402
 from tiny_models import make_tiny_components  # noqa: E402

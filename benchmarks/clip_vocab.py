@@ -1,6 +1,6 @@
-"""Build the real SD1.5 CLIP tokenizer files offline, for parity tests.
+"""Build the real SD1.5 CLIP tokenizer files offline, for parity tests and the full-size benchmark.
 
-OpenAI's `bpe_simple_vocab_16e6.txt.gz` (tests/data) holds CLIP's merge list; the
+OpenAI's `bpe_simple_vocab_16e6.txt.gz` (benchmarks/data) holds CLIP's merge list; the
 `vocab.json`/`merges.txt` that SD1.5 ships are derived from it exactly the way OpenAI's
 `SimpleTokenizer` builds its encoder, so no model hub is needed.
 """
