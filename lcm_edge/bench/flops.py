@@ -8,7 +8,7 @@ an exact polynomial in the clip's dimensions, so it is fitted at a few small sha
 another before it is used at the benchmark's shape (512x512x16 would take minutes to profile):
 
     UNet, per batch item:   c0 + c1 F + c2 F P + c3 F P^2 + c4 P F^2    (F frames, P latent pixels)
-    VAE decoder, per frame: c1 P + c2 P^2
+    VAE decoder (and a tiny decoder), per frame: c1 P + c2 P^2
     text encoder, per prompt: c0
 
 F P: convolutions and projections at every level; F P^2: spatial self-attention; P F^2: temporal
@@ -167,25 +167,30 @@ def bundle_flops(bundle_root: str | Path, progress: Callable[[str], None] = lamb
     samples = [unet_count(*shape) for shape in dict.fromkeys(plan)]
     formulas["unet"] = _fit(UNET_BASIS, samples, unet_count(min(2, frames_max), 3, 1), "batch item", "unet")
 
-    vae = bundle.components["vae_decoder"]
+    for name in ("vae_decoder", "vae_decoder_tiny"):  # the tiny decoder where the bundle has one
+        if name not in bundle.components:
+            continue
+        decoder = bundle.components[name]
 
-    def vae_count(h_mult: int, w_mult: int) -> tuple[tuple[int, int], int]:
-        h, w = h_mult * latent_multiple, w_mult * latent_multiple
-        progress(f"FLOPs: VAE decoder at {h}x{w} latents")
-        latent = rng.standard_normal((1, m.latent_channels, h, w), dtype=np.float32)
-        return (1, h * w), profile_flops(bundle.root / vae.onnx, {"latent_sample": latent})
+        def vae_count(h_mult: int, w_mult: int) -> tuple[tuple[int, int], int]:
+            h, w = h_mult * latent_multiple, w_mult * latent_multiple
+            progress(f"FLOPs: {name} at {h}x{w} latents")
+            latent = rng.standard_normal((1, m.latent_channels, h, w), dtype=np.float32)
+            return (1, h * w), profile_flops(bundle.root / decoder.onnx, {"latent_sample": latent})
 
-    samples = [vae_count(1, 1), vae_count(2, 1), vae_count(2, 2)]
-    formulas["vae_decoder"] = _fit(VAE_BASIS, samples, vae_count(3, 1), "frame", "vae_decoder")
+        samples = [vae_count(1, 1), vae_count(2, 1), vae_count(2, 2)]
+        formulas[name] = _fit(VAE_BASIS, samples, vae_count(3, 1), "frame", name)
     return formulas
 
 
 def clip_flops(formulas: Mapping[str, FlopFormula], *, frames: int, height: int, width: int, vae_scale_factor: int,
-               steps: int, guidance: float, decoded_frames: int) -> dict[str, float]:
-    """FLOPs of one clip's stages: text encoder, one UNet step, the VAE decode of `decoded_frames`."""
+               steps: int, guidance: float, decoded_frames: int, decoder: str = "full") -> dict[str, float]:
+    """FLOPs of one clip's stages: text encoder, one UNet step, the decode of `decoded_frames` by the full VAE
+    decoder or the tiny one."""
     pixels = (height // vae_scale_factor) * (width // vae_scale_factor)
     batch = 2 if guidance > 1.0 else 1
     unet_step = batch * formulas["unet"].evaluate(frames, pixels)
     return {"text_encoder": batch * formulas["text_encoder"].evaluate(),
             "unet_step": unet_step, "unet_total": steps * unet_step,
-            "vae_decode": decoded_frames * formulas["vae_decoder"].evaluate(1, pixels)}
+            "vae_decode": decoded_frames * formulas["vae_decoder_tiny" if decoder == "tiny" else "vae_decoder"]
+            .evaluate(1, pixels)}

@@ -286,7 +286,8 @@ def _summarize(s: Scenario, raw: dict, formulas: dict | None, peak_gflops: float
                                     "check_shape": tuple(v["check_shape"])}) for k, v in formulas.items()}
         m = load_bundle(s.bundle, verify_checksums=False).model
         flops = clip_flops(parsed, frames=s.frames, height=s.height, width=s.width, vae_scale_factor=m.vae_scale_factor,
-                           steps=s.steps, guidance=s.guidance, decoded_frames=s.decoded_frames)
+                           steps=s.steps, guidance=s.guidance, decoded_frames=s.decoded_frames,
+                           decoder=dict(s.runtime.options).get("decoder", "full"))
         row["flops"] = flops
         row["unet_gflops"] = flops["unet_step"] / row["unet_step_s"]["median"] / 1e9
         row["vae_gflops"] = flops["vae_decode"] / row["vae_decode_s"]["median"] / 1e9 if flops["vae_decode"] else None
