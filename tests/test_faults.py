@@ -24,7 +24,7 @@ from lcm_edge.video import save_video
 
 TESTS = Path(__file__).resolve().parent
 POSIX = hasattr(os, "fork")
-CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
+CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent / "benchmarks")])}
 
 
 def _run_child(script: str, *args: str, timeout: int = 300) -> list[dict]:
