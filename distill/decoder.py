@@ -43,7 +43,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .config import TrainConfig, _build, _choice, _positive, _positive_int, _nonnegative_int, _toml_module
-from .errors import ConfigError, DatasetError, TrainingDivergedError
+from .errors import ConfigError, DatasetError
 
 DATA_DIR = "data"
 WEIGHTS_DIR = "tiny_decoder"
@@ -342,7 +342,7 @@ def distill_decoder(bundle_path: str | os.PathLike, cfg: DecoderDistillConfig, *
                                               TinyDecoderFidelityError, TinyDecoderWeights, add_tiny_decoder,
                                               build_decoder, save_tiny_decoder)
 
-    from .train import CHECKPOINTS, LOSS_LOG, STATE_FILE, _draw_seed, _find_resume_checkpoint, _save_checkpoint
+    from .train import CHECKPOINTS, STATE_FILE, _draw_seed, _find_resume_checkpoint, finish_step
 
     tc = cfg.train
     output = Path(tc.output_dir)
@@ -410,24 +410,9 @@ def distill_decoder(bundle_path: str | os.PathLike, cfg: DecoderDistillConfig, *
         optimizer.zero_grad(set_to_none=True)
         global_step += 1
         steps_run += 1
-        value = accelerator.reduce(step_loss, reduction="mean").item()
-        if not math.isfinite(value):
-            raise TrainingDivergedError(global_step, value, "lower train.learning_rate, or resume from an earlier "
-                                        "checkpoint")
-        losses[global_step] = value
-        if accelerator.is_main_process:
-            with (output / LOSS_LOG).open("a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": global_step, "loss": value, "lr": lr_scheduler.get_last_lr()[0]}) + "\n")
-        if global_step % tc.log_every == 0 or global_step == tc.max_train_steps:
-            per_step = (time.perf_counter() - started) / steps_run
-            accelerator.log({"loss": value, "lr": lr_scheduler.get_last_lr()[0], "s_per_step": per_step},
-                            step=global_step)
-            accelerator.print(f"[decoder] step {global_step}/{tc.max_train_steps} loss {value:.5f} "
-                              f"lr {lr_scheduler.get_last_lr()[0]:.3g} {per_step:.3f} s/step")
-        if global_step % tc.checkpointing_steps == 0 or global_step == tc.max_train_steps:
-            _save_checkpoint(accelerator, cfg, output / CHECKPOINTS, global_step)
-        if callback is not None:
-            callback(global_step, value)
+        finish_step(accelerator, cfg, output, step_loss, lr_scheduler, global_step, steps_run, started, losses,
+                    tag="decoder", divergence_fix="lower train.learning_rate, or resume from an earlier checkpoint",
+                    callback=callback)
     seconds_per_step = (time.perf_counter() - started) / max(steps_run, 1)
     accelerator.wait_for_everyone()
     accelerator.end_training()

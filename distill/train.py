@@ -400,24 +400,9 @@ def train(cfg: DistillConfig, *, base: BaseModels | None = None,
         global_step += 1
         steps_run += 1
 
-        value = accelerator.reduce(step_loss, reduction="mean").item()
-        if not math.isfinite(value):
-            raise TrainingDivergedError(global_step, value, "lower train.learning_rate, use bf16 instead of fp16, "
-                                        "or resume from an earlier checkpoint")
-        losses[global_step] = value
-        if accelerator.is_main_process:
-            with (out / LOSS_LOG).open("a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": global_step, "loss": value, "lr": lr_scheduler.get_last_lr()[0]}) + "\n")
-        if global_step % tc.log_every == 0 or global_step == tc.max_train_steps:
-            per_step = (time.perf_counter() - started) / steps_run
-            accelerator.log({"loss": value, "lr": lr_scheduler.get_last_lr()[0], "s_per_step": per_step},
-                            step=global_step)
-            accelerator.print(f"[{cfg.stage}] step {global_step}/{tc.max_train_steps} loss {value:.5f} "
-                              f"lr {lr_scheduler.get_last_lr()[0]:.3g} {per_step:.2f} s/step")
-        if global_step % tc.checkpointing_steps == 0 or global_step == tc.max_train_steps:
-            _save_checkpoint(accelerator, cfg, out / CHECKPOINTS, global_step)
-        if callback is not None:
-            callback(global_step, value)
+        finish_step(accelerator, cfg, out, step_loss, lr_scheduler, global_step, steps_run, started, losses,
+                    tag=cfg.stage, divergence_fix="lower train.learning_rate, use bf16 instead of fp16, or resume "
+                    "from an earlier checkpoint", callback=callback)
 
     seconds_per_step = (time.perf_counter() - started) / max(steps_run, 1)
     # 6. Artifacts.
@@ -506,6 +491,32 @@ def _check_resumable(cfg: DistillConfig, ckpt: Path) -> None:
         raise ConfigError(changed[0], f"differs from the checkpoint's config ({ckpt / 'config.json'}): {changed}",
                           "resume with the same settings (only max_train_steps, checkpointing and logging may "
                           "change), or start a new train.output_dir")
+
+
+def finish_step(accelerator, cfg, out: Path, step_loss, lr_scheduler, global_step: int, steps_run: int,
+                started: float, losses: dict, *, tag: str, divergence_fix: str,
+                callback: Callable[[int, float], None] | None) -> float:
+    """After an optimizer step, for every training loop: the mean loss over processes (a non-finite one stops
+    training), its line in losses.jsonl, the periodic log, the checkpoint, the caller's callback."""
+    tc = cfg.train
+    value = accelerator.reduce(step_loss, reduction="mean").item()
+    if not math.isfinite(value):
+        raise TrainingDivergedError(global_step, value, divergence_fix)
+    losses[global_step] = value
+    lr = lr_scheduler.get_last_lr()[0]
+    if accelerator.is_main_process:
+        with (out / LOSS_LOG).open("a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": global_step, "loss": value, "lr": lr}) + "\n")
+    if global_step % tc.log_every == 0 or global_step == tc.max_train_steps:
+        per_step = (time.perf_counter() - started) / steps_run
+        accelerator.log({"loss": value, "lr": lr, "s_per_step": per_step}, step=global_step)
+        accelerator.print(f"[{tag}] step {global_step}/{tc.max_train_steps} loss {value:.5f} lr {lr:.3g} "
+                          f"{per_step:.3f} s/step")
+    if global_step % tc.checkpointing_steps == 0 or global_step == tc.max_train_steps:
+        _save_checkpoint(accelerator, cfg, out / CHECKPOINTS, global_step)
+    if callback is not None:
+        callback(global_step, value)
+    return value
 
 
 def _save_checkpoint(accelerator, cfg: DistillConfig, root: Path, step: int) -> None:
