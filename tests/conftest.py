@@ -23,6 +23,22 @@ def sd15_tokenizer_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def ours(sd15_tokenizer_dir):
+    """lcm_edge's runtime tokenizer on SD1.5's real vocabulary (the tokenizer tests compare it with `reference`)."""
+    from lcm_edge.tokenizer import CLIPTokenizer
+
+    return CLIPTokenizer.from_folder(sd15_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def reference(sd15_tokenizer_dir):
+    """transformers' CLIPTokenizer on the same files: the tokenizer tests' independent reference."""
+    import transformers
+
+    return transformers.CLIPTokenizer.from_pretrained(sd15_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
 def tiny_components(sd15_tokenizer_dir):
     return make_tiny_components(sd15_tokenizer_dir)
 

@@ -30,16 +30,6 @@ def sd2_tokenizer_dir(tmp_path_factory):
     return write_sd15_tokenizer(tmp_path_factory.mktemp("sd2_tokenizer"), pad_token="!")
 
 
-@pytest.fixture(scope="session")
-def ours(sd15_tokenizer_dir):
-    return CLIPTokenizer.from_folder(sd15_tokenizer_dir)
-
-
-@pytest.fixture(scope="session")
-def reference(sd15_tokenizer_dir):
-    return transformers.CLIPTokenizer.from_pretrained(sd15_tokenizer_dir)
-
-
 def reference_ids(tok, prompt: str) -> list[int]:
     # Exactly how diffusers' pipelines call the tokenizer.
     return tok(prompt, padding="max_length", max_length=MAX_LEN, truncation=True).input_ids

@@ -46,16 +46,6 @@ long_text = st.builds(lambda unit, n: unit * n, st.sampled_from(["a ", "cat ", "
                       st.integers(min_value=40, max_value=1500))
 
 
-@pytest.fixture(scope="module")
-def ours(sd15_tokenizer_dir):
-    return CLIPTokenizer.from_folder(sd15_tokenizer_dir)
-
-
-@pytest.fixture(scope="module")
-def reference(sd15_tokenizer_dir):
-    return transformers.CLIPTokenizer.from_pretrained(sd15_tokenizer_dir)
-
-
 def _well_formed(ours: CLIPTokenizer, prompt: str) -> None:
     try:
         tokens = ours.encode(prompt)
