@@ -110,6 +110,11 @@ class FlopFormula:
         terms = _terms(frames, pixels)
         return float(sum(c * terms[b] for b, c in zip(self.basis, self.coefficients)))
 
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "FlopFormula":
+        return cls(tuple(d["basis"]), tuple(d["coefficients"]), d["per"], tuple(map(tuple, d["fit_shapes"])),
+                   tuple(d["check_shape"]), d["check_rel_error"])
+
     def to_dict(self) -> dict:
         return {"basis": list(self.basis), "coefficients": list(self.coefficients), "per": self.per,
                 "fit_shapes": [list(s) for s in self.fit_shapes], "check_shape": list(self.check_shape),

@@ -281,9 +281,7 @@ def _summarize(s: Scenario, raw: dict, formulas: dict | None, peak_gflops: float
         from ..bundle import load_bundle
         from .flops import FlopFormula, clip_flops
 
-        parsed = {k: FlopFormula(**{**v, "basis": tuple(v["basis"]), "coefficients": tuple(v["coefficients"]),
-                                    "fit_shapes": tuple(map(tuple, v["fit_shapes"])),
-                                    "check_shape": tuple(v["check_shape"])}) for k, v in formulas.items()}
+        parsed = {k: FlopFormula.from_dict(v) for k, v in formulas.items()}
         m = load_bundle(s.bundle, verify_checksums=False).model
         flops = clip_flops(parsed, frames=s.frames, height=s.height, width=s.width, vae_scale_factor=m.vae_scale_factor,
                            steps=s.steps, guidance=s.guidance, decoded_frames=s.decoded_frames,
