@@ -199,7 +199,8 @@ def record_unet_inputs(bundle: Bundle, backend: Backend, prompts: Sequence[str],
             guided = plan.guidance_scale is not None and clip % 2 == 1
             pipe(prompts[clip % len(prompts)], num_frames=plan.frames, height=plan.height, width=plan.width,
                  num_inference_steps=None, timesteps=list(plan.timesteps),
-                 guidance_scale=plan.guidance_scale if guided else 1.0, seed=seed_base + clip)
+                 guidance_scale=plan.guidance_scale if guided else 1.0, seed=seed_base + clip,
+                 output_type="latents")  # the UNet feeds are all it needs: no decode
             clip += 1
     finally:
         pipe.components["unet"] = original
