@@ -342,7 +342,7 @@ def distill_decoder(bundle_path: str | os.PathLike, cfg: DecoderDistillConfig, *
                                               TinyDecoderFidelityError, TinyDecoderWeights, add_tiny_decoder,
                                               build_decoder, save_tiny_decoder)
 
-    from .train import CHECKPOINTS, STATE_FILE, _draw_seed, _find_resume_checkpoint, finish_step
+    from .train import CHECKPOINTS, _draw_seed, _find_resume_checkpoint, finish_step, resume_state
 
     tc = cfg.train
     output = Path(tc.output_dir)
@@ -378,12 +378,7 @@ def distill_decoder(bundle_path: str | os.PathLike, cfg: DecoderDistillConfig, *
                                  num_training_steps=tc.max_train_steps * accelerator.num_processes)
     model, optimizer, lr_scheduler = accelerator.prepare(decoder, optimizer, lr_scheduler)
 
-    global_step = 0
-    if resume_dir is not None:
-        _check_resumable(cfg, resume_dir)
-        accelerator.load_state(str(resume_dir))
-        global_step = json.loads((resume_dir / STATE_FILE).read_text(encoding="utf-8"))["global_step"]
-        accelerator.print(f"resumed from {resume_dir} at step {global_step}")
+    global_step = resume_state(accelerator, cfg, resume_dir, output, _check_resumable)
     if accelerator.is_main_process and tc.report_to != "none":
         accelerator.init_trackers("distill-decoder", config={"frames": len(latents), "loss": cfg.loss,
                                                              "architecture": json.dumps(config)})

@@ -353,12 +353,7 @@ def train(cfg: DistillConfig, *, base: BaseModels | None = None,
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
 
-    global_step = 0
-    if resume_dir is not None:
-        _check_resumable(cfg, resume_dir)
-        accelerator.load_state(str(resume_dir))
-        global_step = json.loads((resume_dir / STATE_FILE).read_text(encoding="utf-8"))["global_step"]
-        accelerator.print(f"resumed from {resume_dir} at step {global_step}")
+    global_step = resume_state(accelerator, cfg, resume_dir, out, _check_resumable)
 
     # 4. Data: an endless seeded stream, positioned at the resumed step.
     ga = tc.gradient_accumulation_steps
@@ -491,6 +486,26 @@ def _check_resumable(cfg: DistillConfig, ckpt: Path) -> None:
         raise ConfigError(changed[0], f"differs from the checkpoint's config ({ckpt / 'config.json'}): {changed}",
                           "resume with the same settings (only max_train_steps, checkpointing and logging may "
                           "change), or start a new train.output_dir")
+
+
+def resume_state(accelerator, cfg, resume_dir: Path | None, out: Path,
+                 check_resumable: Callable[[object, Path], None]) -> int:
+    """Load `resume_dir` (None: a fresh run) and return its step. The loss log keeps only the lines up to that
+    step: the steps after the checkpoint are run again, and their first lines would otherwise stay twice."""
+    if resume_dir is None:
+        return 0
+    check_resumable(cfg, resume_dir)
+    accelerator.load_state(str(resume_dir))
+    global_step = json.loads((resume_dir / STATE_FILE).read_text(encoding="utf-8"))["global_step"]
+    log = out / LOSS_LOG
+    if accelerator.is_main_process and log.is_file():
+        kept = [line for line in log.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line)["step"] <= global_step]
+        tmp = log.with_name(log.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        tmp.replace(log)
+    accelerator.print(f"resumed from {resume_dir} at step {global_step}")
+    return global_step
 
 
 def finish_step(accelerator, cfg, out: Path, step_loss, lr_scheduler, global_step: int, steps_run: int,

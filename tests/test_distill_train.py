@@ -302,8 +302,14 @@ def test_interrupted_and_resumed_run_repeats_the_uninterrupted_losses(workspace)
     del older["consistency"]["solver_substeps"]
     saved.write_text(json.dumps(older))
 
+    # The interrupted run logged step 3, which the checkpoint does not hold: the resumed run logs it once.
+    log_path = workspace / "resume_cut" / "losses.jsonl"
+    assert [json.loads(line)["step"] for line in log_path.read_text().splitlines()] == [1, 2, 3]
     resumed = train(cfg.replace(train={"resume": "latest"}))
     assert sorted(resumed.losses) == [3, 4]
+    logged = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert [entry["step"] for entry in logged] == [1, 2, 3, 4]
+    assert logged[2]["loss"] == pytest.approx(full.losses[3], rel=1e-6, abs=1e-9)
     for step in (3, 4):
         assert resumed.losses[step] == pytest.approx(full.losses[step], rel=1e-6, abs=1e-9), step
     assert sorted(p.name for p in cfg_out.iterdir()) == ["checkpoint-2", "checkpoint-4"]
