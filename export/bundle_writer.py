@@ -5,23 +5,21 @@ against torch on onnxruntime at two frame counts and two resolutions; 4. optiona
 to OpenVINO IR and gate again; 5. write tokenizer, scheduler and configs; 6. hash every file
 into bundle.json; 7. read the bundle back with the runtime's own loader, then rename the
 temporary folder into place. A failure at any step leaves no folder under the final name.
+Steps 2-4 are one loop over the graphs' specs (specs.sd_graphs), through graph_export.export_graph.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import json
 import os
 import platform
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import onnx
 import torch
 
 import lcm_edge
@@ -33,15 +31,12 @@ from lcm_edge.errors import InvalidArgumentError, LcmEdgeError, OutputWriteError
 from lcm_edge.scheduler import SchedulerConfig
 from lcm_edge.tokenizer import CLIPTokenizer as RuntimeTokenizer
 
-from .attention import (FUSED_ATTENTION_DOMAIN, FUSED_ATTENTION_OPSET, FUSED_OP_KEY, check_attention, count_ops,
-                        fused_attention, write_unfused)
-from .onnx_io import EXTERNAL_DATA_THRESHOLD_BYTES, OPSET, consolidate, parameter_bytes, trace_onnx
-from .openvino_ir import convert_to_openvino
-from .parity import ParityReport, check_parity, reference_outputs
-from .precision import (FP16_COMPONENTS, ONNX_FP16_TOLERANCE, OPENVINO_FP16_TOLERANCE, check_precision,
-                        convert_onnx_to_fp16)
-from .specs import ComponentSpec, ShapeCase, sample_inputs, text_encoder_spec, unet_spec, vae_decoder_spec
-from .wrappers import TextEncoderWrapper, UNetWrapper, VaeDecoderWrapper
+from .attention import FUSED_OP_KEY, check_attention
+from .graph_export import ExportedGraph, export_graph, write_json
+from .onnx_io import OPSET
+from .parity import ParityReport
+from .precision import check_precision
+from .specs import sd_graphs
 
 TOKENIZER_GATE_PROMPTS = (
     "", "a red circle moving right", "A photo of an astronaut riding a horse on Mars, 4k, highly detailed!",
@@ -65,22 +60,6 @@ class ExportReport:
         return "\n".join(lines)
 
 
-def _json_default(value: Any):
-    if isinstance(value, (tuple, set)):
-        return list(value)
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    if isinstance(value, (torch.dtype, Path)):
-        return str(value)
-    raise TypeError(f"cannot serialise {type(value).__name__}")
-
-
-def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(dict(data), indent=2, sort_keys=True, default=_json_default) + "\n",
-                    encoding="utf-8")
-
-
 def write_tokenizer_files(tokenizer, folder: Path) -> None:
     """vocab.json + merges.txt + tokenizer_config.json from a transformers CLIP tokenizer.
 
@@ -95,7 +74,7 @@ def write_tokenizer_files(tokenizer, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    _write_json(folder / "tokenizer_config.json", {
+    write_json(folder / "tokenizer_config.json", {
         "tokenizer_class": "CLIPTokenizer",
         "model_max_length": int(tokenizer.model_max_length),
         "bos_token": str(tokenizer.bos_token), "eos_token": str(tokenizer.eos_token),
@@ -140,17 +119,6 @@ def _as_motion_unet(unet: torch.nn.Module, motion_adapter: torch.nn.Module | Non
         return UNetMotionModel.from_unet2d(unet, motion_adapter)
     raise InvalidArgumentError("unet", f"{type(unet).__name__} is not a diffusers UNetMotionModel or "
                                "UNet2DConditionModel", "load the UNet with diffusers")
-
-
-def _shape_cases(latent_multiple: int, max_frames: int) -> tuple[ShapeCase, dict[str, ShapeCase]]:
-    """A trace shape and two parity shapes that differ from it and each other in every axis."""
-    m = latent_multiple
-    trace = ShapeCase(batch=2, frames=min(3, max_frames), height=2 * m, width=3 * m)
-    cases = {
-        "b1-f2-3x2": ShapeCase(batch=1, frames=min(2, max_frames), height=3 * m, width=2 * m),
-        "b2-f4-2x2": ShapeCase(batch=2, frames=min(4, max_frames), height=2 * m, width=2 * m),
-    }
-    return trace, cases
 
 
 def _motion_max_frames(unet: torch.nn.Module) -> int:
@@ -212,53 +180,21 @@ def export_bundle(out: str | os.PathLike, *, unet: torch.nn.Module, vae: torch.n
                                    "attention='plain' for graphs with inline weights")
     _prepare_destination(out, overwrite)
 
-    # 1. Check the components fit together and derive the model facts the runtime needs.
+    # 1. Check the components fit together, derive the model facts the runtime needs, and the graphs to export.
     if not isinstance(scheduler_config, SchedulerConfig):
         scheduler_config = SchedulerConfig.from_dict(dict(scheduler_config), source="scheduler_config")
     motion_unet = _as_motion_unet(unet, motion_adapter).eval().float()
     vae = vae.eval().float()
     text_encoder = text_encoder.eval().float()
-    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    unet_downsamplers = len(motion_unet.config.down_block_types) - 1
-    max_frames = _motion_max_frames(motion_unet)
-    hidden = int(text_encoder.config.hidden_size)
-    max_length = int(tokenizer.model_max_length)
-    latent_channels = int(motion_unet.config.in_channels)
-    if int(vae.config.latent_channels) != latent_channels:
-        raise InvalidArgumentError("vae", f"latent_channels {vae.config.latent_channels} differs from the UNet's "
-                                   f"in_channels {latent_channels}", "pass the VAE that belongs to this UNet")
-    if int(motion_unet.config.cross_attention_dim) != hidden:
-        raise InvalidArgumentError("text_encoder", f"hidden size {hidden} differs from the UNet's "
-                                   f"cross_attention_dim {motion_unet.config.cross_attention_dim}",
-                                   "pass the text encoder that belongs to this UNet")
-    if not 1 <= default_frames <= max_frames:
-        raise InvalidArgumentError("default_frames", f"{default_frames} is outside 1..{max_frames}",
-                                   "use at most the motion module's motion_max_seq_length")
-    sample_size = int(motion_unet.config.sample_size)
-    model = ModelInfo(
-        vae_scaling_factor=float(vae.config.scaling_factor), vae_scale_factor=vae_scale,
-        latent_channels=latent_channels, size_multiple=vae_scale * 2 ** unet_downsamplers,
-        max_frames=max_frames, default_frames=default_frames, default_height=sample_size * vae_scale,
-        default_width=sample_size * vae_scale, default_fps=default_fps, text_max_length=max_length,
-        text_hidden_size=hidden, default_timesteps=check_default_timesteps(
-            {} if default_timesteps is None else default_timesteps, scheduler_config),
-    )
+    model = _model_info(motion_unet, vae, text_encoder, tokenizer, scheduler_config, default_frames=default_frames,
+                        default_fps=default_fps, default_timesteps=default_timesteps)
     if tiny_decoder is not None:  # read and fit-checked before any tracing
         from .tiny_decoder import TinyDecoderWeights, check_fit, load_tiny_decoder
 
         if not isinstance(tiny_decoder, TinyDecoderWeights):
             tiny_decoder = load_tiny_decoder(tiny_decoder, argument="tiny_decoder")
         check_fit(tiny_decoder, model, "tiny_decoder")
-    specs: dict[str, tuple[ComponentSpec, torch.nn.Module]] = {
-        "text_encoder": (text_encoder_spec(max_length, hidden), TextEncoderWrapper(text_encoder)),
-        "unet": (unet_spec(latent_channels, max_length, hidden), UNetWrapper(motion_unet)),
-        "vae_decoder": (vae_decoder_spec(latent_channels), VaeDecoderWrapper(vae)),
-    }
-    # The diffusers models whose attention processors the fused trace swaps, per graph.
-    attention_models = {"unet": (motion_unet,), "vae_decoder": (vae,)} if attention == "fused" else {}
-    attention_record: dict[str, dict[str, int]] = {}
-    trace_case, cases = _shape_cases(2 ** unet_downsamplers, max_frames)
-    vocab_size = int(text_encoder.config.vocab_size)
+    graphs = sd_graphs(motion_unet, vae, text_encoder, model)
     rng = np.random.default_rng(seed)
 
     # A claimed `.NAME.partial-TOKEN` beside the target: its lock tells the next export to this target whether
@@ -270,111 +206,19 @@ def export_bundle(out: str | os.PathLike, *, unet: torch.nn.Module, vae: torch.n
     ort_backend = create_backend("onnxruntime", "cpu")
     ov_backend = create_backend("openvino", "CPU") if openvino else None
     try:
-        components = {}
-        details = {}
-        for name, (spec, module) in specs.items():
-            # 2. Trace to ONNX (fp32), and compute torch's outputs once for every gate below; only
-            #    then merge the traced weights, so torch's copy can be released first.
-            onnx_path = tmp / name / "model.onnx"
-            example = sample_inputs(spec, trace_case, vocab_size=vocab_size, rng=rng)
-            fused = name in attention_models
-            if fused:
-                with fused_attention(*attention_models[name]):
-                    traced = trace_onnx(module, spec, example, tmp / name / "_trace",
-                                        custom_opsets={FUSED_ATTENTION_DOMAIN: FUSED_ATTENTION_OPSET})
-                fused_nodes = count_ops(onnx.load(str(traced), load_external_data=False)).get(FUSED_OP_KEY, 0)
-                fused = fused_nodes > 0  # a graph without attention (e.g. a VAE without mid-block attention)
-            else:
-                traced = trace_onnx(module, spec, example, tmp / name / "_trace")
-            # Torch's outputs come from the models' own attention processors (restored above): an
-            # independent reference for the fused graph.
-            feeds = {key: sample_inputs(spec, case, vocab_size=vocab_size, rng=rng) for key, case in cases.items()}
-            expected = reference_outputs(module, spec, feeds)
-            source_config = module_config(name, motion_unet, vae, text_encoder)
-            weight_bytes = parameter_bytes(module)
-            if release_torch:
-                module.to("meta")
-            fused_path = onnx_path.with_name("model_fused.onnx")
-            # Fused and plain graphs share one external-data file, so a fused component always has one.
-            data_path = consolidate(traced, fused_path if fused else onnx_path, spec,
-                                    external_data=True if fused else external_data if external_data is not None
-                                    else weight_bytes > EXTERNAL_DATA_THRESHOLD_BYTES)
-            shutil.rmtree(traced.parent)
-            if fused:
-                write_unfused(fused_path, onnx_path)
-            half = precision == "fp16" and name in FP16_COMPONENTS
-            info = ComponentInfo(
-                name=name, onnx=f"{name}/model.onnx",
-                onnx_data=f"{name}/{data_path.name}" if data_path else None, openvino=None,
-                config=f"{name}/config.json", inputs=spec.inputs, outputs=spec.outputs,
-                precision="fp16" if half else "fp32", onnx_fused=f"{name}/{fused_path.name}" if fused else None)
-            # 3. Gate the fp32 graph on onnxruntime (the fused one, which its CPU provider picks), and the plain
-            #    graph beside it, which TensorRT and onnxruntime's OpenVINO EP run.
-            report.parity[f"{name}/onnxruntime"] = check_parity(
-                module, spec, ort_backend.open(tmp, info), "onnxruntime-fused" if fused else "onnxruntime", feeds,
-                expected=expected)
-            if fused:
-                report.parity[f"{name}/onnxruntime-plain"] = check_parity(
-                    module, spec, ort_backend.open(tmp, dataclasses.replace(info, onnx_fused=None)),
-                    "onnxruntime-plain", feeds, expected=expected)
-                attention_record[name] = {"fused_nodes": fused_nodes, "softmax_left": count_ops(
-                    onnx.load(str(fused_path), load_external_data=False)).get("Softmax", 0)}
-            # 4. OpenVINO IR from the fp32 graph (fp16-compressed weights in fp16 bundles), gated the same way.
-            if ov_backend is not None:
-                convert_to_openvino(onnx_path, tmp / name / "openvino_model.xml", compress_to_fp16=half)
-                info = dataclasses.replace(info, openvino=f"{name}/openvino_model.xml")
-                report.parity[f"{name}/openvino"] = check_parity(
-                    module, spec, ov_backend.open(tmp, info), "openvino-ir-fp16" if half else "openvino-ir", feeds,
-                    OPENVINO_FP16_TOLERANCE if half else None, expected=expected)
-            # 4b. fp16 graph replaces the gated fp32 one, gated against fp32 torch.
-            if half:
-                keep_external = data_path is not None and (fused or external_data or
-                                                           weight_bytes // 2 > EXTERNAL_DATA_THRESHOLD_BYTES)
-                # A fused component converts its fused graph and derives the plain one from it again, so both
-                # keep sharing the (now fp16) weights file.
-                data_path = convert_onnx_to_fp16(fused_path if fused else onnx_path, external_data=keep_external)
-                if fused:
-                    write_unfused(fused_path, onnx_path)
-                info = dataclasses.replace(info, onnx_data=f"{name}/{data_path.name}" if data_path else None)
-                report.parity[f"{name}/onnxruntime-fp16"] = check_parity(
-                    module, spec, ort_backend.open(tmp, info), "onnxruntime-fp16-fused" if fused else
-                    "onnxruntime-fp16", feeds, ONNX_FP16_TOLERANCE, expected=expected)
-                if fused:
-                    report.parity[f"{name}/onnxruntime-fp16-plain"] = check_parity(
-                        module, spec, ort_backend.open(tmp, dataclasses.replace(info, onnx_fused=None)),
-                        "onnxruntime-fp16-plain", feeds, ONNX_FP16_TOLERANCE, expected=expected)
-            details[name] = {
-                "onnx": "fp16 compute, fp32 inputs/outputs" if half else "fp32",
-                "openvino": None if ov_backend is None else ("FP16-compressed weights" if half else "FP32"),
-            }
-            _write_json(tmp / info.config, source_config)
-            components[name] = info
-
-        # 5. Tokenizer, scheduler, optimum-style model index.
-        write_tokenizer_files(tokenizer, tmp / TOKENIZER_DIR)
-        _check_tokenizer(tokenizer, tmp / TOKENIZER_DIR)
-        _write_json(tmp / SCHEDULER_CONFIG, scheduler_config.to_dict())
-        _write_json(tmp / "model_index.json", {
-            "_class_name": "AnimateLCMPipeline", "_lcm_edge_version": lcm_edge.__version__,
-            "scheduler": ["lcm_edge", "LCMScheduler"], "tokenizer": ["lcm_edge", "CLIPTokenizer"],
-            **{name: ["lcm_edge", "OnnxGraph"] for name in components},
-        })
-
+        # 2-4. Each graph: trace, gate on onnxruntime, OpenVINO IR and its gate, fp16 and its gate, config.json.
+        exported = {}
+        for graph in graphs:
+            exported[graph.spec.name] = export_graph(
+                graph, tmp, rng=rng, ort_backend=ort_backend, ov_backend=ov_backend, precision=precision,
+                attention=attention, external_data=external_data, release_torch=release_torch)
+            report.parity.update(exported[graph.spec.name].parity)
+        components = {name: e.info for name, e in exported.items()}
+        # 5. Tokenizer (gated against transformers'), scheduler, optimum-style model index.
+        _write_support_files(tmp, tokenizer, scheduler_config, components)
         # 6. Manifest with checksums and provenance (parity figures included).
-        write_manifest(tmp, model=model, components=components, provenance={
-            "exporter": f"lcm_edge {lcm_edge.__version__}",
-            "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "versions": _versions(), "opset": OPSET, "source": dict(provenance or {}),
-            "precision": {"requested": precision, "components": details},
-            "attention": {
-                "requested": attention, "fused_op": FUSED_OP_KEY, "components": attention_record,
-                # Which graph each runtime gets (lcm_edge.backends.ort_backend.select_onnx_graph decides).
-                "graphs": {"onnxruntime cpu, cuda, directml": "onnx_fused (where present, else onnx)",
-                           "onnxruntime tensorrt, openvino": "onnx",
-                           "openvino": "openvino (converted from onnx), else onnx"},
-            },
-            "parity": {key: r.to_dict() for key, r in report.parity.items()},
-        })
+        write_manifest(tmp, model=model, components=components, provenance=_provenance(
+            provenance, precision=precision, attention=attention, exported=exported, parity=report.parity))
 
         # 6b. The optional tiny decoder, exported and gated into the finished (still unpublished) bundle.
         if tiny_decoder is not None:
@@ -396,16 +240,66 @@ def export_bundle(out: str | os.PathLike, *, unet: torch.nn.Module, vae: torch.n
     return report
 
 
-def module_config(name: str, unet, vae, text_encoder) -> dict:
-    """The source model's config, minus where it was loaded from (that is in the provenance)."""
-    if name == "unet":
-        config = dict(unet.config)
-    elif name == "vae_decoder":
-        config = dict(vae.config)
-    else:
-        config = text_encoder.config.to_dict()
-    config.pop("_name_or_path", None)
-    return config
+def _model_info(motion_unet: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module, tokenizer,
+                scheduler_config: SchedulerConfig, *, default_frames: int, default_fps: int,
+                default_timesteps: Mapping[int, Sequence[int]] | None) -> ModelInfo:
+    """The facts the runtime needs (bundle.json model), after checking the components fit together."""
+    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    unet_downsamplers = len(motion_unet.config.down_block_types) - 1
+    max_frames = _motion_max_frames(motion_unet)
+    hidden = int(text_encoder.config.hidden_size)
+    max_length = int(tokenizer.model_max_length)
+    latent_channels = int(motion_unet.config.in_channels)
+    if int(vae.config.latent_channels) != latent_channels:
+        raise InvalidArgumentError("vae", f"latent_channels {vae.config.latent_channels} differs from the UNet's "
+                                   f"in_channels {latent_channels}", "pass the VAE that belongs to this UNet")
+    if int(motion_unet.config.cross_attention_dim) != hidden:
+        raise InvalidArgumentError("text_encoder", f"hidden size {hidden} differs from the UNet's "
+                                   f"cross_attention_dim {motion_unet.config.cross_attention_dim}",
+                                   "pass the text encoder that belongs to this UNet")
+    if not 1 <= default_frames <= max_frames:
+        raise InvalidArgumentError("default_frames", f"{default_frames} is outside 1..{max_frames}",
+                                   "use at most the motion module's motion_max_seq_length")
+    sample_size = int(motion_unet.config.sample_size)
+    return ModelInfo(
+        vae_scaling_factor=float(vae.config.scaling_factor), vae_scale_factor=vae_scale,
+        latent_channels=latent_channels, size_multiple=vae_scale * 2 ** unet_downsamplers,
+        max_frames=max_frames, default_frames=default_frames, default_height=sample_size * vae_scale,
+        default_width=sample_size * vae_scale, default_fps=default_fps, text_max_length=max_length,
+        text_hidden_size=hidden, default_timesteps=check_default_timesteps(
+            {} if default_timesteps is None else default_timesteps, scheduler_config),
+    )
+
+
+def _write_support_files(root: Path, tokenizer, scheduler_config: SchedulerConfig,
+                         components: Mapping[str, ComponentInfo]) -> None:
+    write_tokenizer_files(tokenizer, root / TOKENIZER_DIR)
+    _check_tokenizer(tokenizer, root / TOKENIZER_DIR)
+    write_json(root / SCHEDULER_CONFIG, scheduler_config.to_dict())
+    write_json(root / "model_index.json", {
+        "_class_name": "AnimateLCMPipeline", "_lcm_edge_version": lcm_edge.__version__,
+        "scheduler": ["lcm_edge", "LCMScheduler"], "tokenizer": ["lcm_edge", "CLIPTokenizer"],
+        **{name: ["lcm_edge", "OnnxGraph"] for name in components},
+    })
+
+
+def _provenance(source: Mapping[str, Any] | None, *, precision: str, attention: str,
+                exported: Mapping[str, ExportedGraph], parity: Mapping[str, ParityReport]) -> dict[str, Any]:
+    return {
+        "exporter": f"lcm_edge {lcm_edge.__version__}",
+        "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(), "opset": OPSET, "source": dict(source or {}),
+        "precision": {"requested": precision, "components": {name: e.precision for name, e in exported.items()}},
+        "attention": {
+            "requested": attention, "fused_op": FUSED_OP_KEY,
+            "components": {name: e.attention for name, e in exported.items() if e.attention is not None},
+            # Which graph each runtime gets (lcm_edge.backends.ort_backend.select_onnx_graph decides).
+            "graphs": {"onnxruntime cpu, cuda, directml": "onnx_fused (where present, else onnx)",
+                       "onnxruntime tensorrt, openvino": "onnx",
+                       "openvino": "openvino (converted from onnx), else onnx"},
+        },
+        "parity": {key: r.to_dict() for key, r in parity.items()},
+    }
 
 
 def _versions() -> dict[str, str]:

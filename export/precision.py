@@ -25,7 +25,7 @@ from .onnx_io import EXTERNAL_DATA_NAME
 from .specs import Tolerance
 
 PRECISIONS = ("fp32", "fp16")
-FP16_COMPONENTS = ("text_encoder", "unet")
+# Which graphs become fp16 is each graph's GraphSpec.fp16 (specs.sd_graphs): the text encoder and the UNet.
 
 # fp16 compute vs fp32 torch: fp16 keeps ~3 significant digits and the UNet chains ~100 layers.
 # Measured max abs: tiny graphs 1e-3..3e-3 (outputs up to 2.7); full size (benchmarks/

@@ -51,10 +51,9 @@ from lcm_edge.bundle import (MANIFEST_NAME, Bundle, ComponentInfo, ModelInfo, lo
 from lcm_edge.errors import InvalidArgumentError, LcmEdgeError
 from lcm_edge.fidelity import psnr_db
 
-from .onnx_io import export_onnx
-from .openvino_ir import convert_to_openvino
-from .parity import ParityReport, check_parity, reference_outputs
-from .specs import ComponentSpec, ShapeCase, sample_inputs, vae_decoder_spec
+from .graph_export import export_graph
+from .parity import ParityReport
+from .specs import ComponentSpec, GraphSpec, model_shape_cases, vae_decoder_spec
 from .weights import (as_float32, file_record, load_strict, read_config_json,
                       read_diffusers_weights, read_weight_file)
 
@@ -308,41 +307,23 @@ def tiny_decoder_spec(latent_channels: int) -> ComponentSpec:
     return dataclasses.replace(vae_decoder_spec(latent_channels), name=TINY_DECODER)
 
 
-def _parity_cases(model: ModelInfo) -> tuple[ShapeCase, dict[str, ShapeCase]]:
-    from .bundle_writer import _shape_cases
-
-    return _shape_cases(model.size_multiple // model.vae_scale_factor, model.max_frames)
+def tiny_decoder_graph(weights: TinyDecoderWeights, model: ModelInfo) -> GraphSpec:
+    """The tiny decoder as one more graph for export_graph: plain attention, fp32 only."""
+    module = TinyDecoderWrapper(weights.decoder, weights.config, model.vae_scaling_factor).eval().float()
+    trace_case, cases = model_shape_cases(model)
+    return GraphSpec(tiny_decoder_spec(model.latent_channels), module,
+                     {"_class_name": "AutoencoderTiny", **weights.config, "input_scale": module.scale},
+                     trace_case=trace_case, cases=cases)
 
 
 def export_component(weights: TinyDecoderWeights, model: ModelInfo, root: Path, *, openvino: bool,
                      seed: int = 0) -> tuple[ComponentInfo, dict[str, ParityReport]]:
     """Trace `weights` into root/vae_decoder_tiny/ (model.onnx, config.json [, OpenVINO IR]) and gate every graph
     against torch at two shapes; raises ParityError."""
-    spec = tiny_decoder_spec(model.latent_channels)
-    module = TinyDecoderWrapper(weights.decoder, weights.config, model.vae_scaling_factor).eval().float()
-    trace_case, cases = _parity_cases(model)
-    rng = np.random.default_rng(seed)
-    folder = root / TINY_DECODER
-    folder.mkdir(parents=True, exist_ok=True)
-    export_onnx(module, spec, sample_inputs(spec, trace_case, vocab_size=1, rng=rng), folder / "model.onnx",
-                external_data=False)
-    feeds = {key: sample_inputs(spec, case, vocab_size=1, rng=rng) for key, case in cases.items()}
-    expected = reference_outputs(module, spec, feeds)
-    info = ComponentInfo(name=TINY_DECODER, onnx=f"{TINY_DECODER}/model.onnx", onnx_data=None, openvino=None,
-                         config=f"{TINY_DECODER}/config.json", inputs=spec.inputs, outputs=spec.outputs,
-                         precision="fp32")
-    parity = {f"{TINY_DECODER}/onnxruntime": check_parity(module, spec, create_backend("onnxruntime", "cpu")
-                                                          .open(root, info), "onnxruntime", feeds,
-                                                          expected=expected)}
-    if openvino:
-        convert_to_openvino(folder / "model.onnx", folder / "openvino_model.xml")
-        info = dataclasses.replace(info, openvino=f"{TINY_DECODER}/openvino_model.xml")
-        parity[f"{TINY_DECODER}/openvino"] = check_parity(module, spec, create_backend("openvino", "CPU")
-                                                          .open(root, info), "openvino-ir", feeds, expected=expected)
-    (folder / "config.json").write_text(json.dumps({"_class_name": "AutoencoderTiny", **weights.config,
-                                                    "input_scale": module.scale}, indent=2, sort_keys=True) + "\n",
-                                        encoding="utf-8")
-    return info, parity
+    exported = export_graph(tiny_decoder_graph(weights, model), root, rng=np.random.default_rng(seed),
+                            ort_backend=create_backend("onnxruntime", "cpu"),
+                            ov_backend=create_backend("openvino", "CPU") if openvino else None, external_data=False)
+    return exported.info, exported.parity
 
 
 def unit_frames(session, latents: np.ndarray, vae_scaling_factor: float, chunk: int = 8) -> np.ndarray:
@@ -533,5 +514,5 @@ __all__ = ["DECODER_CONFIG_KEYS", "FIDELITY_SEED_BASE", "TINY_DECODER", "TINY_DE
            "TINY_DECODER_MIN_PSNR_DB", "TinyDecoderFidelityError", "TinyDecoderReport", "TinyDecoderWeights",
            "TinyDecoderWrapper", "add_tiny_decoder", "build_decoder", "check_fidelity", "check_fit",
            "decoder_config", "export_component", "fidelity", "flicker", "install_tiny_decoder",
-           "load_tiny_decoder", "psnr_db", "sample_latents", "save_tiny_decoder", "tiny_decoder_spec",
-           "unit_frames"]
+           "load_tiny_decoder", "psnr_db", "sample_latents", "save_tiny_decoder", "tiny_decoder_graph",
+           "tiny_decoder_spec", "unit_frames"]

@@ -13,7 +13,7 @@ from lcm_edge import AnimateLCMPipeline, InvalidArgumentError, ParityError, load
 from lcm_edge.backends import create_backend
 from lcm_edge.cli import main as cli_main
 from lcm_edge.export import check_parity, export_bundle
-from lcm_edge.export import bundle_writer
+from lcm_edge.export import graph_export
 from lcm_edge.export.specs import ShapeCase, sample_inputs, text_encoder_spec
 from lcm_edge.export.wrappers import TextEncoderWrapper
 
@@ -50,7 +50,7 @@ def test_failed_gate_leaves_nothing(tiny_components, tmp_path, monkeypatch):
     def failing_gate(*args, **kwargs):
         raise ParityError("unet onnxruntime vs torch", ["unet[...].out_sample: max abs 1"])
 
-    monkeypatch.setattr(bundle_writer, "check_parity", failing_gate)
+    monkeypatch.setattr(graph_export, "check_parity", failing_gate)
     with pytest.raises(ParityError):
         _export(tiny_components, tmp_path / "bundle")
     assert list(tmp_path.iterdir()) == []

@@ -44,6 +44,7 @@ torch.set_num_threads(1)
 from clip_vocab import write_sd15_tokenizer
 from tiny_models import make_tiny_components
 import lcm_edge.export.bundle_writer as bw
+import lcm_edge.export.graph_export as ge
 from lcm_edge import atomic_output
 from lcm_edge.bundle import load_bundle
 from lcm_edge.errors import BundleError
@@ -74,9 +75,9 @@ def kill_on_partial_replace():
 
 
 POINTS = {
-    "tracing": (lambda: setattr(bw, "trace_onnx", die), {}),
-    "parity gates": (lambda: setattr(bw, "check_parity", die), {}),
-    "openvino conversion": (lambda: setattr(bw, "convert_to_openvino", die), {"openvino": True}),
+    "tracing": (lambda: setattr(ge, "trace_onnx", die), {}),
+    "parity gates": (lambda: setattr(ge, "check_parity", die), {}),
+    "openvino conversion": (lambda: setattr(ge, "convert_to_openvino", die), {"openvino": True}),
     "rerun": (lambda: None, {}),
     "final rename, replacing a bundle": (kill_on_partial_replace, {"overwrite": True}),
 }
@@ -275,10 +276,10 @@ def test_save_into_a_read_only_folder_is_typed(tmp_path, monkeypatch):
 
 def test_export_into_a_read_only_folder_fails_before_any_work(tmp_path, monkeypatch, tiny_components):
     from lcm_edge.export import export_bundle
-    import lcm_edge.export.bundle_writer as bw
+    import lcm_edge.export.graph_export as ge
 
     folder = _read_only_folder(tmp_path, monkeypatch)
-    monkeypatch.setattr(bw, "trace_onnx", lambda *a, **k: pytest.fail("export traced into a read-only folder"))
+    monkeypatch.setattr(ge, "trace_onnx", lambda *a, **k: pytest.fail("export traced into a read-only folder"))
     c = tiny_components
     with pytest.raises(InvalidArgumentError) as info:
         export_bundle(folder / "bundle", unet=c["unet"], vae=c["vae"], text_encoder=c["text_encoder"],
@@ -289,12 +290,12 @@ def test_export_into_a_read_only_folder_fails_before_any_work(tmp_path, monkeypa
 
 def test_export_on_a_full_disk_is_typed_and_leaves_the_target_untouched(tmp_path, monkeypatch, tiny_components):
     from lcm_edge.export import export_bundle
-    import lcm_edge.export.bundle_writer as bw
+    import lcm_edge.export.graph_export as ge
 
     target = tmp_path / "bundle"
     target.mkdir()
     (target / "bundle.json").write_text("the previous bundle")
-    monkeypatch.setattr(bw, "trace_onnx", _enospc)  # the disk fills up as the first graph is written
+    monkeypatch.setattr(ge, "trace_onnx", _enospc)  # the disk fills up as the first graph is written
     c = tiny_components
     with pytest.raises(OutputWriteError) as info:
         export_bundle(target, unet=c["unet"], vae=c["vae"], text_encoder=c["text_encoder"],
