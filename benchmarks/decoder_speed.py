@@ -11,7 +11,9 @@ generation time with decoder="full" and decoder="tiny" on the same backend.
 --full-size: the real architectures with random weights (decode time does not depend on the weights): SD1.5's
 AutoencoderKL decoder and TAESD's decoder (diffusers AutoencoderTiny defaults: 64 channels, blocks 3/3/3/1),
 each exported to ONNX by the exporter's own path and timed per clip at 256x256x8 and 512x512x16 frames
-(frames decoded 4 at a time, as the pipeline does). Needs ~6 GiB of RAM at 512x512; the lead runs it.
+(frames decoded 4 at a time, as the pipeline does); on onnxruntime also TAESD's INT8 graph
+(lcm-edge quantize-tiny-decoder's recipe, export/tiny_decoder_int8.py, calibrated on random latents: speed only).
+Needs ~6 GiB of RAM at 512x512; the lead runs it.
 
 --adherence: the default model's prompt adherence (all three of colour, shape and direction right, read by
 lcm_edge.distill.default_model.detector) over all 60 prompts at seeds ADHERENCE_SEED_BASE + i (never used in
@@ -22,6 +24,7 @@ TINY_DECODER_ADHERENCE_MARGIN of the full decoder (raises SystemExit 1 otherwise
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import tempfile
@@ -113,9 +116,16 @@ def full_size_rows(sizes: list[tuple[int, int]], threads: int | None, repeats: i
             infos[name] = ComponentInfo(name=spec.name, onnx=f"{name}/model.onnx", onnx_data=None, openvino=xml,
                                         config=f"{name}/config.json", inputs=spec.inputs, outputs=spec.outputs,
                                         precision="fp32")
+        from lcm_edge.export.tiny_decoder_int8 import quantize_graph
+
+        calibration = [np.random.default_rng(i).standard_normal((1, 4, 2, 32, 32), np.float32) for i in range(2)]
+        quantize_graph(root / "tiny" / "model.onnx", root / "tiny" / "model_int8.onnx", calibration,
+                       vae_config["scaling_factor"])
+        infos["tiny_int8"] = dataclasses.replace(infos["tiny"], onnx="tiny/model_int8.onnx", openvino=None)
         del vae, taesd, graphs
         for backend in backends:
-            sessions = {name: backend.open(root, info) for name, info in infos.items()}
+            sessions = {name: backend.open(root, info) for name, info in infos.items()
+                        if info.openvino or backend.name == "onnxruntime"}  # INT8 tiny graph: onnxruntime only
             for size, frames in sizes:
                 latents = np.random.default_rng(0).standard_normal((frames, 4, size // scale, size // scale),
                                                                    np.float32)
@@ -150,12 +160,18 @@ def adherence(bundle_path: str, threads: int | None, prompts: int) -> dict:
 
 
 def _table(rows: list[dict]) -> str:
+    int8 = any("decode_tiny_int8_s" in r for r in rows)
     lines = ["| backend | frames | size | full decoder s/clip | tiny decoder s/clip | decode speed-up |"
+             + (" tiny INT8 s/clip | INT8 decode speed-up |" if int8 else "")
              + (" generate full s | generate tiny s | end-to-end speed-up |" if "generate_full_s" in rows[0] else ""),
-             "|---|---|---|---|---|---|" + ("---|---|---|" if "generate_full_s" in rows[0] else "")]
+             "|---|---|---|---|---|---|" + ("---|---|" if int8 else "")
+             + ("---|---|---|" if "generate_full_s" in rows[0] else "")]
     for r in rows:
         line = (f"| {r['backend']} | {r['frames']} | {r['size']} | {r['decode_full_s']:.4f} | {r['decode_tiny_s']:.4f} "
                 f"| {r['decode_full_s'] / r['decode_tiny_s']:.1f}x |")
+        if int8:
+            t = r.get("decode_tiny_int8_s")
+            line += f" {t:.4f} | {r['decode_full_s'] / t:.1f}x |" if t else " - | - |"
         if "generate_full_s" in r:
             line += (f" {r['generate_full_s']:.3f} | {r['generate_tiny_s']:.3f} | "
                      f"{r['generate_full_s'] / r['generate_tiny_s']:.2f}x |")

@@ -1,0 +1,262 @@
+"""An INT8 onnxruntime graph for a bundle's tiny decoder (`quantize_tiny_decoder`), gated twice.
+
+Why: onnxruntime already runs the fp32 tiny decoder as well as fp32 allows. At ORT_ENABLE_ALL every Conv becomes a
+com.microsoft.nchwc Conv with its ReLU and the residual Add+ReLU fused, and the nearest Resize an NCHWc Upsample;
+TAESD's decoder then reads about the same fraction of the 2-core fp32 matmul peak as the full VAE decoder (see
+benchmarks/research/README.md). But its FLOPs are 1/17.6 of SD1.5's VAE decoder (141 vs 2480 GFLOP per 512x512
+frame), so no fp32 graph of it can be 20x faster than the full decoder on the same runtime. Exact rewrites that cut
+FLOPs (the upsample + 3x3 conv pairs as one ConvTranspose, or as four 2x2 phase convs + DepthToSpace: 10% fewer
+FLOPs) leave the NCHWc layout and ran slower. INT8 convolutions (u8 x s8, VNNI where the CPU has it) ran 2.6x
+faster than fp32 on the same graph.
+
+Recipe: static QDQ, weights int8 symmetric per output channel, activations uint8 MinMax-calibrated on latents from
+the bundle's own sampler: one clip for each of the first TINY_INT8_CALIBRATION_CLIPS prompts of the calibration
+prompt file (export.quantize's, default the shipped model's every colour/shape/direction list) at
+TINY_INT8_CALIBRATION_SEED_BASE; 7-bit weights (reduce_range) on CPUs without VNNI, as export.quantize does. The
+prompts must vary: calibrated on the add gate's two prompts (a red circle, a cat), unseen green and white clips
+read 25 dB against the fp32 graph (activations clipped); on 8 prompts of the list, 47-49 dB on 11 unseen prompts.
+Only the onnx graph changes: the OpenVINO IR stays the fp32 conversion (OpenVINO runs it in bf16 where the CPU has
+it, faster still).
+
+Gates, on latents from the bundle's own sampler for the next TINY_INT8_CHECK_CLIPS prompts of the same file (never
+calibrated on) at the add gate's seeds (FIDELITY_SEED_BASE):
+- the INT8 frames against the fp32 tiny graph's (itself parity-gated against torch when it was added):
+  PSNR >= TINY_DECODER_INT8_MIN_PSNR_DB;
+- the INT8 frames against the full VAE decoder's: TINY_DECODER_MIN_PSNR_DB and TINY_DECODER_FLICKER_MARGIN, the same
+  fidelity gate every tiny decoder passes.
+A failed gate raises TinyDecoderFidelityError and leaves the bundle as it was.
+
+Replacing the graph never leaves the bundle invalid: the INT8 file moves in under a new name, a manifest that points
+the component at it replaces bundle.json, and only then does the fp32 graph go (a second manifest drops it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from lcm_edge.atomic_output import Partial, recover
+from lcm_edge.backends import create_backend
+from lcm_edge.bundle import MANIFEST_NAME, Bundle, ComponentInfo, load_bundle, load_unpublished_bundle
+from lcm_edge.errors import InvalidArgumentError
+
+from .tiny_decoder import (TINY_DECODER, TINY_DECODER_FLICKER_MARGIN, TINY_DECODER_MIN_PSNR_DB,
+                           TinyDecoderFidelityError, _write_manifest_atomically, check_fidelity, fidelity,
+                           sample_latents)
+
+# INT8 frames against the fp32 tiny graph's, dB over [0, 1] pixels. On the shipped default model's decoder: 46.9-49
+# dB on 11 unseen prompts of 16 frames (seeds 40123+), while the tiny decoder itself reads 25-36 dB against the full
+# decoder on them; 40 dB is an error of 1/10 to 1/100 of the tiny decoder's own.
+TINY_DECODER_INT8_MIN_PSNR_DB = 40.0
+TINY_DECODER_INT8_RECIPE = "qdq-static"
+TINY_INT8_CALIBRATION_SEED_BASE = 21_000  # the add gate samples 20_000.., the shipped model's tests 40_000..
+TINY_INT8_CALIBRATION_CLIPS = 8
+TINY_INT8_CHECK_CLIPS = 4
+INT8_GRAPH = f"{TINY_DECODER}/model_int8.onnx"
+
+
+def decoder_batches(latents: np.ndarray, vae_scaling_factor: float, chunk: int = 8) -> list[np.ndarray]:
+    """(1, c, f, h, w) latents -> the decoder's `latent_sample` feeds, (<= chunk, c, h, w) each."""
+    per_frame = (latents[0] / np.float32(vae_scaling_factor)).transpose(1, 0, 2, 3).astype(np.float32)
+    return [np.ascontiguousarray(per_frame[i:i + chunk]) for i in range(0, per_frame.shape[0], chunk)]
+
+
+def quantize_graph(src: str | os.PathLike, dst: str | os.PathLike, calibration: Sequence[np.ndarray],
+                   vae_scaling_factor: float) -> dict[str, Any]:
+    """Static QDQ INT8 copy of the tiny decoder graph `src` at `dst`, calibrated on (1, c, f, h, w) latents.
+    Returns the method record for the provenance."""
+    import onnx
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quant_pre_process, quantize_static)
+
+    from .quantize import _quiet_quantizers, _versions, int8_traits, read_cpu_flags
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.feeds = [{"latent_sample": b} for clip in calibration
+                          for b in decoder_batches(clip, vae_scaling_factor)]
+            self.index = 0
+
+        def get_next(self):
+            if self.index == len(self.feeds):
+                return None
+            self.index += 1
+            return self.feeds[self.index - 1]
+
+    traits = int8_traits(read_cpu_flags())
+    pre = Path(dst).with_name(Path(dst).stem + ".pre.onnx")
+    try:
+        with _quiet_quantizers():
+            # Shape inference and onnxruntime's basic fusions first, as onnxruntime's quantizer asks.
+            quant_pre_process(str(src), str(pre))
+            quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            reduce_range=traits.reduce_range, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+    finally:
+        pre.unlink(missing_ok=True)
+    onnx.checker.check_model(str(dst))
+    return {"method": f"onnxruntime {_versions()['onnxruntime']} quant_pre_process + quantize_static QDQ",
+            "recipe": TINY_DECODER_INT8_RECIPE, "activations": "uint8 asymmetric, MinMax",
+            "weights": "int8 symmetric per channel", "cpu": traits.to_dict(),
+            "calibration_frames": int(sum(c.shape[2] for c in calibration))}
+
+
+def _prompts(calibration_prompts: str | os.PathLike | None) -> tuple[str, ...]:
+    """Calibration prompts, then check prompts: the file needs enough for both, the check ones never calibrated on."""
+    from .calibration import DEFAULT_PROMPTS_FILE, read_prompts
+
+    prompts = read_prompts(DEFAULT_PROMPTS_FILE if calibration_prompts is None else calibration_prompts).prompts
+    need = TINY_INT8_CALIBRATION_CLIPS + TINY_INT8_CHECK_CLIPS
+    if len(prompts) < need:
+        raise InvalidArgumentError("calibration_prompts", f"has {len(prompts)} prompts; the INT8 recipe samples "
+                                   f"{TINY_INT8_CALIBRATION_CLIPS} to calibrate and {TINY_INT8_CHECK_CLIPS} others "
+                                   "for its gates", f"list at least {need} varied prompts, one a line")
+    return prompts
+
+
+def _check_arguments(bundle: Bundle, check_latents, calibration_latents, min_int8_psnr_db) -> ComponentInfo:
+    info = bundle.components.get(TINY_DECODER)
+    if info is None:
+        raise InvalidArgumentError("bundle", f"{bundle.root} has no tiny decoder ({TINY_DECODER})",
+                                   "add one first (lcm_edge.export.tiny_decoder.add_tiny_decoder)")
+    if (info.quantization or {}).get("onnx"):
+        raise InvalidArgumentError("bundle", f"the tiny decoder's onnx graph in {bundle.root} is already "
+                                   f"{info.graph_precision('onnx')}", "quantize a bundle whose tiny decoder is fp32")
+    if info.precision != "fp32":
+        raise InvalidArgumentError("bundle", f"the tiny decoder is {info.precision}, the INT8 recipe starts from fp32",
+                                   "re-add the tiny decoder in fp32")
+    if not (isinstance(min_int8_psnr_db, (int, float)) and np.isfinite(min_int8_psnr_db)):
+        raise InvalidArgumentError("min_int8_psnr_db", f"{min_int8_psnr_db!r} is not a finite number",
+                                   f"pass e.g. {TINY_DECODER_INT8_MIN_PSNR_DB}")
+    m = bundle.model
+    for argument, clips in (("check_latents", check_latents), ("calibration_latents", calibration_latents)):
+        if clips is None:
+            continue
+        if len(clips) == 0:
+            raise InvalidArgumentError(argument, "is empty", "pass at least one clip, or None to sample them")
+        for i, latents in enumerate(clips):
+            if not isinstance(latents, np.ndarray) or latents.ndim != 5 or latents.shape[:2] != (1, m.latent_channels):
+                raise InvalidArgumentError(argument, f"[{i}] has shape {getattr(latents, 'shape', None)}",
+                                           f"pass (1, {m.latent_channels}, frames, h, w) latents")
+    return info
+
+
+@dataclasses.dataclass
+class TinyInt8Report:
+    bundle: Path
+    figures: dict[str, Any]
+
+    def summary(self) -> str:
+        f = self.figures
+        text = (f"{TINY_DECODER} onnx graph now INT8 ({f['recipe']}) in {self.bundle}: PSNR {f['psnr_vs_fp32_db']:.1f} dB "
+                f"against the fp32 tiny graph (gate {f['min_int8_psnr_db']} dB)")
+        full = f.get("fidelity")
+        if full:
+            text += (f"; {full['psnr_db']:.2f} dB against the full decoder, flicker {full['flicker_tiny']:.4f} vs "
+                     f"{full['flicker_full']:.4f}")
+        return text
+
+
+def install_int8(root: str | os.PathLike, *, check_latents: Sequence[np.ndarray] | None = None,
+                 calibration_latents: Sequence[np.ndarray] | None = None,
+                 calibration_prompts: str | os.PathLike | None = None,
+                 min_int8_psnr_db: float = TINY_DECODER_INT8_MIN_PSNR_DB,
+                 min_psnr_db: float | None = TINY_DECODER_MIN_PSNR_DB,
+                 flicker_margin: float = TINY_DECODER_FLICKER_MARGIN, threads: int | None = None) -> TinyInt8Report:
+    """Replace the tiny decoder's onnx graph in the bundle folder `root` by its INT8 version, in place
+    (quantize_tiny_decoder is the entry point for users). `check_latents` / `calibration_latents`: (1, c, f, h, w)
+    latents; by default the bundle samples one clip per prompt of `calibration_prompts` (a file, one prompt a line;
+    default export.calibration's DEFAULT_PROMPTS_FILE): the first TINY_INT8_CALIBRATION_CLIPS at
+    TINY_INT8_CALIBRATION_SEED_BASE to calibrate, the next TINY_INT8_CHECK_CLIPS at FIDELITY_SEED_BASE for the gates.
+    min_psnr_db=None skips the gate against the full decoder (the INT8-vs-fp32 gate always runs)."""
+    root = Path(root)
+    bundle = load_unpublished_bundle(root, verify_checksums=True)
+    info = _check_arguments(bundle, check_latents, calibration_latents, min_int8_psnr_db)
+    prompts = _prompts(calibration_prompts)
+    if calibration_latents is None:
+        calibration_latents = sample_latents(bundle, prompts=prompts[:TINY_INT8_CALIBRATION_CLIPS],
+                                             clips=TINY_INT8_CALIBRATION_CLIPS,
+                                             seed_base=TINY_INT8_CALIBRATION_SEED_BASE, threads=threads)
+    if check_latents is None:
+        check_latents = sample_latents(bundle, prompts=prompts[TINY_INT8_CALIBRATION_CLIPS:],
+                                       clips=TINY_INT8_CHECK_CLIPS, threads=threads)
+    target = root.parent / f"{root.name}.{TINY_DECODER}_int8"
+    recover(target)
+    partial = Partial(target)
+    try:
+        partial.path.mkdir()
+        staged = partial.path / "model_int8.onnx"
+        figures: dict[str, Any] = quantize_graph(root / info.onnx, staged, calibration_latents,
+                                                 bundle.model.vae_scaling_factor)
+        int8_info = dataclasses.replace(info, onnx=INT8_GRAPH, quantization={
+            **(info.quantization or {}), "onnx": {"precision": "int8", "recipe": TINY_DECODER_INT8_RECIPE}})
+        backend = create_backend("onnxruntime", "cpu", **({"threads": threads} if threads else {}))
+        sf = bundle.model.vae_scaling_factor
+        # The staged graph runs from the staging folder: a session only needs its graph's own path.
+        staged_info = dataclasses.replace(int8_info, onnx="model_int8.onnx")
+        int8_session = backend.open(partial.path, staged_info)
+        against_fp32 = fidelity(backend.open(root, info), int8_session, check_latents, sf)
+        figures.update(psnr_vs_fp32_db=against_fp32["psnr_db"], min_int8_psnr_db=float(min_int8_psnr_db),
+                       check_clips=len(check_latents), calibration_clips=len(calibration_latents),
+                       calibration_prompts=prompts[:TINY_INT8_CALIBRATION_CLIPS],
+                       calibration_seed_base=TINY_INT8_CALIBRATION_SEED_BASE)
+        if not against_fp32["psnr_db"] >= min_int8_psnr_db:
+            raise TinyDecoderFidelityError(
+                "min_int8_psnr_db", f"the INT8 tiny decoder's frames read {against_fp32['psnr_db']:.2f} dB against "
+                f"the fp32 tiny decoder's < {min_int8_psnr_db} dB (TINY_DECODER_INT8_MIN_PSNR_DB)",
+                "keep the fp32 tiny decoder, or calibrate on latents closer to what it decodes (calibration_latents)",
+                figures)
+        figures["fidelity"] = None
+        if min_psnr_db is not None:
+            full = fidelity(backend.open(root, bundle.components["vae_decoder"]), int8_session, check_latents, sf)
+            figures["fidelity"] = full
+            check_fidelity(full, argument="bundle", min_psnr_db=min_psnr_db, flicker_margin=flicker_margin)
+        del int8_session
+        # 1. The gated graph moves in beside the fp32 one; the manifest that points at it replaces the old one.
+        os.replace(staged, root / INT8_GRAPH)
+        components = {**bundle.components, TINY_DECODER: int8_info}
+        provenance = dict(bundle.provenance)
+        provenance["tiny_decoder"] = {**(provenance.get("tiny_decoder") or {}), "int8": figures}
+        _write_manifest_atomically(root, bundle, components, provenance)
+        # 2. Only now the fp32 graph goes, and a manifest without it.
+        (root / info.onnx).unlink()
+        _write_manifest_atomically(root, bundle, components, provenance)
+    finally:
+        partial.close()
+    load_unpublished_bundle(root, verify_checksums=True)
+    return TinyInt8Report(root, figures)
+
+
+def quantize_tiny_decoder(bundle: str | os.PathLike, *, out: str | os.PathLike | None = None,
+                          **options) -> TinyInt8Report:
+    """Give `bundle`'s tiny decoder an INT8 onnxruntime graph (in place), or a copy of the bundle at `out` (which
+    must not exist; it appears under that name only once the INT8 graph is in and gated). `options`: see
+    install_int8."""
+    if out is None:
+        load_bundle(bundle, verify_checksums=False)  # refuses an export's temporary folder
+        return install_int8(bundle, **options)
+    out = Path(out)
+    source = load_bundle(bundle, verify_checksums=True)
+    _check_arguments(source, options.get("check_latents"), options.get("calibration_latents"),
+                     options.get("min_int8_psnr_db", TINY_DECODER_INT8_MIN_PSNR_DB))
+    _prompts(options.get("calibration_prompts"))
+    if not out.parent.is_dir():
+        raise InvalidArgumentError("out", f"folder '{out.parent}' does not exist", "create it first")
+    recover(out)
+    if out.exists():
+        raise InvalidArgumentError("out", f"'{out}' already exists", "choose a new folder")
+    with Partial(out) as partial:
+        shutil.copytree(source.root, partial.path, ignore=shutil.ignore_patterns(f"{MANIFEST_NAME}.tmp"))
+        report = install_int8(partial.path, **options)
+        partial.publish()
+    return dataclasses.replace(report, bundle=out)
+
+
+__all__ = ["INT8_GRAPH", "TINY_DECODER_INT8_MIN_PSNR_DB", "TINY_DECODER_INT8_RECIPE", "TINY_INT8_CALIBRATION_CLIPS",
+           "TINY_INT8_CALIBRATION_SEED_BASE", "TINY_INT8_CHECK_CLIPS", "TinyInt8Report", "decoder_batches", "install_int8", "quantize_graph",
+           "quantize_tiny_decoder"]
