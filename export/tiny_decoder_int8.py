@@ -178,6 +178,7 @@ def install_int8(root: str | os.PathLike, *, check_latents: Sequence[np.ndarray]
     bundle = load_unpublished_bundle(root, verify_checksums=True)
     info = _check_arguments(bundle, check_latents, calibration_latents, min_int8_psnr_db)
     prompts = _prompts(calibration_prompts)
+    calibrated_on = "latents given" if calibration_latents is not None else list(prompts[:TINY_INT8_CALIBRATION_CLIPS])
     if calibration_latents is None:
         calibration_latents = sample_latents(bundle, prompts=prompts[:TINY_INT8_CALIBRATION_CLIPS],
                                              clips=TINY_INT8_CALIBRATION_CLIPS,
@@ -203,7 +204,7 @@ def install_int8(root: str | os.PathLike, *, check_latents: Sequence[np.ndarray]
         against_fp32 = fidelity(backend.open(root, info), int8_session, check_latents, sf)
         figures.update(psnr_vs_fp32_db=against_fp32["psnr_db"], min_int8_psnr_db=float(min_int8_psnr_db),
                        check_clips=len(check_latents), calibration_clips=len(calibration_latents),
-                       calibration_prompts=prompts[:TINY_INT8_CALIBRATION_CLIPS],
+                       calibration_prompts=calibrated_on,
                        calibration_seed_base=TINY_INT8_CALIBRATION_SEED_BASE)
         if not against_fp32["psnr_db"] >= min_int8_psnr_db:
             raise TinyDecoderFidelityError(
