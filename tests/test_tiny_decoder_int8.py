@@ -110,3 +110,25 @@ def test_bad_input_is_refused_before_any_work(shipped_copy, tmp_path):
         quantize_tiny_decoder(shipped_copy)
     assert info.value.argument == "bundle" and (shipped_copy / MANIFEST_NAME).read_text() == manifest
     assert TINY_DECODER not in json.loads(manifest)["components"]
+
+
+def test_the_openvino_ir_stays_fp32_and_both_runtimes_decode(tiny_bundle, tmp_path):
+    """A bundle with OpenVINO IR: only the onnx graph turns INT8; OpenVINO still runs the fp32 IR, and the two
+    runtimes' tiny-decoded frames agree."""
+    from lcm_edge.export.tiny_decoder import TinyDecoderWeights, add_tiny_decoder, build_decoder, decoder_config
+
+    config = decoder_config(block_out_channels=(8, 8), num_blocks=(1, 1))  # the tiny VAE upsamples 2x
+    add_tiny_decoder(tiny_bundle, TinyDecoderWeights(build_decoder(config), config), out=tmp_path / "fp32",
+                     min_psnr_db=None)
+    rng = np.random.default_rng(0)
+    clips = [rng.standard_normal((1, 4, 2, 8, 8), dtype=np.float32) for _ in range(3)]
+    report = quantize_tiny_decoder(tmp_path / "fp32", out=tmp_path / "int8", check_latents=clips[:1],
+                                   calibration_latents=clips[1:], min_psnr_db=None, threads=1)
+    assert report.figures["fidelity"] is None and report.figures["calibration_prompts"] == "latents given"
+    tiny = load_bundle(tmp_path / "int8").components[TINY_DECODER]
+    assert tiny.graph_precision("onnx") == "int8 qdq-static" and tiny.graph_precision("openvino") == "fp32"
+    assert tiny.openvino == load_bundle(tmp_path / "fp32").components[TINY_DECODER].openvino
+    latents = rng.standard_normal((1, 4, 3, 8, 8)).astype(np.float32)
+    ov = lcm_edge.AnimateLCMPipeline.from_bundle(tmp_path / "int8", backend="openvino").decode(latents, decoder="tiny")
+    ort = lcm_edge.AnimateLCMPipeline.from_bundle(tmp_path / "int8", threads=1).decode(latents, decoder="tiny")
+    assert psnr_db(ov.astype(np.float32), ort.astype(np.float32)) >= TINY_DECODER_INT8_MIN_PSNR_DB
