@@ -86,7 +86,7 @@ class TinyDecoderFidelityError(LcmEdgeError):
     def __init__(self, argument: str, problem: str, fix: str, figures: Mapping[str, float]):
         self.argument = argument
         self.figures = dict(figures)
-        super().__init__(f"{argument}: {problem}. Fix: {fix}")
+        self._explain(argument, problem, fix)
 
 
 @dataclass

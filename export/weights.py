@@ -12,7 +12,6 @@ Rules shared by every loader in lcm_edge.export:
 from __future__ import annotations
 
 import hashlib
-import json
 import pickle
 import zipfile
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
+from lcm_edge.bundle import read_json
 from lcm_edge.errors import BundleFormatError, BundleNotFoundError, InvalidArgumentError
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -154,12 +154,8 @@ def _check_archive(path: Path, argument: str) -> None:
 
 
 def read_config_json(path: Path) -> dict:
-    if not path.is_file():
-        raise BundleNotFoundError(path, "config.json is missing", "pass a complete diffusers folder")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleFormatError(path, f"not valid JSON ({exc})", "restore the file") from exc
+    """A source folder's config (or weights index) file, through the runtime's one JSON reader."""
+    return read_json(path, fix="pass a complete diffusers folder, or restore the file")
 
 
 def read_diffusers_weights(folder: Path, argument: str, *, stem: str = "diffusion_pytorch_model",

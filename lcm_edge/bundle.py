@@ -201,15 +201,17 @@ def _tensor_specs(items: Any, where: str) -> tuple[TensorSpec, ...]:
     return tuple(specs)
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path, *, fix: str = "re-export the bundle or restore the file") -> Any:
+    """A JSON file, or BundleNotFoundError / BundleFormatError naming it with `fix` (the exporter reads its source
+    configs through this too, with its own fix)."""
     if not path.is_file():
-        raise BundleNotFoundError(path, "file is missing", "re-export the bundle or restore the file")
+        raise BundleNotFoundError(path, "file is missing", fix)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleFormatError(path, f"not valid JSON ({exc})", "re-export the bundle or restore the file") from exc
+        raise BundleFormatError(path, f"not valid JSON ({exc})", fix) from exc
     except RecursionError as exc:  # nesting deeper than Python's parser recurses
-        raise BundleFormatError(path, "nests JSON deeper than a bundle file does", "re-export the bundle") from exc
+        raise BundleFormatError(path, "nests JSON deeper than any config or manifest does", fix) from exc
 
 
 def bundle_file(root: Path, relative: Any) -> Path:
@@ -289,7 +291,7 @@ def load_unpublished_bundle(path: str | os.PathLike, *, verify_checksums: bool =
         raise BundleNotFoundError(root, "bundle folder does not exist",
                                   "pass the folder written by `lcm-edge export` (it contains bundle.json)")
     manifest_path = root / MANIFEST_NAME
-    manifest = _read_json(manifest_path)
+    manifest = read_json(manifest_path)
     where = str(manifest_path)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise BundleFormatError(where, f"not an lcm-edge bundle manifest (format != '{FORMAT_NAME}')",
@@ -338,7 +340,7 @@ def load_unpublished_bundle(path: str | os.PathLike, *, verify_checksums: bool =
         if rel not in files:
             raise BundleFormatError(where, f"'{rel}' is not listed in the manifest's files", "re-export the bundle")
     scheduler_path = root / SCHEDULER_CONFIG
-    scheduler = SchedulerConfig.from_dict(_read_json(scheduler_path), source=str(scheduler_path))
+    scheduler = SchedulerConfig.from_dict(read_json(scheduler_path), source=str(scheduler_path))
     try:
         model = dataclasses.replace(model, default_timesteps=check_default_timesteps(model.default_timesteps,
                                                                                       scheduler))

@@ -13,15 +13,19 @@ from typing import Callable
 class LcmEdgeError(Exception):
     """Base class of every error lcm_edge raises on purpose."""
 
+    def _explain(self, subject: str, problem: str, fix: str) -> None:
+        """The message shape of the errors that name what, why and how to fix: 'SUBJECT: PROBLEM. Fix: FIX'."""
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"{subject}: {problem}. Fix: {fix}")
+
 
 class InvalidArgumentError(LcmEdgeError, ValueError):
     """A caller-supplied argument cannot be used. `argument` names it."""
 
     def __init__(self, argument: str, problem: str, fix: str):
         self.argument = argument
-        self.problem = problem
-        self.fix = fix
-        super().__init__(f"{argument}: {problem}. Fix: {fix}")
+        self._explain(argument, problem, fix)
 
 
 class PathError(LcmEdgeError):
@@ -29,9 +33,7 @@ class PathError(LcmEdgeError):
 
     def __init__(self, path: str, problem: str, fix: str):
         self.path = str(path)
-        self.problem = problem
-        self.fix = fix
-        super().__init__(f"{self.path}: {problem}. Fix: {fix}")
+        self._explain(self.path, problem, fix)
 
 
 class BundleError(PathError):
@@ -63,9 +65,7 @@ class InferenceError(LcmEdgeError, RuntimeError):
 
     def __init__(self, graph: str, problem: str, fix: str):
         self.graph = graph
-        self.problem = problem
-        self.fix = fix
-        super().__init__(f"{graph}: {problem}. Fix: {fix}")
+        self._explain(graph, problem, fix)
 
 
 class OutputWriteError(LcmEdgeError, OSError):
