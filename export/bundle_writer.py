@@ -34,6 +34,7 @@ from lcm_edge.tokenizer import CLIPTokenizer as RuntimeTokenizer
 from .attention import FUSED_OP_KEY, check_attention
 from .graph_export import ExportedGraph, export_graph, write_json
 from .onnx_io import OPSET
+from .openvino_ir import openvino_gate_backend
 from .parity import ParityReport
 from .precision import check_precision
 from .specs import sd_graphs
@@ -204,7 +205,7 @@ def export_bundle(out: str | os.PathLike, *, unet: torch.nn.Module, vae: torch.n
     tmp.mkdir()
     report = ExportReport(bundle=out, seconds=0.0)
     ort_backend = create_backend("onnxruntime", "cpu")
-    ov_backend = create_backend("openvino", "CPU") if openvino else None
+    ov_backend = openvino_gate_backend() if openvino else None  # one compiled shape at a time
     try:
         # 2-4. Each graph: trace, gate on onnxruntime, OpenVINO IR and its gate, fp16 and its gate, config.json.
         exported = {}

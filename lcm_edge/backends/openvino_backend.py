@@ -121,11 +121,13 @@ class OpenVinoSession(Session):
         with self._compile_lock:  # one compile per shape, even when threads ask for it at once
             entry = self._compiled.get(key)
             if entry is None:
+                # Evicted before the compile, not after: a compiled graph holds about twice the IR's weights, and
+                # evicting after held one more than shape_cache_size at the peak (2 full-size UNets at size 1).
+                # Evicted shapes go as soon as no running call holds them (a call keeps its entry alive).
+                while len(self._compiled) >= self._backend.shape_cache_size:
+                    self._compiled.popitem(last=False)
                 entry = self._compile(self._backend.read_model(self.path), key)
                 self._compiled[key] = entry
-                # Evicted shapes go as soon as no running call holds them (a call keeps its entry alive).
-                while len(self._compiled) > self._backend.shape_cache_size:
-                    self._compiled.popitem(last=False)
             self._compiled.move_to_end(key)
             return entry
 
