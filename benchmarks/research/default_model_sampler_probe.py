@@ -1,22 +1,25 @@
 """Read a chain's teacher or stage-2 student in torch, under any sampler, with the eval's prompts and detector.
 
-    # the teacher (optionally with the stage-1 LoRA merged at a weight), DDIM with guidance or the LCM sampler
-    python benchmarks/default_model_sampler_probe.py --teacher WORK/teacher --motion WORK/teacher_motion \
-        [--lora WORK/stage1/lora --lora-weight 0.5] --scheduler lcm|ddim --steps 1 2 4 8 [--guidance 1.0]
-    # a stage-2 model folder (before export)
-    python benchmarks/default_model_sampler_probe.py --model WORK/stage2/model --steps 1 2 4 8
-    # explicit LCM timesteps, and what each step's x_0 prediction reads (--trace)
-    python benchmarks/default_model_sampler_probe.py --model WORK/stage2/model --timesteps 999 799 499 299 --trace
-    # does the guided teacher keep, from the student's re-noised first prediction, the direction it chose?
-    python benchmarks/default_model_sampler_probe.py --model WORK/stage2/model --teacher WORK/teacher \
-        --motion WORK/teacher_motion --teacher-check
-    # the teacher's guided DDIM on explicit timesteps
-    python benchmarks/default_model_sampler_probe.py --teacher WORK/teacher --motion WORK/teacher_motion \
-        --scheduler ddim --guidance 4 --timesteps 999 699 399 199
+One job per mode:
 
-One JSON line per step count: the eval's columns (`default_model_eval.score`) and s/clip. It tells where a
-prompt attribute is lost between teacher, stage 1 and stage 2 without exporting a bundle per variant
-(benchmarks/research/default_model_teacher_sweep/README.md, "The word is lost in stage 1's LoRA").
+    # sample: one JSON line of the eval's columns (default_model_eval.score) and s/clip per step count
+    python benchmarks/research/default_model_sampler_probe.py sample --teacher WORK/teacher \
+        --motion WORK/teacher_motion [--lora WORK/stage1/lora --lora-weight 0.5] --scheduler lcm|ddim \
+        --steps 1 2 4 8 [--guidance 1.0]
+    python benchmarks/research/default_model_sampler_probe.py sample --model WORK/stage2/model --steps 1 2 4 8
+    # ... or one line for explicit timesteps (with --scheduler ddim: lcm_edge.distill.sampling's guided DDIM)
+    python benchmarks/research/default_model_sampler_probe.py sample --teacher WORK/teacher \
+        --motion WORK/teacher_motion --scheduler ddim --guidance 4 --timesteps 999 699 399 199
+    # trace: what each LCM step's x_0 prediction reads, and the direction flips between steps
+    python benchmarks/research/default_model_sampler_probe.py trace --model WORK/stage2/model \
+        --timesteps 999 799 499 299
+    # teacher-check: does the guided teacher keep, from the student's re-noised first prediction, its direction?
+    python benchmarks/research/default_model_sampler_probe.py teacher-check --model WORK/stage2/model \
+        --teacher WORK/teacher --motion WORK/teacher_motion
+
+It tells where a prompt attribute is lost between teacher, stage 1 and stage 2 without exporting a bundle per
+variant (default_model_teacher_sweep/README.md, "The word is lost in stage 1's LoRA"). Clip i is sampled at
+--seed-base + i; the eval split's seeds are refused.
 """
 
 from __future__ import annotations
@@ -25,45 +28,47 @@ import argparse
 import functools
 import json
 import sys
+import time
 from pathlib import Path
 
-# the script's folder is on sys.path
-from default_model_eval import (EVAL_PROMPTS, EVAL_SEED_BASE, caption_for, first_prompts_adherence, prompt_set,
-                                sample_diffusers, score, tune_seed_base)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # default_model_eval, one folder up
+from default_model_eval import (EVAL_PROMPTS, EVAL_SEED_BASE, caption_for, first_prompts_adherence,  # noqa: E402
+                                prompt_set, sample_diffusers, score, tune_seed_base)
+
+FRAMES = 16  # the eval's clip length
 
 
-def build_pipeline(args):
+def build_pipeline(*, model: Path | None = None, teacher: Path | None = None, motion: Path | None = None,
+                   lora: Path | None = None, lora_weight: float = 1.0, scheduler: str = "lcm"):
+    """A diffusers AnimateDiffPipeline of a stage-2 model folder, or of the teacher (+ motion, + merged LoRA)."""
     from diffusers import (AnimateDiffPipeline, AutoencoderKL, DDIMScheduler, LCMScheduler, MotionAdapter,
                            UNet2DConditionModel, UNetMotionModel)
     from transformers import CLIPTextModel, CLIPTokenizer
 
     local = {"local_files_only": True}
-    root = args.model or args.teacher
-    if args.model:
-        unet, adapter = UNetMotionModel.from_pretrained(args.model / "unet", **local), None
+    root = model or teacher
+    if model:
+        unet, adapter = UNetMotionModel.from_pretrained(model / "unet", **local), None
     else:
-        unet = UNet2DConditionModel.from_pretrained(args.teacher / "unet", **local)
-        if args.lora:
+        unet = UNet2DConditionModel.from_pretrained(teacher / "unet", **local)
+        if lora:
             from lcm_edge.distill.lora_io import merge_lora_
 
-            merge_lora_(unet, args.lora, weight=args.lora_weight, argument="--lora")
-        adapter = MotionAdapter.from_pretrained(args.motion, **local)
+            merge_lora_(unet, lora, weight=lora_weight, argument="--lora")
+        adapter = MotionAdapter.from_pretrained(motion, **local)
     config = DDIMScheduler.load_config(root / "scheduler")
-    if args.scheduler == "lcm":
-        scheduler = LCMScheduler.from_config(config)
+    if scheduler == "lcm":
+        noise_scheduler = LCMScheduler.from_config(config)
     else:
         # A stage-2 folder carries LCM's "leading" spacing, whose few-step DDIM would start at t = 750, not from
         # pure noise; the teacher's own config is "trailing" already.
-        scheduler = DDIMScheduler.from_config(config, timestep_spacing="trailing")
+        noise_scheduler = DDIMScheduler.from_config(config, timestep_spacing="trailing")
     pipe = AnimateDiffPipeline(vae=AutoencoderKL.from_pretrained(root / "vae", **local),
                                text_encoder=CLIPTextModel.from_pretrained(root / "text_encoder", **local),
                                tokenizer=CLIPTokenizer.from_pretrained(root / "tokenizer", **local),
-                               unet=unet, motion_adapter=adapter, scheduler=scheduler)
+                               unet=unet, motion_adapter=adapter, scheduler=noise_scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-FRAMES = 16  # the eval's clip length
 
 
 def decoded(pipe, latents):
@@ -93,11 +98,15 @@ def per_frame_unet(pipe):
     return lambda x, t, text: pipe.unet(x, t, encoder_hidden_states=text.repeat_interleave(FRAMES, 0)).sample
 
 
+def use_timesteps(pipe, timesteps: list[int]) -> None:
+    """Make the LCM pipeline sample at `timesteps` whatever step count it is asked for."""
+    set_timesteps = pipe.scheduler.set_timesteps
+    pipe.scheduler.set_timesteps = lambda *_, **kw: set_timesteps(timesteps=timesteps, device=kw.get("device"))
+
+
 def sample_ddim_on(pipe, combos, timesteps: list[int], guidance: float, seed_base: int):
     """Guided DDIM on explicit timesteps (diffusers' DDIMScheduler steps by a fixed stride, so this runs the
     distill package's `sample_ddim`), from the latents the pipeline itself would start clip i from."""
-    import time
-
     import torch
 
     from lcm_edge.distill.sampling import guided_model, sample_ddim
@@ -114,11 +123,68 @@ def sample_ddim_on(pipe, combos, timesteps: list[int], guidance: float, seed_bas
     return clips, (time.perf_counter() - start) / len(combos)
 
 
-def teacher_check(pipe, teacher, combos, seed_base: int) -> int:
+def sample(args, combos) -> int:
+    """One row per step count (or one for --timesteps): the eval's columns and s/clip."""
+    pipe = build_pipeline(model=args.model, teacher=args.teacher, motion=args.motion, lora=args.lora,
+                          lora_weight=args.lora_weight, scheduler=args.scheduler)
+    if args.timesteps and args.scheduler == "lcm":
+        use_timesteps(pipe, args.timesteps)
+    for steps in [len(args.timesteps)] if args.timesteps else args.steps:
+        if args.timesteps and args.scheduler == "ddim":
+            clips, seconds_per_clip = sample_ddim_on(pipe, combos, args.timesteps, args.guidance, args.seed_base)
+        else:
+            clips, seconds_per_clip = sample_diffusers(pipe, combos, steps, args.guidance, args.seed_base)
+        print(json.dumps({"scheduler": args.scheduler, "steps": steps, "guidance": args.guidance,
+                          "clips": len(combos), "seed_base": args.seed_base,
+                          **({"lora_weight": args.lora_weight} if args.lora else {}),
+                          **({"timesteps": args.timesteps} if args.timesteps else {}),
+                          **{key: round(value, 3) for key, value in
+                             {**score(clips, combos), **first_prompts_adherence(clips, combos)}.items()},
+                          "s_per_clip": round(seconds_per_clip, 2)}), flush=True)
+    return 0
+
+
+def trace(args, combos) -> int:
+    """Decode the LCM sampler's x_0 prediction after every step: one row of the eval's columns per step, then
+    how many clips' detected direction turned right -> wrong and wrong -> right between consecutive steps."""
+    from lcm_edge.distill.default_model.detector import detect
+
+    pipe = build_pipeline(model=args.model, teacher=args.teacher, motion=args.motion, lora=args.lora,
+                          lora_weight=args.lora_weight)
+    steps = args.steps
+    if args.timesteps:
+        use_timesteps(pipe, args.timesteps)
+        steps = len(args.timesteps)
+    predictions, step = [], pipe.scheduler.step
+
+    @functools.wraps(step)  # keeps step's signature: the pipeline passes `generator` only to a step that takes one
+    def recording_step(*a, **kw):
+        out = step(*a, **kw)
+        predictions.append(out.denoised.detach())
+        return out
+
+    pipe.scheduler.step = recording_step
+    sample_diffusers(pipe, combos, steps, 1.0, args.seed_base)  # the probe's own clips; `steps` predictions per clip
+    per_step = [[decoded(pipe, predictions[i * steps + k]) for i in range(len(combos))] for k in range(steps)]
+    timesteps = pipe.scheduler.timesteps.tolist()
+    directions = [[detect(clip).direction for clip in clips] for clips in per_step]
+    for k, clips in enumerate(per_step):
+        print(json.dumps({"step": k + 1, "t": timesteps[k], "clips": len(combos),
+                          **{key: round(value, 3) for key, value in score(clips, combos).items()}}), flush=True)
+    truth = [combo[2] for combo in combos]
+    for k in range(1, steps):
+        pairs = list(zip(directions[k - 1], directions[k], truth))
+        print(json.dumps({"from_step": k, "to_step": k + 1,
+                          "right_to_wrong": sum(a == t != b for a, b, t in pairs),
+                          "wrong_to_right": sum(a != t == b for a, b, t in pairs)}), flush=True)
+    return 0
+
+
+def teacher_check(args, combos) -> int:
     """Does the teacher keep what the student's first step chose? Per clip: the direction of the student's first
     x_0 prediction, of its second, and of the guided teacher's DDIM (8 steps, w at the mean of the range stage 2
     drew from at each timestep) from the same re-noised x at the student's second timestep; and, for reference,
-    of that teacher from the clip's pure noise."""
+    of that teacher from the clip's pure noise. The student samples its own 4-step LCM schedule."""
     import numpy as np
     import torch
 
@@ -126,6 +192,8 @@ def teacher_check(pipe, teacher, combos, seed_base: int) -> int:
     from lcm_edge.distill.default_model.detector import detect
     from lcm_edge.distill.sampling import guided_model, sample_ddim
 
+    pipe = build_pipeline(model=args.model)
+    teacher = build_pipeline(teacher=args.teacher, motion=args.motion, scheduler="ddim")
     config = teacher.scheduler.config
     direction = lambda p, latents: detect(decoded(p, latents)).direction  # noqa: E731
     teacher_unet, student_unet = per_frame_unet(teacher), per_frame_unet(pipe)
@@ -142,7 +210,7 @@ def teacher_check(pipe, teacher, combos, seed_base: int) -> int:
     read = {"first": [], "student_second": [], "teacher_from_second": [], "teacher_from_noise": []}
     with torch.no_grad():
         for i, combo in enumerate(combos):
-            generator, text, uncond, latents = clip_start(pipe, combo, seed_base + i)
+            generator, text, uncond, latents = clip_start(pipe, combo, args.seed_base + i)
             pipe.scheduler.set_timesteps(4)  # the LCM scheduler counts its steps: start each clip afresh
             first = pipe.scheduler.step(student_unet(latents, t1, text), t1, latents, generator=generator)
             second = pipe.scheduler.step(student_unet(first.prev_sample, t2, text), t2, first.prev_sample,
@@ -160,73 +228,45 @@ def teacher_check(pipe, teacher, combos, seed_base: int) -> int:
     return 0
 
 
-def trace(pipe, combos, steps: int, seed_base: int) -> int:
-    """Decode the LCM sampler's x_0 prediction after every step: one row of the eval's columns per step, then
-    how many clips' detected direction turned right -> wrong and wrong -> right between consecutive steps."""
-    from lcm_edge.distill.default_model.detector import detect
-
-    predictions, step = [], pipe.scheduler.step
-
-    @functools.wraps(step)  # keeps step's signature: the pipeline passes `generator` only to a step that takes one
-    def recording_step(*args, **kwargs):
-        out = step(*args, **kwargs)
-        predictions.append(out.denoised.detach())
-        return out
-
-    pipe.scheduler.step = recording_step
-    sample_diffusers(pipe, combos, steps, 1.0, seed_base)  # the probe's own clips; `steps` predictions per clip
-    per_step = [[decoded(pipe, predictions[i * steps + k]) for i in range(len(combos))] for k in range(steps)]
-    timesteps = pipe.scheduler.timesteps.tolist()
-    directions = [[detect(clip).direction for clip in clips] for clips in per_step]
-    for k, clips in enumerate(per_step):
-        print(json.dumps({"step": k + 1, "t": timesteps[k], "clips": len(combos),
-                          **{key: round(value, 3) for key, value in score(clips, combos).items()}}), flush=True)
-    truth = [combo[2] for combo in combos]
-    for k in range(1, steps):
-        pairs = list(zip(directions[k - 1], directions[k], truth))
-        print(json.dumps({"from_step": k, "to_step": k + 1,
-                          "right_to_wrong": sum(a == t != b for a, b, t in pairs),
-                          "wrong_to_right": sum(a != t == b for a, b, t in pairs)}), flush=True)
-    return 0
-
-
 def main() -> int:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--prompts", type=int, default=EVAL_PROMPTS)
+    common.add_argument("--seeds", type=int, default=1, help="clips per prompt, as the eval's --seeds")
+    common.add_argument("--threads", type=int, default=None)
+    common.add_argument("--seed-base", type=int, default=EVAL_SEED_BASE,
+                        help="clip i at this seed + i (another base: a second sample to choose a sampler on)")
+    common.add_argument("--teacher", type=Path, help="WORK/teacher (with --motion)")
+    common.add_argument("--motion", type=Path, help="WORK/teacher_motion")
+    common.add_argument("--model", type=Path, help="a stage-2 model/ folder")
+    one_model = argparse.ArgumentParser(add_help=False)
+    one_model.add_argument("--lora", type=Path, help="a stage-1 lora/ folder, merged into the teacher's UNet")
+    one_model.add_argument("--lora-weight", type=float, default=1.0)
+    one_model.add_argument("--timesteps", type=int, nargs="+", default=None,
+                           help="the sampler's timesteps, largest first (instead of --steps)")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher", type=Path, help="WORK/teacher (with --motion)")
-    parser.add_argument("--motion", type=Path, help="WORK/teacher_motion")
-    parser.add_argument("--lora", type=Path, help="a stage-1 lora/ folder, merged into the teacher's UNet")
-    parser.add_argument("--lora-weight", type=float, default=1.0)
-    parser.add_argument("--model", type=Path, help="a stage-2 model/ folder (instead of --teacher)")
-    parser.add_argument("--scheduler", choices=("lcm", "ddim"), default="lcm")
-    parser.add_argument("--steps", type=int, nargs="+", default=[4])
-    parser.add_argument("--guidance", type=float, default=1.0, help="diffusers' form; 1.0 = no guidance")
-    parser.add_argument("--prompts", type=int, default=EVAL_PROMPTS)
-    parser.add_argument("--seeds", type=int, default=1, help="clips per prompt, as the eval's --seeds")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--seed-base", type=int, default=EVAL_SEED_BASE,
-                        help="clip i at this seed + i (another base: a second sample to choose a sampler on; the "
-                             "eval split's seeds are refused)")
-    parser.add_argument("--timesteps", type=int, nargs="+", default=None,
-                        help="the sampler's timesteps, largest first (instead of --steps); with --scheduler ddim "
-                             "the guided DDIM of lcm_edge.distill.sampling")
-    parser.add_argument("--trace", action="store_true",
-                        help="LCM: read every step's x_0 prediction, and count direction flips between steps")
-    parser.add_argument("--teacher-check", action="store_true",
-                        help="with --model and --teacher/--motion: does the guided teacher, from the student's "
-                             "re-noised first prediction, keep the direction that prediction chose?")
+    modes = parser.add_subparsers(dest="mode", required=True)
+    rows = modes.add_parser("sample", parents=[common, one_model], help="the eval's columns per step count")
+    rows.add_argument("--scheduler", choices=("lcm", "ddim"), default="lcm")
+    rows.add_argument("--steps", type=int, nargs="+", default=[4])
+    rows.add_argument("--guidance", type=float, default=1.0, help="diffusers' form; 1.0 = no guidance")
+    steps = modes.add_parser("trace", parents=[common, one_model], help="every LCM step's x_0 prediction, read")
+    steps.add_argument("--steps", type=int, default=4)
+    modes.add_parser("teacher-check", parents=[common], help="the guided teacher from the student's second x")
     args = parser.parse_args()
+
     if args.seeds < 1:
         parser.error(f"--seeds must be at least 1, got {args.seeds}")
-    if args.teacher_check:
+    if args.mode == "teacher-check":
         if args.model is None or args.teacher is None or args.motion is None:
-            parser.error("--teacher-check reads both: give --model WORK/stage2/model and --teacher WORK/teacher "
+            parser.error("teacher-check reads both: give --model WORK/stage2/model and --teacher WORK/teacher "
                          "--motion WORK/teacher_motion")
-    elif (args.model is None) == (args.teacher is None):
-        parser.error("give --model WORK/stage2/model or --teacher WORK/teacher --motion WORK/teacher_motion")
-    if args.teacher is not None and args.motion is None:
-        parser.error("--teacher needs --motion WORK/teacher_motion")
-    if args.model is not None and args.lora is not None:
-        parser.error("--lora merges into --teacher; a stage-2 model folder has its LoRA merged already")
+    else:
+        if (args.model is None) == (args.teacher is None):
+            parser.error("give --model WORK/stage2/model or --teacher WORK/teacher --motion WORK/teacher_motion")
+        if args.teacher is not None and args.motion is None:
+            parser.error("--teacher needs --motion WORK/teacher_motion")
+        if args.model is not None and args.lora is not None:
+            parser.error("--lora merges into --teacher; a stage-2 model folder has its LoRA merged already")
 
     import torch
 
@@ -234,43 +274,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     combos = prompt_set(args.prompts, args.seeds)
     tune_seed_base(args.seed_base, len(combos))
-    if args.teacher_check:
-        if args.timesteps or args.lora or args.scheduler != "lcm":
-            parser.error("--teacher-check samples the student's own 4-step LCM schedule; drop --timesteps, "
-                         "--lora and --scheduler ddim")
-        student = build_pipeline(argparse.Namespace(**{**vars(args), "teacher": None}))
-        teacher = build_pipeline(argparse.Namespace(**{**vars(args), "model": None, "scheduler": "ddim"}))
-        return teacher_check(student, teacher, combos, args.seed_base)
-    pipe = build_pipeline(args)
-    if args.timesteps and args.scheduler == "ddim":
-        if args.trace:
-            parser.error("--trace reads the LCM sampler; drop --scheduler ddim")
-        clips, seconds_per_clip = sample_ddim_on(pipe, combos, args.timesteps, args.guidance, args.seed_base)
-        print(json.dumps({"scheduler": "ddim", "steps": len(args.timesteps), "guidance": args.guidance,
-                          "clips": len(combos), "timesteps": args.timesteps,
-                          "seed_base": args.seed_base,
-                          **{key: round(value, 3) for key, value in
-                             {**score(clips, combos), **first_prompts_adherence(clips, combos)}.items()},
-                          "s_per_clip": round(seconds_per_clip, 2)}), flush=True)
-        return 0
-    if args.timesteps:
-        set_timesteps = pipe.scheduler.set_timesteps
-        pipe.scheduler.set_timesteps = lambda *_, **kw: set_timesteps(timesteps=args.timesteps,
-                                                                      device=kw.get("device"))
-        args.steps = [len(args.timesteps)]
-    if args.trace:
-        return trace(pipe, combos, args.steps[0], args.seed_base)
-    for steps in args.steps:
-        clips, seconds_per_clip = sample_diffusers(pipe, combos, steps, args.guidance, args.seed_base)
-        row = {"scheduler": args.scheduler, "steps": steps, "guidance": args.guidance, "clips": len(combos),
-               "seed_base": args.seed_base,
-               **({"lora_weight": args.lora_weight} if args.lora else {}),
-               **({"timesteps": args.timesteps} if args.timesteps else {}),
-               **{key: round(value, 3) for key, value in
-                  {**score(clips, combos), **first_prompts_adherence(clips, combos)}.items()},
-               "s_per_clip": round(seconds_per_clip, 2)}
-        print(json.dumps(row), flush=True)
-    return 0
+    return {"sample": sample, "trace": trace, "teacher-check": teacher_check}[args.mode](args, combos)
 
 
 if __name__ == "__main__":
