@@ -52,6 +52,7 @@ from lcm_edge.errors import InvalidArgumentError, LcmEdgeError
 from lcm_edge.fidelity import psnr_db
 
 from .graph_export import export_graph
+from .openvino_ir import openvino_gate_backend
 from .parity import ParityReport
 from .specs import ComponentSpec, GraphSpec, model_shape_cases, vae_decoder_spec
 from .weights import (as_float32, file_record, load_strict, read_config_json,
@@ -322,7 +323,7 @@ def export_component(weights: TinyDecoderWeights, model: ModelInfo, root: Path, 
     against torch at two shapes; raises ParityError."""
     exported = export_graph(tiny_decoder_graph(weights, model), root, rng=np.random.default_rng(seed),
                             ort_backend=create_backend("onnxruntime", "cpu"),
-                            ov_backend=create_backend("openvino", "CPU") if openvino else None, external_data=False)
+                            ov_backend=openvino_gate_backend() if openvino else None, external_data=False)
     return exported.info, exported.parity
 
 
