@@ -6,7 +6,13 @@ model (1.31 B parameters, UNet > 2 GB) in fp32 and fp16, with OpenVINO IR (FP32 
 weights), every graph gated against PyTorch at two frame counts, within this machine's memory.
 
     .venv/bin/python benchmarks/full_size_export.py --work /tmp/lcm_full [--precisions fp32 fp16]
-        [--no-openvino] [--generate] [--keep]
+        [--no-openvino] [--generate] [--keep] [--scale 0.4]
+
+--scale shrinks the UNet and motion module's block_out_channels (multiples of 32; 0.4 gives 128, 256, 512, 512:
+a motion UNet of 0.86 GB fp32 against 5.25 GB) for a mid-size run of the same flow on a small machine; the base
+folder then carries unet/config.json, as a user's folder would. VAE and text encoder stay full size. Each export
+step also reports its peak RSS per GB of fp32 UNet weights: a rough guide between sizes only (libraries, text
+encoder and VAE are fixed costs, and a UNet under 2 GiB is traced into one inline protobuf, not spilled to files).
 
 Steps, each in its own process so peak RSS (os.wait4) is per step and the parent stays small:
 1. prepare: build the models from the packaged SD1.5/AnimateLCM configs with random weights
@@ -23,6 +29,9 @@ export incl. loading, both with OpenVINO IR: fp32 281-470 s, peak RSS 11.96 GiB,
 (ONNX 5.94 GB); fp16 489-580 s, peak 9.50 GiB, bundle 6.15 GB (ONNX 3.07 GB). UNet max abs vs
 torch at 2 and 4 frames: fp32 ORT 1.5e-6, OV 4.1e-6; fp16 ORT 6.4e-3, OV FP16 weights 6.8e-3
 (|output| <= 1.16). LoRA fused vs unfused 1.1e-6 (LoRA effect 0.082).
+Mid-size, --scale 0.4 --precisions fp32 (motion UNet 0.86 GB), export step with OpenVINO IR: peak RSS 4.84 GiB while
+the OpenVINO gate kept one compiled UNet per gate shape (its phase: +4.0x the UNet's weights), 4.27 GiB with one at
+a time (+2.0x; the peak is then the UNet's trace).
 """
 
 from __future__ import annotations
@@ -43,7 +52,12 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.n
                 "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
 
 
-def prepare(work: Path, seed: int) -> dict:
+def scaled_channels(scale: float) -> list[int]:
+    """SD1.5's UNet block_out_channels times `scale`, in multiples of 32 (GroupNorm's 32 groups; 8 heads)."""
+    return [max(32, round(c * scale / 32) * 32) for c in (320, 640, 1280, 1280)]
+
+
+def prepare(work: Path, seed: int, scale: float = 1.0) -> dict:
     import torch
     from diffusers import MotionAdapter
     from safetensors.torch import save_file
@@ -59,7 +73,14 @@ def prepare(work: Path, seed: int) -> dict:
     inputs = work / "inputs"
     inputs.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    unet, vae, text_encoder = build_sd_models(SD15_UNET_CONFIG, SD15_VAE_CONFIG, SD15_TEXT_ENCODER_CONFIG,
+    channels = scaled_channels(scale)
+    unet_config = {**SD15_UNET_CONFIG, "block_out_channels": channels}
+    adapter_config = {**ANIMATELCM_ADAPTER_CONFIG, "block_out_channels": channels}
+    if scale != 1:  # the exporter reads a non-SD1.5 UNet config from the base folder
+        (inputs / "sd15" / "unet").mkdir(parents=True, exist_ok=True)
+        (inputs / "sd15" / "unet" / "config.json").write_text(
+            json.dumps({"_class_name": "UNet2DConditionModel", **unet_config}, indent=2))
+    unet, vae, text_encoder = build_sd_models(unet_config, SD15_VAE_CONFIG, SD15_TEXT_ENCODER_CONFIG,
                                               unet_on_meta=False)
     vae = type(vae).from_config(vae.config)  # built on meta by build_sd_models: make it real
     counts = {"unet": sum(p.numel() for p in unet.parameters()), "vae": sum(p.numel() for p in vae.parameters()),
@@ -85,7 +106,7 @@ def prepare(work: Path, seed: int) -> dict:
     lora_layers = len(lora) // 3
     del unet, lora
 
-    adapter = MotionAdapter(**ANIMATELCM_ADAPTER_CONFIG)
+    adapter = MotionAdapter(**adapter_config)
     with torch.no_grad():
         # diffusers zero-initialises the temporal output projections (identity motion modules);
         # make them act, or the motion path would be invisible to every parity check.
@@ -101,7 +122,10 @@ def prepare(work: Path, seed: int) -> dict:
     from diffusers import AutoencoderTiny
 
     AutoencoderTiny().save_pretrained(inputs / "taesd")
-    return {"parameters": counts, "lora_layers": lora_layers,
+    # The motion UNet's fp32 weights: what the export's peak RSS is read against.
+    unet_fp32_gb = round((counts["unet"] + counts["motion_module"]) * 4 / 1e9, 3)
+    return {"parameters": counts, "unet_block_out_channels": channels, "unet_fp32_gb": unet_fp32_gb,
+            "lora_layers": lora_layers,
             "files": {p.name: p.stat().st_size for p in inputs.iterdir() if p.is_file()}}
 
 
@@ -169,18 +193,22 @@ def main() -> int:
     parser.add_argument("--generate", action="store_true", help="also run a 2-frame 64x64 generation per bundle")
     parser.add_argument("--keep", action="store_true", help="keep the bundles and inputs (several GB)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="UNet/motion channel scale for a mid-size run (e.g. 0.4); 1 is SD1.5")
     args = parser.parse_args()
+    if not 0 < args.scale <= 1:
+        parser.error(f"--scale: {args.scale} is outside (0, 1]")
     work = args.work.resolve()
     if args.step == "prepare":
-        info = prepare(work, args.seed)
+        info = prepare(work, args.seed, args.scale)
         info["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
         (work / "prepare.json").write_text(json.dumps(info, indent=2))
         return 0
 
     work.mkdir(parents=True, exist_ok=True)
     results: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
-    step = run_child([sys.executable, __file__, "prepare", "--work", str(work), "--seed", str(args.seed)],
-                     work / "prepare.log")
+    step = run_child([sys.executable, __file__, "prepare", "--work", str(work), "--seed", str(args.seed),
+                      "--scale", str(args.scale)], work / "prepare.log")
     if step["exit_code"] != 0:
         print(f"prepare failed, see {step['log']}", file=sys.stderr)
         return 1
@@ -190,6 +218,9 @@ def main() -> int:
         if bundle.exists():
             shutil.rmtree(bundle)
         step = run_child(export_argv(work, precision, not args.no_openvino), work / f"export-{precision}.log")
+        # Peak RSS per GB of fp32 UNet weights (full size: 5.25 GB; 11.96 GiB peak was 2.45).
+        step["peak_rss_gb_per_unet_fp32_gb"] = round(step["peak_rss_gib"] * 2**30 / 1e9
+                                                    / results["prepare"]["unet_fp32_gb"], 2)
         results[f"export-{precision}"] = step
         print(f"export {precision}: {step}", flush=True)
         if step["exit_code"] != 0:
