@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import sys
 import weakref
 
 import numpy as np
@@ -209,3 +210,44 @@ def test_precision_gate_runs_records_and_fails_loudly(bundle, monkeypatch, capsy
     record = read_records(bundle)["openvino:CPU:bf16"]
     assert record["passed"] is False and record["threshold_db"] == 200.0 and record["size"][0] == 2
     assert create_runtime(bundle, "openvino", precision="auto").precision == "f32"
+
+
+def _mapping_rss_kib(path) -> int:
+    """Resident kB of this process's mappings of `path`, from /proc/self/smaps."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        head = line.split()
+        if "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+            inside = len(head) >= 6 and head[5] == str(path)
+        elif inside and head[0] == "Rss:":
+            total += int(head[1])
+    return total
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise over /proc/self/maps is Linux only")
+def test_release_mapped_weights_drops_read_only_file_pages_and_keeps_the_data(tmp_path):
+    from lcm_edge.backends.openvino_backend import release_mapped_weights
+
+    weights = tmp_path / "unet" / "openvino_model.bin"
+    weights.parent.mkdir()
+    data = np.arange(8 << 20, dtype=np.float32)  # 32 MiB
+    data.tofile(weights)
+    scratch = tmp_path / "unet" / "scratch.bin"
+    data.tofile(scratch)
+    elsewhere = tmp_path / "other.bin"
+    data.tofile(elsewhere)
+    read_only = np.memmap(weights, dtype=np.float32, mode="r")
+    writable = np.memmap(scratch, dtype=np.float32, mode="c")  # private copy-on-write: its writes live only here
+    outside = np.memmap(elsewhere, dtype=np.float32, mode="r")
+    expected = float(data.sum(dtype=np.float64))
+    assert float(read_only.sum(dtype=np.float64)) == expected and float(outside.sum(dtype=np.float64)) == expected
+    writable[:] = 7.0
+    assert _mapping_rss_kib(weights) > 30 << 10 and _mapping_rss_kib(elsewhere) > 30 << 10
+
+    released = release_mapped_weights(tmp_path / "unet")
+
+    assert released >= 32 << 20
+    assert _mapping_rss_kib(weights) < 1 << 10  # dropped
+    assert _mapping_rss_kib(elsewhere) > 30 << 10  # another folder: untouched
+    assert np.all(writable == 7.0)  # a writable mapping is never released (its written pages would be lost)
+    assert float(read_only.sum(dtype=np.float64)) == expected  # the pages fault back in from the file

@@ -2,7 +2,7 @@
 own buffers and repacked weights) and file pages (the memory-mapped IR weights), after each stage.
 
     .venv/bin/python benchmarks/research/openvino_unet_memory.py BUNDLE [--size 512x512x16]
-        [--precision f32|bf16] [--mmap true|false] [--runs 1]
+        [--precision f32|bf16] [--mmap true|false] [--runs 1] [--release]
 
 One configuration per process (run it once per setting): read_model -> reshape -> compile_model -> drop the
 read graph -> infer. Prints one line per stage: VmRSS, RssAnon, RssFile, and VmHWM (the peak so far).
@@ -42,6 +42,9 @@ def main() -> int:
     parser.add_argument("--precision", default="f32", choices=["f32", "bf16"])
     parser.add_argument("--mmap", default="true", choices=["true", "false"])
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--release", action="store_true",
+                        help="after compiling, drop the IR's resident file pages as the runtime does "
+                             "(lcm_edge.backends.openvino_backend.release_mapped_weights)")
     args = parser.parse_args()
     import openvino as ov
 
@@ -65,6 +68,11 @@ def main() -> int:
     del model
     gc.collect()
     report("read graph dropped", started)
+    if args.release:
+        from lcm_edge.backends.openvino_backend import release_mapped_weights
+
+        released = release_mapped_weights(xml.parent)
+        report(f"released {released / 2**30:.2f} GiB", started)
     request = compiled.create_infer_request()
     rng = np.random.default_rng(0)
     dtypes = {spec["name"]: np.dtype(spec["dtype"]) for spec in unet["inputs"]}

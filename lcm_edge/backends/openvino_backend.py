@@ -14,6 +14,9 @@ request runs one inference at a time; a second caller got RuntimeError 'Infer Re
 
 from __future__ import annotations
 
+import ctypes
+import logging
+import sys
 import threading
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -38,6 +41,39 @@ LOW_MEMORY_SHAPE_CACHE_SIZE = 1
 # for a pool of 4, at 4 threads x 3 calls on the default bundle on 2 cores (benchmarks/soak.py --compare-requests):
 # with LATENCY one inference already uses every core, and each request holds its own activations.
 MAX_INFER_REQUESTS = 1
+_MADV_DONTNEED = 4  # Linux <sys/mman.h>
+_log = logging.getLogger(__name__)
+
+
+def release_mapped_weights(folder: Path) -> int:
+    """Drop this process's resident pages of read-only memory-mapped files in `folder`; returns the bytes asked.
+
+    OpenVINO memory-maps the IR weights, and the compiled model keeps the mapping for the constants it uses as
+    they are, while it repacks most weights into its own memory: after a compile every page of the file stays
+    resident beside the repacked copy (full-size UNet, f32, 512x512x16: 4.95 GiB of file pages next to 5.08 GiB
+    of OpenVINO's own, benchmarks/research/openvino_unet_memory.py). The pages are clean copies of the file, so
+    dropping them loses nothing: the few the graph still reads fault back in from the page cache. Linux only
+    (madvise over /proc/self/maps); elsewhere it does nothing and returns 0.
+    """
+    maps = Path("/proc/self/maps")
+    if not sys.platform.startswith("linux") or not maps.is_file():
+        return 0
+    folder = str(Path(folder).resolve())
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    released = 0
+    for line in maps.read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        # Writable mappings are skipped: MADV_DONTNEED would discard a private mapping's written pages.
+        if len(fields) < 6 or "w" in fields[1] or not fields[5].startswith(folder + "/"):
+            continue
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        if libc.madvise(start, end - start, _MADV_DONTNEED) != 0:
+            errno = ctypes.get_errno()
+            _log.warning("madvise(MADV_DONTNEED) failed for %s (errno %d): its pages stay resident", fields[5], errno)
+            continue
+        released += end - start
+    return released
 
 
 def _import_openvino():
@@ -114,6 +150,8 @@ class OpenVinoSession(Session):
             raise InferenceError(self.name, f"OpenVINO could not compile it for {self._backend.device} at input "
                                  f"shapes {shapes or 'dynamic'} ({exc})",
                                  "check the device's driver, or use device='CPU'") from exc
+        if self._backend.mmap_weights:
+            release_mapped_weights(self.path.parent)
         return CompiledShape(compiled, self._backend.max_infer_requests)
 
     def _entry(self, shapes: tuple[tuple[int, ...], ...]) -> CompiledShape:
