@@ -28,22 +28,21 @@ import datetime as dt
 import importlib.util
 import json
 import logging
-import math
 import os
 import platform
 import shutil
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
 import lcm_edge
 from lcm_edge.atomic_output import Partial
 from lcm_edge.backends import create_backend
+from lcm_edge.bench.child import peak_rss_gib
 from lcm_edge.bundle import Bundle, ComponentInfo, load_bundle, load_unpublished_bundle, write_manifest
 from lcm_edge.cpu import cpu_flags
 from lcm_edge.errors import InvalidArgumentError, MissingExtraError, ParityError
@@ -51,7 +50,7 @@ from lcm_edge.fidelity import psnr_db
 
 from .bundle_writer import _prepare_destination
 from .calibration import (CALIBRATION_SEED_BASE, DEFAULT_PROMPTS_FILE, HELD_OUT_SEED_BASE, CalibrationPlan,
-                          PromptFile, UNetCalibrationSet, plan_calibration, read_prompts, record_unet_inputs,
+                          UNetCalibrationSet, plan_calibration, read_prompts, record_unet_inputs,
                           text_encoder_inputs)
 from .onnx_io import EXTERNAL_DATA_NAME
 from .openvino_ir import convert_to_openvino
@@ -91,8 +90,10 @@ FRAMES_INT8_MIN_PSNR_DB = 22.0
 ADHERENCE_INT8_MARGIN = 0.10
 
 # Memory model of a quantization run (see estimate_peak_bytes): copies of the fp32 UNet weights alive at once
-# (the graph, the quantizer's working copy, the quantized result; NNCF's full-size probe peaked at about 3x).
-WEIGHT_COPIES = 3.0
+# (the graph, the quantizer's working copy, the quantized result). OpenVINO's is fitted to a measured run: the
+# full-size UNet (5.25 GB fp32), 32 samples at 8x256x256, hybrid, peaked at 17.46 GiB, i.e. 3.35 copies plus the
+# rest of the model below. onnxruntime's is not yet measured at full size.
+WEIGHT_COPIES = {"onnxruntime": 3.0, "openvino": 3.4}
 # onnxruntime's MinMax calibration turns every intermediate tensor into a graph output, so one pass holds all
 # of them; this many feature maps of the first UNet level stand for that sum (OpenVINO keeps a few at a time).
 LIVE_FEATURE_MAPS = {"onnxruntime": 60.0, "openvino": 8.0}
@@ -160,7 +161,7 @@ def _component_bytes(bundle: Bundle, name: str) -> int:
 def estimate_peak_bytes(bundle: Bundle, plan: CalibrationPlan, backend: str) -> int:
     """A conservative estimate of one quantization run's peak RSS, from the shapes alone (nothing is run).
 
-    weights x WEIGHT_COPIES + one UNet pass's activations: the largest spatial attention scores (and their
+    weights x WEIGHT_COPIES[backend] + one UNet pass's activations: the largest spatial attention scores (and their
     softmax) plus LIVE_FEATURE_MAPS first-level feature maps, plus the one calibration sample in memory.
     """
     config = json.loads((bundle.root / bundle.components["unet"].config).read_text(encoding="utf-8"))
@@ -172,7 +173,7 @@ def estimate_peak_bytes(bundle: Bundle, plan: CalibrationPlan, backend: str) -> 
     scores = batch * frames * heads * (h * w) ** 2 * 4
     feature_map = batch * frames * channels * h * w * 4
     activations = 2 * scores + LIVE_FEATURE_MAPS[backend] * feature_map
-    return int(WEIGHT_COPIES * _component_bytes(bundle, "unet") + activations + plan.sample_bytes(bundle)
+    return int(WEIGHT_COPIES[backend] * _component_bytes(bundle, "unet") + activations + plan.sample_bytes(bundle)
                + BASELINE_BYTES)
 
 
@@ -585,6 +586,14 @@ def quantize_bundle(bundle: str | os.PathLike, out: str | os.PathLike, *, backen
         held_out = record_unet_inputs(source, fp32_ort, prompts.prompts[::-1], plan, work / "held_out",
                                       seed_base=HELD_OUT_SEED_BASE, count=gate_clips * plan.steps)
         text_feeds = text_encoder_inputs(source, prompts.prompts, with_negative=plan.guidance_scale is not None)
+        # The process's peak RSS after each phase, so a run that is too big for its machine says where.
+        peaks = resources["peak_rss_gib_after"] = {}
+
+        def mark(phase: str) -> None:
+            peaks[phase] = round(peak_rss_gib(), 2)
+            log(f"  peak RSS so far {peaks[phase]:.2f} GiB (after {phase})")
+
+        mark("calibration")
 
         components = dict(source.components)
         figures: dict[str, Any] = {"backends": {}}
@@ -593,7 +602,8 @@ def quantize_bundle(bundle: str | os.PathLike, out: str | os.PathLike, *, backen
             log(f"{b}: quantizing ({recipe})")
             with _quiet_quantizers():
                 figures["backends"][b] = _quantize_for_backend(source, tmp, work / b, b, recipe, calibration,
-                                                               held_out, text_feeds, traits, components, written)
+                                                               held_out, text_feeds, traits, components, written,
+                                                               mark)
         if "openvino" not in backends:
             # The OpenVINO backend would otherwise read the INT8 QDQ ONNX graph, which no gate checked on it:
             # give it the fp32 IR of the fp32 graph (as export --openvino writes it).
@@ -624,6 +634,7 @@ def quantize_bundle(bundle: str | os.PathLike, out: str | os.PathLike, *, backen
         failures = []
         for b in backends:
             e2e = _end_to_end(source, quantized, b, prompts.prompts, plan, gate_clips)
+            mark(f"{b} end-to-end gate")
             figures["backends"][b]["end_to_end"] = e2e
             if e2e["mean_psnr_db"] < FRAMES_INT8_MIN_PSNR_DB:
                 failures.append(f"{b} frames: mean PSNR {e2e['mean_psnr_db']:.2f} dB < FRAMES_INT8_MIN_PSNR_DB "
@@ -648,7 +659,8 @@ def quantize_bundle(bundle: str | os.PathLike, out: str | os.PathLike, *, backen
 
 def _quantize_for_backend(source: Bundle, tmp: Path, work: Path, backend: str, recipe: str,
                           calibration: UNetCalibrationSet, held_out: UNetCalibrationSet, text_feeds: list[dict],
-                          traits: CpuInt8Traits, components: dict[str, ComponentInfo], written: set[str]) -> dict:
+                          traits: CpuInt8Traits, components: dict[str, ComponentInfo], written: set[str],
+                          mark: Callable[[str], None]) -> dict:
     """Quantize, gate against the fp32 graph on the same runtime, and move the INT8 graphs into `tmp`."""
     work.mkdir(parents=True)
     runtime = create_backend(backend, None)
@@ -685,12 +697,14 @@ def _quantize_for_backend(source: Bundle, tmp: Path, work: Path, backend: str, r
         graph = "openvino_model.xml"
         staged["unet/openvino_model.xml"] = folder / "openvino_model.xml"
         staged["unet/openvino_model.bin"] = folder / "openvino_model.bin"
+    mark(f"{backend} unet quantization")
     reference, quantized = fp32_session("unet"), int8_session("unet", folder, graph)
     per_step: dict[str, list] = {}
     for feeds in held_out:
         t = str(int(feeds["timestep"][0]))
         per_step.setdefault(t, []).append((reference.run(feeds)["out_sample"], quantized.run(feeds)["out_sample"]))
     del reference, quantized
+    mark(f"{backend} unet per-step gate")
     figures["unet"] = {"precision": "int8", **method, "per_step": {}}
     for t, pairs in per_step.items():
         figures["unet"]["per_step"][t], fails = _gate_figures(UNET_INT8_GATE, f"{backend} unet t={t}", pairs)
