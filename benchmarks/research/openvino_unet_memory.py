@@ -43,8 +43,8 @@ def main() -> int:
     parser.add_argument("--mmap", default="true", choices=["true", "false"])
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--release", action="store_true",
-                        help="after compiling, drop the IR's resident file pages as the runtime does "
-                             "(lcm_edge.backends.openvino_backend.release_mapped_weights)")
+                        help="drop the IR's resident file pages during and after the compile, as the runtime does "
+                             "(lcm_edge.backends.openvino_backend.releasing_mapped_weights)")
     args = parser.parse_args()
     import openvino as ov
 
@@ -62,17 +62,17 @@ def main() -> int:
         spec["shape"][1:] for spec in unet["inputs"] if spec["name"] == "encoder_hidden_states")}
     model.reshape({port: ov.PartialShape(shapes[port.get_any_name()]) for port in model.inputs})
     report("reshape", started)
-    compiled = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY",
-                                                 "INFERENCE_PRECISION_HINT": args.precision})
+    from contextlib import nullcontext
+
+    from lcm_edge.backends.openvino_backend import releasing_mapped_weights
+
+    with releasing_mapped_weights(xml.parent) if args.release else nullcontext():
+        compiled = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY",
+                                                     "INFERENCE_PRECISION_HINT": args.precision})
     report("compile_model", started)
     del model
     gc.collect()
     report("read graph dropped", started)
-    if args.release:
-        from lcm_edge.backends.openvino_backend import release_mapped_weights
-
-        released = release_mapped_weights(xml.parent)
-        report(f"released {released / 2**30:.2f} GiB", started)
     request = compiled.create_infer_request()
     rng = np.random.default_rng(0)
     dtypes = {spec["name"]: np.dtype(spec["dtype"]) for spec in unet["inputs"]}

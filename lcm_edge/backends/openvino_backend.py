@@ -19,7 +19,7 @@ import logging
 import sys
 import threading
 from collections import OrderedDict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator, Mapping
 
@@ -42,6 +42,9 @@ LOW_MEMORY_SHAPE_CACHE_SIZE = 1
 # with LATENCY one inference already uses every core, and each request holds its own activations.
 MAX_INFER_REQUESTS = 1
 _MADV_DONTNEED = 4  # Linux <sys/mman.h>
+# While a graph compiles, its weights' file pages are dropped this often: the compiler reads the file once while
+# it builds its own copy, so without it the whole file is resident beside that copy at the end of the compile.
+RELEASE_INTERVAL_S = 0.25
 _log = logging.getLogger(__name__)
 
 
@@ -74,6 +77,27 @@ def release_mapped_weights(folder: Path) -> int:
             continue
         released += end - start
     return released
+
+
+@contextmanager
+def releasing_mapped_weights(folder: Path, interval_s: float = RELEASE_INTERVAL_S) -> Iterator[None]:
+    """Run the body (a compile) while a thread calls `release_mapped_weights(folder)` every `interval_s`, and
+    once more after it: the compile's peak is then its own copy of the weights, not that plus the whole file.
+    OpenVINO's compile_model releases the GIL, so the thread runs during it."""
+    done = threading.Event()
+
+    def release_until_done() -> None:
+        while not done.wait(interval_s):
+            release_mapped_weights(folder)
+
+    thread = threading.Thread(target=release_until_done, name="release-mapped-weights", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        release_mapped_weights(folder)
 
 
 def _import_openvino():
@@ -144,14 +168,14 @@ class OpenVinoSession(Session):
                 raise GraphInputError(f"{self.name}: the graph cannot be reshaped to static input shapes "
                                       f"{list(shapes)} ({exc}). Fix: use a size the bundle was exported for, or "
                                       "static_shapes=False") from exc
+        release = releasing_mapped_weights(self.path.parent) if self._backend.mmap_weights else nullcontext()
         try:
-            compiled = self._backend.core.compile_model(model, self._backend.device, self._backend.config)
+            with release:
+                compiled = self._backend.core.compile_model(model, self._backend.device, self._backend.config)
         except RuntimeError as exc:
             raise InferenceError(self.name, f"OpenVINO could not compile it for {self._backend.device} at input "
                                  f"shapes {shapes or 'dynamic'} ({exc})",
                                  "check the device's driver, or use device='CPU'") from exc
-        if self._backend.mmap_weights:
-            release_mapped_weights(self.path.parent)
         return CompiledShape(compiled, self._backend.max_infer_requests)
 
     def _entry(self, shapes: tuple[tuple[int, ...], ...]) -> CompiledShape:
