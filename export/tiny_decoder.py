@@ -327,11 +327,16 @@ def export_component(weights: TinyDecoderWeights, model: ModelInfo, root: Path, 
     return exported.info, exported.parity
 
 
+def decoder_batches(latents: np.ndarray, vae_scaling_factor: float, chunk: int = 8) -> list[np.ndarray]:
+    """(1, c, f, h, w) latents -> the decoder's `latent_sample` feeds, (<= chunk, c, h, w) each."""
+    per_frame = (latents[0] / np.float32(vae_scaling_factor)).transpose(1, 0, 2, 3).astype(np.float32)
+    return [np.ascontiguousarray(per_frame[i:i + chunk]) for i in range(0, per_frame.shape[0], chunk)]
+
+
 def unit_frames(session, latents: np.ndarray, vae_scaling_factor: float, chunk: int = 8) -> np.ndarray:
     """(1, c, f, h, w) latents -> float (f, 3, H, W) frames in [0, 1] through a decoder session."""
-    per_frame = (latents[0] / np.float32(vae_scaling_factor)).transpose(1, 0, 2, 3).astype(np.float32)
-    images = [session.run({"latent_sample": np.ascontiguousarray(per_frame[i:i + chunk])})["sample"]
-              for i in range(0, per_frame.shape[0], chunk)]
+    images = [session.run({"latent_sample": batch})["sample"]
+              for batch in decoder_batches(latents, vae_scaling_factor, chunk)]
     return np.clip(np.concatenate(images).astype(np.float32) / 2 + 0.5, 0.0, 1.0)
 
 
@@ -516,4 +521,4 @@ __all__ = ["DECODER_CONFIG_KEYS", "FIDELITY_SEED_BASE", "TINY_DECODER", "TINY_DE
            "TinyDecoderWrapper", "add_tiny_decoder", "build_decoder", "check_fidelity", "check_fit",
            "decoder_config", "export_component", "fidelity", "flicker", "install_tiny_decoder",
            "load_tiny_decoder", "psnr_db", "sample_latents", "save_tiny_decoder", "tiny_decoder_graph",
-           "tiny_decoder_spec", "unit_frames"]
+           "tiny_decoder_spec", "decoder_batches", "unit_frames"]

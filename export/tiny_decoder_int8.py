@@ -46,8 +46,8 @@ from lcm_edge.bundle import MANIFEST_NAME, Bundle, ComponentInfo, load_bundle, l
 from lcm_edge.errors import InvalidArgumentError
 
 from .tiny_decoder import (TINY_DECODER, TINY_DECODER_FLICKER_MARGIN, TINY_DECODER_MIN_PSNR_DB,
-                           TinyDecoderFidelityError, _write_manifest_atomically, check_fidelity, fidelity,
-                           sample_latents)
+                           TinyDecoderFidelityError, _write_manifest_atomically, check_fidelity, decoder_batches,
+                           fidelity, sample_latents)
 
 # INT8 frames against the fp32 tiny graph's, dB over [0, 1] pixels. On the shipped default model's decoder: 46.9-49
 # dB on 11 unseen prompts of 16 frames (seeds 40123+), while the tiny decoder itself reads 25-36 dB against the full
@@ -58,12 +58,6 @@ TINY_INT8_CALIBRATION_SEED_BASE = 21_000  # the add gate samples 20_000.., the s
 TINY_INT8_CALIBRATION_CLIPS = 8
 TINY_INT8_CHECK_CLIPS = 4
 INT8_GRAPH = f"{TINY_DECODER}/model_int8.onnx"
-
-
-def decoder_batches(latents: np.ndarray, vae_scaling_factor: float, chunk: int = 8) -> list[np.ndarray]:
-    """(1, c, f, h, w) latents -> the decoder's `latent_sample` feeds, (<= chunk, c, h, w) each."""
-    per_frame = (latents[0] / np.float32(vae_scaling_factor)).transpose(1, 0, 2, 3).astype(np.float32)
-    return [np.ascontiguousarray(per_frame[i:i + chunk]) for i in range(0, per_frame.shape[0], chunk)]
 
 
 def quantize_graph(src: str | os.PathLike, dst: str | os.PathLike, calibration: Sequence[np.ndarray],
@@ -259,5 +253,5 @@ def quantize_tiny_decoder(bundle: str | os.PathLike, *, out: str | os.PathLike |
 
 
 __all__ = ["INT8_GRAPH", "TINY_DECODER_INT8_MIN_PSNR_DB", "TINY_DECODER_INT8_RECIPE", "TINY_INT8_CALIBRATION_CLIPS",
-           "TINY_INT8_CALIBRATION_SEED_BASE", "TINY_INT8_CHECK_CLIPS", "TinyInt8Report", "decoder_batches", "install_int8", "quantize_graph",
+           "TINY_INT8_CALIBRATION_SEED_BASE", "TINY_INT8_CHECK_CLIPS", "TinyInt8Report", "install_int8", "quantize_graph",
            "quantize_tiny_decoder"]
