@@ -499,8 +499,15 @@ def resume_state(accelerator, cfg, resume_dir: Path | None, out: Path,
     global_step = json.loads((resume_dir / STATE_FILE).read_text(encoding="utf-8"))["global_step"]
     log = out / LOSS_LOG
     if accelerator.is_main_process and log.is_file():
-        kept = [line for line in log.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line)["step"] <= global_step]
+        lines = [line for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if lines:
+            try:
+                json.loads(lines[-1])
+            except json.JSONDecodeError:
+                # A run killed mid-write leaves a partial last line; the checkpoint comes after a step's line, so
+                # that step is not in the checkpoint and runs again.
+                lines.pop()
+        kept = [line for line in lines if json.loads(line)["step"] <= global_step]
         tmp = log.with_name(log.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         tmp.replace(log)

@@ -305,6 +305,8 @@ def test_interrupted_and_resumed_run_repeats_the_uninterrupted_losses(workspace)
     # The interrupted run logged step 3, which the checkpoint does not hold: the resumed run logs it once.
     log_path = workspace / "resume_cut" / "losses.jsonl"
     assert [json.loads(line)["step"] for line in log_path.read_text().splitlines()] == [1, 2, 3]
+    with log_path.open("a") as f:  # and a kill in the middle of writing step 4's line
+        f.write('{"step": 4, "lo')
     resumed = train(cfg.replace(train={"resume": "latest"}))
     assert sorted(resumed.losses) == [3, 4]
     logged = [json.loads(line) for line in log_path.read_text().splitlines()]
