@@ -42,8 +42,9 @@ import numpy as np
 import lcm_edge
 from lcm_edge.atomic_output import Partial
 from lcm_edge.backends import create_backend
+from lcm_edge.backends.openvino_backend import releasing_mapped_weights
 from lcm_edge.bench.child import peak_rss_gib
-from lcm_edge.bundle import Bundle, ComponentInfo, load_bundle, load_unpublished_bundle, write_manifest
+from lcm_edge.bundle import Bundle, ComponentInfo, load_bundle, load_unpublished_bundle, read_json, write_manifest
 from lcm_edge.cpu import cpu_flags
 from lcm_edge.errors import InvalidArgumentError, MissingExtraError, ParityError
 from lcm_edge.fidelity import psnr_db
@@ -164,7 +165,7 @@ def estimate_peak_bytes(bundle: Bundle, plan: CalibrationPlan, backend: str) -> 
     weights x WEIGHT_COPIES[backend] + one UNet pass's activations: the largest spatial attention scores (and their
     softmax) plus LIVE_FEATURE_MAPS first-level feature maps, plus the one calibration sample in memory.
     """
-    config = json.loads((bundle.root / bundle.components["unet"].config).read_text(encoding="utf-8"))
+    config = read_json(bundle.root / bundle.components["unet"].config)
     heads = config.get("attention_head_dim", 8)
     heads = max(heads) if isinstance(heads, (list, tuple)) else int(heads)
     channels = int(config.get("block_out_channels", [320])[0])
@@ -209,9 +210,10 @@ def cosine_and_rel_error(expected: np.ndarray, actual: np.ndarray) -> tuple[floa
     return cosine, rel
 
 
-def frames_psnr(expected: np.ndarray, actual: np.ndarray) -> float:
-    """PSNR (dB) of uint8 frames (lcm_edge.fidelity), capped at PSNR_CAP_DB so identical frames stay finite in JSON."""
-    return min(PSNR_CAP_DB, psnr_db(expected, actual))
+def frames_psnr(expected: np.ndarray, actual: np.ndarray, peak: float = 255.0) -> float:
+    """PSNR (dB) of frames (uint8, or [0, 1] floats with peak=1; lcm_edge.fidelity), capped at PSNR_CAP_DB so
+    identical frames stay finite in JSON."""
+    return min(PSNR_CAP_DB, psnr_db(expected, actual, peak=peak))
 
 
 def _gate_figures(gate: StepGate, label: str, pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> tuple[dict, list[str]]:
@@ -390,6 +392,15 @@ def ov_quantize_unet(src_onnx: Path, dst_xml: Path, recipe: str, calibration: UN
     import openvino as ov
 
     nncf = _nncf()
+    # OpenVINO maps the graph's weight file and NNCF's statistics runs compile the model, which repacks the
+    # weights into OpenVINO's own memory: the mapped file's pages would stay resident beside that copy (5 GiB of
+    # the full-size UNet). They are clean file pages, so they are dropped as the quantization goes.
+    with releasing_mapped_weights(src_onnx.parent):
+        return _ov_quantize_unet(ov, nncf, src_onnx, dst_xml, recipe, calibration, traits)
+
+
+def _ov_quantize_unet(ov, nncf, src_onnx: Path, dst_xml: Path, recipe: str, calibration: UNetCalibrationSet,
+                      traits: CpuInt8Traits) -> dict:
     from nncf.quantization.advanced_parameters import (AdvancedQuantizationParameters, AdvancedSmoothQuantParameters,
                                                        OverflowFix)
 
@@ -736,13 +747,13 @@ def _quantize_for_backend(source: Bundle, tmp: Path, work: Path, backend: str, r
         folder.mkdir()
         method = ov_weight_only(source.root / vae.onnx, folder / "openvino_model.xml")
         reference, quantized = fp32_session("vae_decoder"), int8_session("vae_decoder", folder, "openvino_model.xml")
+        from .tiny_decoder import unit_frames  # imports torch, which the rest of quantize does not need
+
         psnrs = []
-        for feeds in held_out:  # decode the recorded UNet inputs' latents as frames (calibration-style latents)
-            latents = feeds["sample"][:1, :, :2].transpose(0, 2, 1, 3, 4)[0] / np.float32(
-                source.model.vae_scaling_factor)
-            chunk = {"latent_sample": np.ascontiguousarray(latents.astype(np.float32))}
-            to_uint8 = lambda x: (np.clip(x / 2 + 0.5, 0, 1) * 255).round().astype(np.uint8)  # noqa: E731
-            psnrs.append(frames_psnr(to_uint8(reference.run(chunk)["sample"]), to_uint8(quantized.run(chunk)["sample"])))
+        for feeds in held_out:  # decode the recorded UNet inputs' latents (two frames each) as frames
+            latents = feeds["sample"][:1, :, :2]
+            psnrs.append(frames_psnr(*(unit_frames(session, latents, source.model.vae_scaling_factor)
+                                       for session in (reference, quantized)), peak=1.0))
         del reference, quantized
         worst = min(psnrs)
         if worst >= VAE_DECODER_INT8_MIN_PSNR_DB:
