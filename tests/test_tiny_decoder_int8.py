@@ -1,10 +1,14 @@
-"""The tiny decoder's INT8 onnxruntime graph: the shipped decoder passes both gates in INT8 and decodes like the fp32
-graph, a failed gate changes nothing, and bad input is refused before any work."""
+"""The tiny decoder's INT8 graphs (onnxruntime; OpenVINO where it has an IR): the shipped decoder passes both gates
+in INT8 on each runtime and decodes like the fp32 graph, a failed gate changes nothing, and bad input is refused before
+any work."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
+import sys
+from collections import Counter
 
 import numpy as np
 import onnx
@@ -14,10 +18,12 @@ import lcm_edge
 from lcm_edge.bundle import MANIFEST_NAME, load_bundle
 from lcm_edge.cli import main as cli_main
 from lcm_edge.default import default_bundle_path
-from lcm_edge.errors import InvalidArgumentError
+from lcm_edge.errors import InvalidArgumentError, MissingExtraError
+from lcm_edge.export import tiny_decoder_int8
 from lcm_edge.export.tiny_decoder import (TINY_DECODER, TINY_DECODER_MIN_PSNR_DB, TinyDecoderFidelityError,
                                           _write_manifest_atomically)
-from lcm_edge.export.tiny_decoder_int8 import INT8_GRAPH, TINY_DECODER_INT8_MIN_PSNR_DB, quantize_tiny_decoder
+from lcm_edge.export.tiny_decoder_int8 import (INT8_GRAPH, INT8_IR, TINY_DECODER_INT8_MIN_PSNR_DB,
+                                               quantize_tiny_decoder)
 from lcm_edge.fidelity import psnr_db
 
 UNSEEN_SEED = 40_123  # neither the gate's (20_000..), the calibration's (21_000..) nor distillation's seeds
@@ -30,15 +36,33 @@ def shipped_copy(tmp_path):
     return out
 
 
+@pytest.fixture()
+def shipped_with_ir(shipped_copy):
+    """The shipped bundle with an fp32 OpenVINO IR of its tiny decoder (converted as the exporter does)."""
+    from lcm_edge.export.openvino_ir import convert_to_openvino
+
+    bundle = load_bundle(shipped_copy)
+    tiny = bundle.components[TINY_DECODER]
+    convert_to_openvino(shipped_copy / tiny.onnx, shipped_copy / TINY_DECODER / "openvino_model.xml")
+    _write_manifest_atomically(shipped_copy, bundle, {**bundle.components, TINY_DECODER: dataclasses.replace(
+        tiny, openvino=f"{TINY_DECODER}/openvino_model.xml")}, bundle.provenance)
+    return shipped_copy
+
+
+def _files(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
 def test_shipped_tiny_decoder_in_int8_passes_both_gates_and_decodes_like_fp32(tmp_path, capsys):
     out = tmp_path / "int8"
     assert cli_main(["quantize-tiny-decoder", str(default_bundle_path()), "--out", str(out), "--threads", "1"]) == 0
     printed = capsys.readouterr().out
     assert "now INT8" in printed and "against the full decoder" in printed, printed
+    assert "no OpenVINO IR: only its onnx graph is INT8" in printed, printed
     bundle = load_bundle(out)
     tiny = bundle.components[TINY_DECODER]
     assert tiny.onnx == INT8_GRAPH and tiny.graph_precision("onnx") == "int8 qdq-static"
-    assert tiny.graph_precision("openvino") == "fp32"
+    assert tiny.openvino is None and tiny.graph_precision("openvino") == "fp32"
     assert f"{TINY_DECODER}/model.onnx" not in bundle.files  # the fp32 graph went once the manifest moved on
     figures = bundle.provenance["tiny_decoder"]["int8"]
     print(f"\n[tiny int8] vs fp32 {figures['psnr_vs_fp32_db']:.1f} dB, vs full {figures['fidelity']['psnr_db']:.2f} dB")
@@ -67,7 +91,7 @@ def test_shipped_tiny_decoder_in_int8_passes_both_gates_and_decodes_like_fp32(tm
 
 
 def test_a_failed_int8_gate_changes_nothing(shipped_copy):
-    before = {p.relative_to(shipped_copy): p.read_bytes() for p in shipped_copy.rglob("*") if p.is_file()}
+    before = _files(shipped_copy)
     siblings = set(shipped_copy.parent.iterdir())
     m = load_bundle(shipped_copy).model
     clips = [np.random.default_rng(i).standard_normal((1, m.latent_channels, 2, 16, 16), dtype=np.float32)
@@ -76,8 +100,7 @@ def test_a_failed_int8_gate_changes_nothing(shipped_copy):
         quantize_tiny_decoder(shipped_copy, check_latents=clips[:1], calibration_latents=clips[1:],
                               min_int8_psnr_db=200.0, threads=1)
     assert info.value.argument == "min_int8_psnr_db" and info.value.figures["psnr_vs_fp32_db"] < 200.0
-    after = {p.relative_to(shipped_copy): p.read_bytes() for p in shipped_copy.rglob("*") if p.is_file()}
-    assert after == before and set(shipped_copy.parent.iterdir()) == siblings  # no staging left behind
+    assert _files(shipped_copy) == before and set(shipped_copy.parent.iterdir()) == siblings  # no staging left behind
     load_bundle(shipped_copy)
 
 
@@ -112,23 +135,81 @@ def test_bad_input_is_refused_before_any_work(shipped_copy, tmp_path):
     assert TINY_DECODER not in json.loads(manifest)["components"]
 
 
-def test_the_openvino_ir_stays_fp32_and_both_runtimes_decode(tiny_bundle, tmp_path):
-    """A bundle with OpenVINO IR: only the onnx graph turns INT8; OpenVINO still runs the fp32 IR, and the two
-    runtimes' tiny-decoded frames agree."""
-    from lcm_edge.export.tiny_decoder import TinyDecoderWeights, add_tiny_decoder, build_decoder, decoder_config
+def test_the_openvino_ir_turns_int8_passes_its_gates_and_decodes_like_fp32(shipped_with_ir, tmp_path):
+    """A tiny decoder with an OpenVINO IR: NNCF quantizes the IR too, gated on OpenVINO; the pipeline runs it."""
+    import openvino as ov
 
-    config = decoder_config(block_out_channels=(8, 8), num_blocks=(1, 1))  # the tiny VAE upsamples 2x
-    add_tiny_decoder(tiny_bundle, TinyDecoderWeights(build_decoder(config), config), out=tmp_path / "fp32",
-                     min_psnr_db=None)
-    rng = np.random.default_rng(0)
-    clips = [rng.standard_normal((1, 4, 2, 8, 8), dtype=np.float32) for _ in range(3)]
-    report = quantize_tiny_decoder(tmp_path / "fp32", out=tmp_path / "int8", check_latents=clips[:1],
-                                   calibration_latents=clips[1:], min_psnr_db=None, threads=1)
-    assert report.figures["fidelity"] is None and report.figures["calibration_prompts"] == "latents given"
-    tiny = load_bundle(tmp_path / "int8").components[TINY_DECODER]
-    assert tiny.graph_precision("onnx") == "int8 qdq-static" and tiny.graph_precision("openvino") == "fp32"
-    assert tiny.openvino == load_bundle(tmp_path / "fp32").components[TINY_DECODER].openvino
-    latents = rng.standard_normal((1, 4, 3, 8, 8)).astype(np.float32)
-    ov = lcm_edge.AnimateLCMPipeline.from_bundle(tmp_path / "int8", backend="openvino").decode(latents, decoder="tiny")
-    ort = lcm_edge.AnimateLCMPipeline.from_bundle(tmp_path / "int8", threads=1).decode(latents, decoder="tiny")
-    assert psnr_db(ov.astype(np.float32), ort.astype(np.float32)) >= TINY_DECODER_INT8_MIN_PSNR_DB
+    out = tmp_path / "int8"
+    report = quantize_tiny_decoder(shipped_with_ir, out=out, threads=1)
+    print("\n" + report.summary())
+    assert report.graphs == ("onnx", "openvino") and "openvino graph now INT8" in report.summary()
+    bundle = load_bundle(out)
+    tiny = bundle.components[TINY_DECODER]
+    assert tiny.onnx == INT8_GRAPH and tiny.openvino == INT8_IR
+    assert tiny.graph_precision("openvino") == "int8 nncf-ptq" and tiny.graph_precision("onnx") == "int8 qdq-static"
+    assert f"{TINY_DECODER}/openvino_model_int8.bin" in bundle.files
+    assert not {f"{TINY_DECODER}/openvino_model.xml", f"{TINY_DECODER}/openvino_model.bin"} & set(bundle.files)
+    assert not (out / TINY_DECODER / "openvino_model.xml").exists()
+    figures = bundle.provenance["tiny_decoder"]["int8"]["openvino"]
+    assert figures["recipe"] == "nncf-ptq" and figures["psnr_vs_fp32_db"] >= TINY_DECODER_INT8_MIN_PSNR_DB
+    assert figures["fidelity"]["psnr_db"] >= TINY_DECODER_MIN_PSNR_DB
+    # Every convolution of the IR reads int8 weights.
+    model = ov.Core().read_model(str(out / INT8_IR))
+    kinds = Counter(op.get_type_name() for op in model.get_ops())
+    int8_constants = [op for op in model.get_ops()
+                      if op.get_type_name() == "Constant" and op.get_element_type() == ov.Type.i8]
+    assert kinds["Convolution"] and len(int8_constants) == kinds["Convolution"] and kinds["FakeQuantize"]
+    # On latents no gate saw, the OpenVINO INT8 pipeline decodes what the fp32 IR does.
+    fp32 = lcm_edge.AnimateLCMPipeline.from_bundle(shipped_with_ir, backend="openvino")
+    int8 = lcm_edge.AnimateLCMPipeline.from_bundle(out, backend="openvino")
+    latents = fp32("a green circle moving up", seed=UNSEEN_SEED, output_type="latents").latents
+    a, b = fp32.decode(latents, decoder="tiny"), int8.decode(latents, decoder="tiny")
+    psnr = psnr_db(a.astype(np.float32) / 255, b.astype(np.float32) / 255, peak=1.0)
+    print(f"[tiny int8 openvino] unseen clip: {psnr:.1f} dB against the fp32 IR (uint8 frames)")
+    assert a.shape == b.shape and psnr >= TINY_DECODER_INT8_MIN_PSNR_DB
+    with pytest.raises(InvalidArgumentError, match="already int8"):
+        quantize_tiny_decoder(out)
+
+
+def test_a_broken_openvino_quantization_fails_its_gate_and_changes_nothing(shipped_with_ir, monkeypatch):
+    """The OpenVINO INT8 IR has its own gate: an IR whose int8 weights are wrong fails it even though the onnx graph
+    passed, and the bundle keeps its fp32 graphs."""
+    import openvino as ov
+
+    real_quantize_ir = tiny_decoder_int8.quantize_ir
+
+    def negated_weights(src, dst, calibration, vae_scaling_factor):
+        record = real_quantize_ir(src, dst, calibration, vae_scaling_factor)
+        model = ov.Core().read_model(str(dst))
+        for op in model.get_ops():
+            if op.get_type_name() == "Constant" and op.get_element_type() == ov.Type.i8:
+                flipped = ov.op.Constant(-op.get_data().astype(np.int16).clip(-127, 127).astype(np.int8))
+                op.output(0).replace(flipped.output(0))
+        ov.save_model(model, str(dst) + ".tmp.xml", compress_to_fp16=False)
+        del model
+        for suffix in (".xml", ".bin"):
+            (dst.parent / (dst.name + ".tmp" + suffix)).replace(dst.with_suffix(suffix))
+        return record
+
+    monkeypatch.setattr(tiny_decoder_int8, "quantize_ir", negated_weights)
+    before, siblings = _files(shipped_with_ir), set(shipped_with_ir.parent.iterdir())
+    m = load_bundle(shipped_with_ir).model
+    clips = [np.random.default_rng(i).standard_normal((1, m.latent_channels, 2, 16, 16), dtype=np.float32)
+             for i in range(2)]
+    with pytest.raises(TinyDecoderFidelityError, match="OpenVINO frames") as info:
+        quantize_tiny_decoder(shipped_with_ir, check_latents=clips[:1], calibration_latents=clips[1:],
+                              min_psnr_db=None, threads=1)
+    assert info.value.argument == "min_int8_psnr_db"
+    assert info.value.figures["recipe"] == "nncf-ptq" and info.value.figures["psnr_vs_fp32_db"] < 20.0
+    assert _files(shipped_with_ir) == before and set(shipped_with_ir.parent.iterdir()) == siblings
+    assert load_bundle(shipped_with_ir).components[TINY_DECODER].quantization is None
+
+
+def test_an_ir_without_nncf_is_an_error_before_any_work(shipped_with_ir, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "nncf", None)  # `import nncf` raises ImportError
+    before = _files(shipped_with_ir)
+    with pytest.raises(MissingExtraError, match=r"lcm-edge\[int8\]"):
+        quantize_tiny_decoder(shipped_with_ir, out=tmp_path / "never")
+    with pytest.raises(MissingExtraError, match=r"lcm-edge\[int8\]"):
+        quantize_tiny_decoder(shipped_with_ir)
+    assert not (tmp_path / "never").exists() and _files(shipped_with_ir) == before
