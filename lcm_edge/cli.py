@@ -519,11 +519,14 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--threads", type=int, default=None, help="onnxruntime threads for the fidelity check")
     tiny.set_defaults(func=cmd_add_tiny_decoder)
 
-    qtiny = sub.add_parser("quantize-tiny-decoder", help="give a bundle's tiny decoder an INT8 onnxruntime graph, gated",
+    qtiny = sub.add_parser("quantize-tiny-decoder", help="give a bundle's tiny decoder INT8 graphs (onnxruntime, "
+                           "OpenVINO IR where it has one), gated",
                            description="Quantize the tiny decoder's onnx graph to INT8 (static QDQ, calibrated on the "
-                                       "bundle's own latents; 2-3x faster on onnxruntime CPU), gated against the fp32 "
-                                       "tiny graph (TINY_DECODER_INT8_MIN_PSNR_DB) and the full decoder (the tiny "
-                                       "decoder's fidelity gate). The OpenVINO IR stays fp32.")
+                                       "bundle's own latents; 2-3x faster on onnxruntime CPU) and, where it has an "
+                                       "OpenVINO IR, the IR too (NNCF, same latents; needs lcm-edge[int8]), each "
+                                       "gated on its runtime against the fp32 tiny graph "
+                                       "(TINY_DECODER_INT8_MIN_PSNR_DB) and the full decoder (the tiny decoder's "
+                                       "fidelity gate).")
     qtiny.add_argument("bundle", type=Path, help="bundle folder with an fp32 vae_decoder_tiny")
     qtiny.add_argument("--out", type=Path, default=None, help="write a copy of the bundle here instead of in place")
     qtiny.add_argument("--calibration-prompts", type=Path, default=None, metavar="FILE",
@@ -531,7 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "shipped model's colour/shape/direction list); the first 8 calibrate, the next 4 gate")
     qtiny.add_argument("--skip-fidelity-check", action="store_true",
                        help="only the INT8-vs-fp32 gate (for a tiny decoder not made for this bundle's latents)")
-    qtiny.add_argument("--threads", type=int, default=None, help="onnxruntime threads for sampling and the gates")
+    qtiny.add_argument("--threads", type=int, default=None,
+                       help="onnxruntime / OpenVINO threads for sampling and the gates")
     qtiny.set_defaults(func=cmd_quantize_tiny_decoder)
 
     bench = sub.add_parser(
