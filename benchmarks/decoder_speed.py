@@ -11,8 +11,9 @@ generation time with decoder="full" and decoder="tiny" on the same backend.
 --full-size: the real architectures with random weights (decode time does not depend on the weights): SD1.5's
 AutoencoderKL decoder and TAESD's decoder (diffusers AutoencoderTiny defaults: 64 channels, blocks 3/3/3/1),
 each exported to ONNX by the exporter's own path and timed per clip at 256x256x8 and 512x512x16 frames
-(frames decoded 4 at a time, as the pipeline does); on onnxruntime also TAESD's INT8 graph
-(lcm-edge quantize-tiny-decoder's recipe, export/tiny_decoder_int8.py, calibrated on random latents: speed only).
+(frames decoded 4 at a time, as the pipeline does); also TAESD's INT8 graphs of lcm-edge quantize-tiny-decoder
+(export/tiny_decoder_int8.py, calibrated on random latents: speed only): onnxruntime's static QDQ graph and, with
+--openvino, NNCF's INT8 IR.
 Needs ~6 GiB of RAM at 512x512; the lead runs it.
 
 --adherence: the default model's prompt adherence (all three of colour, shape and direction right, read by
@@ -121,11 +122,18 @@ def full_size_rows(sizes: list[tuple[int, int]], threads: int | None, repeats: i
         calibration = [np.random.default_rng(i).standard_normal((1, 4, 2, 32, 32), np.float32) for i in range(2)]
         quantize_graph(root / "tiny" / "model.onnx", root / "tiny" / "model_int8.onnx", calibration,
                        vae_config["scaling_factor"])
-        infos["tiny_int8"] = dataclasses.replace(infos["tiny"], onnx="tiny/model_int8.onnx", openvino=None)
+        int8_ir = None
+        if openvino:
+            from lcm_edge.export.tiny_decoder_int8 import quantize_ir
+
+            quantize_ir(root / "tiny" / "openvino_model.xml", root / "tiny" / "openvino_model_int8.xml", calibration,
+                        vae_config["scaling_factor"])
+            int8_ir = "tiny/openvino_model_int8.xml"
+        infos["tiny_int8"] = dataclasses.replace(infos["tiny"], onnx="tiny/model_int8.onnx", openvino=int8_ir)
         del vae, taesd, graphs
         for backend in backends:
-            sessions = {name: backend.open(root, info) for name, info in infos.items()
-                        if info.openvino or backend.name == "onnxruntime"}  # INT8 tiny graph: onnxruntime only
+            # Each backend runs its own graphs: onnxruntime the onnx ones, OpenVINO the IRs (the INT8 tiny one NNCF's).
+            sessions = {name: backend.open(root, info) for name, info in infos.items()}
             for size, frames in sizes:
                 latents = np.random.default_rng(0).standard_normal((frames, 4, size // scale, size // scale),
                                                                    np.float32)
