@@ -213,3 +213,31 @@ def test_an_ir_without_nncf_is_an_error_before_any_work(shipped_with_ir, tmp_pat
     with pytest.raises(MissingExtraError, match=r"lcm-edge\[int8\]"):
         quantize_tiny_decoder(shipped_with_ir)
     assert not (tmp_path / "never").exists() and _files(shipped_with_ir) == before
+
+
+def test_a_bundle_with_an_int8_onnx_graph_gets_its_ir_quantized_alone(shipped_copy):
+    """A bundle whose onnx graph went INT8 before its tiny decoder had an IR: only the IR is quantized now, and the
+    onnx graph and its figures stay."""
+    from lcm_edge.export.openvino_ir import convert_to_openvino
+
+    m = load_bundle(shipped_copy).model
+    clips = [np.random.default_rng(i).standard_normal((1, m.latent_channels, 2, 16, 16), dtype=np.float32)
+             for i in range(2)]
+    options = dict(check_latents=clips[:1], calibration_latents=clips[1:], min_psnr_db=None, threads=1)
+    assert quantize_tiny_decoder(shipped_copy, **options).graphs == ("onnx",)
+    bundle = load_bundle(shipped_copy)
+    tiny = bundle.components[TINY_DECODER]
+    convert_to_openvino(default_bundle_path() / TINY_DECODER / "model.onnx",
+                        shipped_copy / TINY_DECODER / "openvino_model.xml")
+    _write_manifest_atomically(shipped_copy, bundle, {**bundle.components, TINY_DECODER: dataclasses.replace(
+        tiny, openvino=f"{TINY_DECODER}/openvino_model.xml")}, bundle.provenance)
+    onnx_int8 = (shipped_copy / INT8_GRAPH).read_bytes()
+    report = quantize_tiny_decoder(shipped_copy, **options)
+    assert report.graphs == ("openvino",) and "onnx graph now" not in report.summary()
+    after = load_bundle(shipped_copy)
+    assert after.components[TINY_DECODER].quantization == {"onnx": {"precision": "int8", "recipe": "qdq-static"},
+                                                           "openvino": {"precision": "int8", "recipe": "nncf-ptq"}}
+    assert (shipped_copy / INT8_GRAPH).read_bytes() == onnx_int8
+    record = after.provenance["tiny_decoder"]["int8"]
+    assert record["recipe"] == "qdq-static" and record["openvino"]["psnr_vs_fp32_db"] >= TINY_DECODER_INT8_MIN_PSNR_DB
+    assert not (shipped_copy / TINY_DECODER / "openvino_model.xml").exists()
