@@ -2,11 +2,13 @@
 
     python benchmarks/int8_unet_speed.py --fp32 lcm_edge/default_bundle --int8 INT8_BUNDLE \
         [--backend onnxruntime|openvino] [--frames 16 --height 64 --width 64] [--repeats 10] [--threads N]
+        [--int8-precision bf16]
 
 Both UNets get the same input (a recorded-style latent at t=699 and a real prompt's text embeddings); runs
 alternate fp32 / int8 so that load from other processes hits both alike. Prints the median step time of each,
 the ratio, the output's cosine to fp32, and each bundle's size for that runtime's graphs. Reads the CPU flags
-(INT8 speed depends on VNNI).
+(INT8 speed depends on VNNI). --int8-precision bf16 (OpenVINO) computes the INT8 graph's float parts in bf16
+while the fp32 graph stays f32: the deployed INT8 configuration against the fp32 baseline.
 """
 
 from __future__ import annotations
@@ -47,13 +49,17 @@ def main() -> int:
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    parser.add_argument("--int8-precision", default=None, help="OpenVINO compute precision of the INT8 graph's "
+                        "float parts (bf16 or f16; the fp32 graph stays f32)")
     args = parser.parse_args()
     options = {"threads": args.threads} if args.threads and args.backend == "onnxruntime" else {}
     backend = create_backend(args.backend, None, **options)
+    int8_backend = create_backend(args.backend, None, precision=args.int8_precision, **options)
     fp32, int8 = load_bundle(args.fp32), load_bundle(args.int8)
     m = fp32.model
     frames, height, width = args.frames or m.default_frames, args.height or m.default_height, args.width or m.default_width
-    sessions = {label: backend.open(b.root, b.components["unet"]) for label, b in (("fp32", fp32), ("int8", int8))}
+    sessions = {"fp32": backend.open(fp32.root, fp32.components["unet"]),
+                "int8": int8_backend.open(int8.root, int8.components["unet"])}
     text = backend.open(fp32.root, fp32.components["text_encoder"])
     ids = CLIPTokenizer.from_folder(fp32.tokenizer_dir).encode("a red circle moving right").input_ids[None]
     rng = np.random.default_rng(0)
@@ -71,7 +77,7 @@ def main() -> int:
     cosine, rel = cosine_and_rel_error(outputs["fp32"], outputs["int8"])
     med = {label: statistics.median(t) for label, t in times.items()}
     traits = int8_traits(read_cpu_flags())
-    print(f"{backend.describe()}; CPU flags {' '.join(traits.flags)} (vnni {traits.vnni}); "
+    print(f"fp32: {backend.describe()}; int8: {int8_backend.describe()}; CPU flags {' '.join(traits.flags)} (vnni {traits.vnni}); "
           f"UNet {frames}x{height}x{width}, {args.repeats} runs each, alternating")
     print(f"fp32 {med['fp32'] * 1e3:.1f} ms/step | int8 {med['int8'] * 1e3:.1f} ms/step | speed-up "
           f"{med['fp32'] / med['int8']:.2f}x | int8 vs fp32 output cosine {cosine:.5f}, rel error {rel:.4f} | "
