@@ -276,6 +276,37 @@ def _save_onnx(model, path: Path, external: bool) -> Path | None:
     return None
 
 
+def _ort_calibration_ranges(model: Path, op_types: Sequence[str], calibration: UNetCalibrationSet, *,
+                            external: bool, work: Path) -> Path:
+    """MinMax ranges of the tensors quantize_static calibrates, written to onnxruntime's calibration cache (JSON).
+
+    Apart from quantize_static because it holds its own copy of the graph while its calibrator holds a second one
+    and the calibration session a third: the full-size UNet's calibration peaked at 17.97 GiB RSS that way. Here
+    only the session is alive while it runs, and it is gone before quantize_static loads the graph to quantize it
+    from the cached ranges."""
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import TensorsData, create_calibrator, save_tensors_data
+
+    ranges = work / "calibration_ranges.json"
+    calibrator = create_calibrator(model, list(op_types), augmented_model_path=str(work / "augmented.onnx"),
+                                   calibrate_method=CalibrationMethod.MinMax, use_external_data_format=external)
+    # The calibrator keeps the augmented graph it saved and opened a session on; only the session runs from here
+    # (collect/compute_data read the session and the output names kept at init), so the graph's copy goes now.
+    calibrator.model = None
+    reader = _OrtReader(calibration)
+    for index in range(len(reader)):  # merge the statistics after every sample: one pass's in memory at a time
+        reader.set_range(index, index + 1)
+        calibrator.collect_data(reader)
+    data = calibrator.compute_data()
+    del calibrator
+    if not isinstance(data, TensorsData):
+        raise TypeError(f"onnxruntime's MinMax calibrator returned {type(data).__name__}, not TensorsData")
+    save_tensors_data(data, ranges)
+    for leftover in work.glob("augmented.onnx*"):
+        leftover.unlink()
+    return ranges
+
+
 def ort_quantize_unet(src: Path, dst: Path, recipe: str, calibration: UNetCalibrationSet,
                       traits: CpuInt8Traits, *, external: bool, work: Path) -> dict:
     """onnxruntime recipe on the UNet graph at `src`; writes `dst` (+ model.onnx_data when `external`)."""
@@ -292,16 +323,15 @@ def ort_quantize_unet(src: Path, dst: Path, recipe: str, calibration: UNetCalibr
     linears = [n for n in _onnx_weighted_nodes(graph, ("MatMul", "Gemm")) if not _is_sensitive(n)]
     del graph
     static_nodes = convs if recipe == "hybrid" else convs + linears
+    # Only these op types' tensors are calibrated (every other tensor would be a graph output too).
+    op_types = ["Conv"] if recipe == "hybrid" else ["Conv", "MatMul", "Gemm"]
+    ranges = _ort_calibration_ranges(pre, op_types, calibration, external=external, work=work)
     static = work / "static.onnx"
-    quantize_static(str(pre), str(static), _OrtReader(calibration), quant_format=QuantFormat.QDQ,
-                    # Only these op types' tensors are calibrated (every other tensor would be a graph output too).
-                    op_types_to_quantize=["Conv"] if recipe == "hybrid" else ["Conv", "MatMul", "Gemm"],
+    quantize_static(str(pre), str(static), None, quant_format=QuantFormat.QDQ, op_types_to_quantize=op_types,
                     nodes_to_quantize=static_nodes,
                     per_channel=True, reduce_range=traits.reduce_range, activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-                    use_external_data_format=external,
-                    # Merge statistics after every sample: one pass's intermediates in memory, not all samples'.
-                    extra_options={"CalibStridedMinMax": 1})
+                    use_external_data_format=external, calibration_cache_path=str(ranges))
     model = onnx.load(str(static))
     weight_only: list[str] = []
     if recipe == "hybrid":
