@@ -91,10 +91,15 @@ FRAMES_INT8_MIN_PSNR_DB = 22.0
 ADHERENCE_INT8_MARGIN = 0.10
 
 # Memory model of a quantization run (see estimate_peak_bytes): copies of the fp32 UNet weights alive at once
-# (the graph, the quantizer's working copy, the quantized result). OpenVINO's is fitted to a measured run: the
-# full-size UNet (5.25 GB fp32), 32 samples at 8x256x256, hybrid, peaked at 17.46 GiB, i.e. 3.35 copies plus the
-# rest of the model below. onnxruntime's is not yet measured at full size.
-WEIGHT_COPIES = {"onnxruntime": 3.0, "openvino": 3.4}
+# (the graph, the quantizer's working copy, the calibration session or compiled model, the quantized result), per
+# backend and recipe, fitted to runs on the full-size UNet (5.25 GB fp32, 16-32 samples at 8x256x256):
+# - onnxruntime hybrid: 12.81 GiB with calibration apart from quantize_static (_ort_calibration_ranges; 2.3
+#   copies; 17.97 GiB before).
+# - onnxruntime full: killed above 21.87 GiB while calibrating (more than 4.15 copies; its augmented graph also
+#   reduces every MatMul's tensors): 4.3, a lower bound, keeps a 24 GiB machine from starting a run it cannot finish.
+# - OpenVINO hybrid: 17.46 GiB (3.35 copies) before NNCF's compile released the mapped weight file's pages;
+#   OpenVINO full: 20.20 GiB (3.9 copies) before, see RESULTS below for after.
+WEIGHT_COPIES = {"onnxruntime": {"hybrid": 2.4, "full": 4.3}, "openvino": {"hybrid": 3.4, "full": 3.9}}
 # onnxruntime's MinMax calibration turns every intermediate tensor into a graph output, so one pass holds all
 # of them; this many feature maps of the first UNet level stand for that sum (OpenVINO keeps a few at a time).
 LIVE_FEATURE_MAPS = {"onnxruntime": 60.0, "openvino": 8.0}
@@ -159,10 +164,10 @@ def _component_bytes(bundle: Bundle, name: str) -> int:
     return sum(bundle.files[rel].size for rel in (c.onnx, c.onnx_data) if rel is not None)
 
 
-def estimate_peak_bytes(bundle: Bundle, plan: CalibrationPlan, backend: str) -> int:
+def estimate_peak_bytes(bundle: Bundle, plan: CalibrationPlan, backend: str, recipe: str = "hybrid") -> int:
     """A conservative estimate of one quantization run's peak RSS, from the shapes alone (nothing is run).
 
-    weights x WEIGHT_COPIES[backend] + one UNet pass's activations: the largest spatial attention scores (and their
+    weights x WEIGHT_COPIES[backend][recipe] + one UNet pass's activations: the largest spatial attention scores (and their
     softmax) plus LIVE_FEATURE_MAPS first-level feature maps, plus the one calibration sample in memory.
     """
     config = read_json(bundle.root / bundle.components["unet"].config)
@@ -174,15 +179,26 @@ def estimate_peak_bytes(bundle: Bundle, plan: CalibrationPlan, backend: str) -> 
     scores = batch * frames * heads * (h * w) ** 2 * 4
     feature_map = batch * frames * channels * h * w * 4
     activations = 2 * scores + LIVE_FEATURE_MAPS[backend] * feature_map
-    return int(WEIGHT_COPIES[backend] * _component_bytes(bundle, "unet") + activations + plan.sample_bytes(bundle)
-               + BASELINE_BYTES)
+    return int(_weights_bytes(bundle, backend, recipe) + activations + plan.sample_bytes(bundle) + BASELINE_BYTES)
+
+
+def _weights_bytes(bundle: Bundle, backend: str, recipe: str) -> int:
+    return int(WEIGHT_COPIES[backend][recipe] * _component_bytes(bundle, "unet"))
 
 
 def check_resources(bundle: Bundle, plan: CalibrationPlan, backends: Sequence[str], work_folder: Path,
-                    memory_limit_bytes: int | None = None) -> dict:
+                    memory_limit_bytes: int | None = None, recipe: str = "hybrid") -> dict:
     """Typed errors, before any work, when memory or disk cannot hold the requested calibration."""
     limit = available_memory_bytes() if memory_limit_bytes is None else int(memory_limit_bytes)
-    need = max(estimate_peak_bytes(bundle, plan, b) for b in backends)
+    need = max(estimate_peak_bytes(bundle, plan, b, recipe) for b in backends)
+    weights_need = max(_weights_bytes(bundle, b, recipe) for b in backends) + BASELINE_BYTES
+    if weights_need > limit:  # no calibration shape helps: the weight copies alone do not fit
+        others = [r for r in RECIPES[backends[0]] if r != recipe
+                  and max(_weights_bytes(bundle, b, r) for b in backends) + BASELINE_BYTES <= limit]
+        raise InsufficientMemoryError(
+            "recipe", f"the {recipe} recipe holds about {weights_need / 2**30:.1f} GiB of copies of this UNet's "
+            f"weights at once, {limit / 2**30:.1f} GiB is available",
+            (f"use recipe='{others[0]}', or " if others else "") + "quantize on a machine with more memory")
     if need > limit:
         raise InsufficientMemoryError(
             "frames", f"calibrating at {plan.frames} frames x {plan.height}x{plan.width} needs about "
@@ -602,7 +618,7 @@ def quantize_bundle(bundle: str | os.PathLike, out: str | os.PathLike, *, backen
     evaluation = _default_model_eval() if adherence_prompts else None
     _prepare_destination(out, overwrite)
     traits = int8_traits(read_cpu_flags() if cpu_flags is None else cpu_flags)
-    resources = check_resources(source, plan, backends, out.parent, memory_limit_bytes)
+    resources = check_resources(source, plan, backends, out.parent, memory_limit_bytes, recipe)
 
     # The bundle is built in a claimed hidden sibling of `out` (renamed into place only after every gate), the
     # calibration samples and intermediate graphs in another; a killed run's leftovers are removed by the next.

@@ -156,6 +156,27 @@ def test_too_little_memory_is_refused_before_work(tiny_bundle, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_recipe_whose_weight_copies_do_not_fit_is_refused_naming_the_recipe(tiny_bundle, tmp_path):
+    """The full recipe holds more copies of the UNet's weights than hybrid: with room for hybrid's only, full is
+    refused up front, naming `recipe` and the recipe that fits (no calibration shape would help)."""
+    bundle = load_bundle(tiny_bundle)
+    weights = Q._component_bytes(bundle, "unet")
+    copies = Q.WEIGHT_COPIES["onnxruntime"]
+    assert copies["full"] > copies["hybrid"]
+    limit = Q.BASELINE_BYTES + int((copies["hybrid"] + copies["full"]) / 2 * weights)
+    with pytest.raises(Q.InsufficientMemoryError, match="full recipe") as err:
+        Q.quantize_bundle(tiny_bundle, tmp_path / "out", backend="onnxruntime", recipe="full",
+                          memory_limit_bytes=limit, **SMALL)
+    assert err.value.argument == "recipe" and "recipe='hybrid'" in str(err.value)
+    assert list(tmp_path.iterdir()) == []
+    # Hybrid is judged on its whole estimate (weights and shapes): exactly that much memory is enough for it.
+    plan = plan_calibration(bundle, samples=4, frames=2, height=32, width=32)
+    hybrid_need = Q.estimate_peak_bytes(bundle, plan, "onnxruntime", "hybrid")
+    assert Q.estimate_peak_bytes(bundle, plan, "onnxruntime", "full") > hybrid_need
+    fits = Q.check_resources(bundle, plan, ["onnxruntime"], tmp_path, hybrid_need, "hybrid")
+    assert fits["estimated_peak_bytes"] == hybrid_need
+
+
 def test_broken_quantization_fails_the_gate_and_writes_nothing(tiny_bundle, tmp_path, monkeypatch):
     """A quantizer whose scales are corrupted (x4 on every DequantizeLinear scale) is caught by the per-step gate."""
     import onnx
