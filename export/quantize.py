@@ -97,9 +97,9 @@ ADHERENCE_INT8_MARGIN = 0.10
 #   copies; 17.97 GiB before).
 # - onnxruntime full: killed above 21.87 GiB while calibrating (more than 4.15 copies; its augmented graph also
 #   reduces every MatMul's tensors): 4.3, a lower bound, keeps a 24 GiB machine from starting a run it cannot finish.
-# - OpenVINO hybrid: 17.46 GiB (3.35 copies) before NNCF's compile released the mapped weight file's pages;
-#   OpenVINO full: 20.20 GiB (3.9 copies) before, see RESULTS below for after.
-WEIGHT_COPIES = {"onnxruntime": {"hybrid": 2.4, "full": 4.3}, "openvino": {"hybrid": 3.4, "full": 3.9}}
+# - OpenVINO full: 15.35 GiB (2.9 copies) with the mapped weight file's pages released during NNCF's work
+#   (20.20 GiB before). Hybrid, 17.46 GiB before the release (2.7 GiB under full then), is given full's figure.
+WEIGHT_COPIES = {"onnxruntime": {"hybrid": 2.4, "full": 4.3}, "openvino": {"hybrid": 3.0, "full": 3.0}}
 # onnxruntime's MinMax calibration turns every intermediate tensor into a graph output, so one pass holds all
 # of them; this many feature maps of the first UNet level stand for that sum (OpenVINO keeps a few at a time).
 LIVE_FEATURE_MAPS = {"onnxruntime": 60.0, "openvino": 8.0}
