@@ -226,10 +226,9 @@ def cosine_and_rel_error(expected: np.ndarray, actual: np.ndarray) -> tuple[floa
     return cosine, rel
 
 
-def frames_psnr(expected: np.ndarray, actual: np.ndarray, peak: float = 255.0) -> float:
-    """PSNR (dB) of frames (uint8, or [0, 1] floats with peak=1; lcm_edge.fidelity), capped at PSNR_CAP_DB so
-    identical frames stay finite in JSON."""
-    return min(PSNR_CAP_DB, psnr_db(expected, actual, peak=peak))
+def frames_psnr(expected: np.ndarray, actual: np.ndarray) -> float:
+    """PSNR (dB) of uint8 frames (lcm_edge.fidelity), capped at PSNR_CAP_DB so identical frames stay finite in JSON."""
+    return min(PSNR_CAP_DB, psnr_db(expected, actual))
 
 
 def _gate_figures(gate: StepGate, label: str, pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> tuple[dict, list[str]]:
@@ -796,10 +795,10 @@ def _quantize_for_backend(source: Bundle, tmp: Path, work: Path, backend: str, r
         from .tiny_decoder import unit_frames  # imports torch, which the rest of quantize does not need
 
         psnrs = []
-        for feeds in held_out:  # decode the recorded UNet inputs' latents (two frames each) as frames
+        for feeds in held_out:  # decode the recorded UNet inputs' latents (two frames each) as uint8 frames
             latents = feeds["sample"][:1, :, :2]
-            psnrs.append(frames_psnr(*(unit_frames(session, latents, source.model.vae_scaling_factor)
-                                       for session in (reference, quantized)), peak=1.0))
+            psnrs.append(frames_psnr(*((unit_frames(session, latents, source.model.vae_scaling_factor) * 255)
+                                       .round().astype(np.uint8) for session in (reference, quantized))))
         del reference, quantized
         worst = min(psnrs)
         if worst >= VAE_DECODER_INT8_MIN_PSNR_DB:
